@@ -1,0 +1,255 @@
+//! Configuration: every tunable of the server, its default, and the command line that sets it.
+//!
+//! This module owns the [`Config`] struct and turns flags and environment variables into one.
+//! It never opens sockets or files: [`crate::Server::start`] does that with what is here.
+
+use std::ffi::OsString;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// When the history file is synced to disk (see the README's "Persistence" section).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fsync {
+    /// Sync after every batch of appended messages, before they are broadcast.
+    Always,
+    /// Sync at most once per [`FSYNC_INTERVAL`]; a crash can lose the last interval.
+    Interval,
+    /// Leave syncing to the OS; a crash of the machine can lose recent messages.
+    Never,
+}
+
+/// How often `--fsync interval` syncs: bounds what a power cut can lose.
+pub const FSYNC_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Everything the server needs to run. `Config::default()` is what `wschat` with no flags uses.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Address both listeners bind to.
+    pub bind: IpAddr,
+    /// HTTP port (page, API, metrics). 0 picks a free port.
+    pub http_port: u16,
+    /// WebSocket port; `None` means HTTP port + 1 (or a free port when the HTTP port is 0).
+    pub ws_port: Option<u16>,
+    /// Serve the page from this directory instead of the copy embedded in the binary.
+    pub www_dir: Option<PathBuf>,
+    /// WebSocket URL announced in `/config.json`, for reverse proxies.
+    pub public_ws_url: Option<String>,
+    /// Messages kept per room for `welcome` and `since` resume.
+    pub history: usize,
+    /// Directory of the append-only history file; `None` keeps history in memory only.
+    pub data_dir: Option<PathBuf>,
+    pub fsync: Fsync,
+    /// History file size (bytes) above which it is compacted to the last `history` per room.
+    pub compact_bytes: u64,
+    /// Bearer token for `POST /api/...`; `None` disables posting.
+    pub api_token: Option<String>,
+    /// Largest WebSocket message, frame and HTTP API body, in bytes.
+    pub max_message_bytes: usize,
+    /// Most WebSocket clients at once (0 = no limit).
+    pub max_clients: usize,
+    /// Most WebSocket clients from one address (0 = no limit).
+    pub max_clients_per_ip: usize,
+    /// Connections from this address may name the client in `X-Forwarded-For`.
+    pub trusted_proxy: Option<IpAddr>,
+    /// Chat messages per second per connection (token bucket refill rate).
+    pub rate: f64,
+    /// Chat messages a connection may send at once (token bucket size).
+    pub burst: f64,
+    /// Extra `Origin`s allowed to open a WebSocket (`*` allows any).
+    pub allow_origins: Vec<String>,
+    /// Most rooms (with members or history) the server holds.
+    pub max_rooms: usize,
+    /// Outgoing messages queued per client before it counts as too slow.
+    pub client_queue: usize,
+    /// Outgoing bytes queued per client before it counts as too slow.
+    pub client_queue_bytes: usize,
+    /// How often an idle connection is pinged; silence for two intervals drops it.
+    pub ping_interval: Duration,
+    /// Total time a client has to complete the WebSocket handshake.
+    pub handshake_timeout: Duration,
+    /// An HTTP connection idle (not sending, not reading) this long is dropped.
+    pub http_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            bind: IpAddr::from([127, 0, 0, 1]),
+            http_port: 5000,
+            ws_port: None,
+            www_dir: None,
+            public_ws_url: None,
+            history: 100,
+            data_dir: None,
+            fsync: Fsync::Always,
+            compact_bytes: 16 << 20,
+            api_token: None,
+            max_message_bytes: 64 << 10,
+            max_clients: 10_000,
+            max_clients_per_ip: 256,
+            trusted_proxy: None,
+            rate: 10.0,
+            burst: 30.0,
+            allow_origins: Vec::new(),
+            max_rooms: 1_000,
+            client_queue: 1_024,
+            client_queue_bytes: 4 << 20,
+            ping_interval: Duration::from_secs(30),
+            handshake_timeout: Duration::from_secs(5),
+            http_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The command line asked for help or the version instead of a server.
+#[derive(Debug)]
+pub enum Parsed {
+    Run(Box<Config>),
+    Help,
+    Version,
+}
+
+/// Usage text printed by `--help`; the README's flag table mirrors it.
+pub const USAGE: &str = "\
+wschat: a small WebSocket chat server
+
+USAGE: wschat [FLAGS]
+
+  --port N               HTTP port (env PORT; default 5000)
+  --ws-port N            WebSocket port (default HTTP port + 1)
+  --bind ADDR            address to listen on (default 127.0.0.1)
+  --www DIR              serve the page from DIR instead of the embedded copy
+  --public-ws-url URL    WebSocket URL announced in /config.json (reverse proxies)
+  --history N            messages kept per room (default 100)
+  --data-dir DIR         keep history in DIR/history.jsonl across restarts
+  --fsync MODE           always | interval | never (default always)
+  --compact-bytes N      compact the history file above N bytes (default 16777216)
+  --api-token TOKEN      bearer token for POST /api (env WSCHAT_API_TOKEN)
+  --max-message-bytes N  largest message, frame and API body (default 65536)
+  --max-clients N        most WebSocket clients, 0 = no limit (default 10000)
+  --max-clients-per-ip N most clients from one address, 0 = no limit (default 256)
+  --trusted-proxy ADDR   take the client address from X-Forwarded-For for this proxy
+  --rate R               chat messages per second per connection (default 10)
+  --burst B              chat messages at once per connection (default 30)
+  --allow-origin ORIGIN  also accept this Origin (repeatable; * = any)
+  --max-rooms N          most rooms held (default 1000)
+  --client-queue N       messages queued per client before it is dropped (default 1024)
+  --client-queue-bytes N bytes queued per client before it is dropped (default 4194304)
+  --ping-interval SECS   keepalive ping interval (default 30)
+  --handshake-timeout SECS  total time to finish the handshake (default 5)
+  --http-timeout SECS    drop an HTTP connection idle this long (default 10)
+  -h, --help             print this help
+  -V, --version          print the version
+
+Logging: RUST_LOG=debug shows every message and the raw handshakes.
+";
+
+/// Reads flags (and `PORT`, `WSCHAT_API_TOKEN`) into a [`Config`].
+pub fn parse_args(
+    args: impl IntoIterator<Item = OsString>,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<Parsed, lexopt::Error> {
+    use lexopt::prelude::*;
+    let mut cfg = Config::default();
+    if let Some(port) = env("PORT") {
+        cfg.http_port = port.parse().map_err(|_| bad_value("PORT", &port))?;
+    }
+    cfg.api_token = env("WSCHAT_API_TOKEN").filter(|t| !t.is_empty());
+    let mut parser = lexopt::Parser::from_iter(args);
+    while let Some(arg) = parser.next()? {
+        match arg {
+            Short('h') | Long("help") => return Ok(Parsed::Help),
+            Short('V') | Long("version") => return Ok(Parsed::Version),
+            Long("port") => cfg.http_port = parser.value()?.parse()?,
+            Long("ws-port") => cfg.ws_port = Some(parser.value()?.parse()?),
+            Long("bind") => cfg.bind = parser.value()?.parse()?,
+            Long("www") => cfg.www_dir = Some(parser.value()?.into()),
+            Long("public-ws-url") => cfg.public_ws_url = Some(parser.value()?.string()?),
+            Long("history") => cfg.history = parser.value()?.parse()?,
+            Long("data-dir") => cfg.data_dir = Some(parser.value()?.into()),
+            Long("fsync") => cfg.fsync = parse_fsync(&parser.value()?.string()?)?,
+            Long("compact-bytes") => cfg.compact_bytes = parser.value()?.parse()?,
+            Long("api-token") => cfg.api_token = Some(parser.value()?.string()?),
+            Long("max-message-bytes") => cfg.max_message_bytes = parser.value()?.parse()?,
+            Long("max-clients") => cfg.max_clients = parser.value()?.parse()?,
+            Long("max-clients-per-ip") => cfg.max_clients_per_ip = parser.value()?.parse()?,
+            Long("trusted-proxy") => cfg.trusted_proxy = Some(parser.value()?.parse()?),
+            Long("rate") => cfg.rate = parse_positive(&parser.value()?.string()?)?,
+            Long("burst") => cfg.burst = parse_positive(&parser.value()?.string()?)?,
+            Long("allow-origin") => cfg.allow_origins.push(parser.value()?.string()?),
+            Long("max-rooms") => cfg.max_rooms = parser.value()?.parse()?,
+            Long("client-queue") => cfg.client_queue = parser.value()?.parse()?,
+            Long("client-queue-bytes") => cfg.client_queue_bytes = parser.value()?.parse()?,
+            Long("ping-interval") => cfg.ping_interval = parse_secs(&parser.value()?.string()?)?,
+            Long("handshake-timeout") => {
+                cfg.handshake_timeout = parse_secs(&parser.value()?.string()?)?
+            }
+            Long("http-timeout") => cfg.http_timeout = parse_secs(&parser.value()?.string()?)?,
+            _ => return Err(arg.unexpected()),
+        }
+    }
+    if cfg.client_queue == 0 || cfg.max_message_bytes < 16 {
+        return Err("--client-queue must be at least 1 and --max-message-bytes at least 16".into());
+    }
+    Ok(Parsed::Run(Box::new(cfg)))
+}
+
+fn bad_value(name: &str, value: &str) -> lexopt::Error {
+    format!("invalid value {value:?} for {name}").into()
+}
+
+fn parse_fsync(s: &str) -> Result<Fsync, lexopt::Error> {
+    match s {
+        "always" => Ok(Fsync::Always),
+        "interval" => Ok(Fsync::Interval),
+        "never" => Ok(Fsync::Never),
+        _ => Err(bad_value("--fsync (always|interval|never)", s)),
+    }
+}
+
+fn parse_positive(s: &str) -> Result<f64, lexopt::Error> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err(bad_value("a positive number", s)),
+    }
+}
+
+fn parse_secs(s: &str) -> Result<Duration, lexopt::Error> {
+    parse_positive(s).map(Duration::from_secs_f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str], port: Option<&str>) -> Result<Parsed, lexopt::Error> {
+        let args = std::iter::once("wschat")
+            .chain(args.iter().copied())
+            .map(OsString::from);
+        parse_args(args, |k| {
+            (k == "PORT").then(|| port.map(String::from)).flatten()
+        })
+    }
+
+    #[test]
+    fn flags_and_env_fill_the_config() {
+        let Ok(Parsed::Run(cfg)) = parse(&["--ws-port", "7001", "--fsync", "never"], Some("7000"))
+        else {
+            panic!("expected a config")
+        };
+        assert_eq!(
+            (cfg.http_port, cfg.ws_port, cfg.fsync),
+            (7000, Some(7001), Fsync::Never)
+        );
+    }
+
+    #[test]
+    fn bad_values_are_errors_not_panics() {
+        assert!(parse(&["--port", "seventy"], None).is_err());
+        assert!(parse(&["--rate", "-1"], None).is_err());
+        assert!(parse(&["--fsync", "sometimes"], None).is_err());
+        assert!(parse(&[], Some("x")).is_err());
+        assert!(matches!(parse(&["--help"], None), Ok(Parsed::Help)));
+    }
+}

@@ -1,0 +1,650 @@
+//! The dispatcher (the hub): one thread that owns every piece of shared chat state — who is
+//! connected, their names, rooms, typing states and history — and decides who receives what.
+//!
+//! Sessions and the HTTP API talk to it only through [`Event`]s on one channel, and it talks back
+//! only through each client's bounded queue of [`Outbound`] frames. It never touches a socket and
+//! never blocks on a client: a client whose queue is full is dropped as too slow. Because all
+//! state lives on this one thread there are no locks, and every room sees its messages in one
+//! order (the id order).
+//!
+//! Each loop turn handles a batch of events, then commits history (one write, one sync), and only
+//! then hands the batch's frames to the client queues, so no one sees a message that a crash
+//! could still lose.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
+use log::{debug, error, info};
+
+use crate::history::{History, Stored};
+use crate::metrics::Metrics;
+use crate::protocol::{self, ChatError, ChatMessage, Command, Frame, RoomState, ServerEvent};
+
+/// Connection ids, unique for the life of the process.
+pub type ClientId = u64;
+
+/// Most events handled before history is committed and frames are delivered: bounds the delay a
+/// busy dispatcher adds before the first frame of a batch goes out.
+const MAX_BATCH_EVENTS: usize = 512;
+/// A typing state that is not refreshed within this time ends by itself.
+pub const TYPING_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the dispatcher puts on a client's queue.
+#[derive(Debug, Clone)]
+pub enum Outbound {
+    Frame(Frame),
+    /// Send a close frame with this code and reason, then end the connection.
+    Close(u16, &'static str),
+}
+
+/// The dispatcher's end of a client's queue.
+pub struct ClientLink {
+    pub tx: Sender<Outbound>,
+    /// Bytes queued and not yet taken by the session (the session subtracts what it takes).
+    pub queued_bytes: Arc<AtomicUsize>,
+}
+
+/// Everything the dispatcher is asked to do.
+pub enum Event {
+    Connect(Box<Connect>),
+    Command {
+        id: ClientId,
+        command: Command,
+    },
+    Disconnect {
+        id: ClientId,
+        reason: String,
+    },
+    /// A message from the HTTP API; the reply carries its id once it is committed.
+    Publish {
+        room: String,
+        from: String,
+        text: String,
+        reply: Sender<Result<u64, ChatError>>,
+    },
+    Rooms {
+        reply: Sender<Vec<RoomSummary>>,
+    },
+    History {
+        room: String,
+        since: Option<u64>,
+        limit: usize,
+        reply: Sender<HistoryPage>,
+    },
+    /// Answered at once: `/healthz` uses it to see that the dispatcher still turns.
+    Ping {
+        reply: Sender<()>,
+    },
+    /// Commit history, send close 1001 to every client, and stop.
+    Shutdown,
+}
+
+/// A new client, after its handshake.
+pub struct Connect {
+    pub id: ClientId,
+    pub peer: String,
+    pub name: Option<String>,
+    pub room: String,
+    pub since: Option<u64>,
+    pub link: ClientLink,
+}
+
+#[derive(serde::Serialize, Debug, Clone, PartialEq)]
+pub struct RoomSummary {
+    pub name: String,
+    pub count: usize,
+}
+
+/// `GET /api/rooms/<room>/messages`: raw message frames in id order.
+pub struct HistoryPage {
+    pub messages: Vec<Frame>,
+    pub truncated: bool,
+}
+
+/// Limits the dispatcher enforces.
+pub struct HubLimits {
+    pub history: usize,
+    pub max_rooms: usize,
+    pub client_queue: usize,
+    pub client_queue_bytes: usize,
+}
+
+struct Client {
+    name: String,
+    room: String,
+    link: ClientLink,
+    /// When the client's typing state expires, if it is typing.
+    typing_until: Option<Instant>,
+}
+
+pub struct Hub {
+    clients: HashMap<ClientId, Client>,
+    /// Lower-cased name -> owner, for case-insensitive uniqueness.
+    names: HashMap<String, ClientId>,
+    /// Members of every room that has any.
+    rooms: HashMap<String, Vec<ClientId>>,
+    history: History,
+    limits: HubLimits,
+    metrics: Arc<Metrics>,
+    /// Frames produced by this batch, delivered after the commit.
+    outbox: Vec<(ClientId, Frame)>,
+    /// API publishers waiting for their message's id, answered after the commit.
+    acks: Vec<(Sender<Result<u64, ChatError>>, u64)>,
+    typing_deadlines: BinaryHeap<Reverse<(Instant, ClientId)>>,
+    stopping: bool,
+}
+
+impl Hub {
+    pub fn new(history: History, limits: HubLimits, metrics: Arc<Metrics>) -> Hub {
+        Hub {
+            clients: HashMap::new(),
+            names: HashMap::new(),
+            rooms: HashMap::new(),
+            history,
+            limits,
+            metrics,
+            outbox: Vec::new(),
+            acks: Vec::new(),
+            typing_deadlines: BinaryHeap::new(),
+            stopping: false,
+        }
+    }
+
+    /// The dispatcher thread's body: runs until [`Event::Shutdown`] or until every sender is gone.
+    pub fn run(mut self, events: Receiver<Event>) {
+        while !self.stopping {
+            let first = match self.next_deadline() {
+                Some(deadline) => events.recv_deadline(deadline),
+                None => events.recv().map_err(|_| RecvTimeoutError::Disconnected),
+            };
+            match first {
+                Ok(event) => self.handle(event),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => self.stopping = true,
+            }
+            for event in events.try_iter().take(MAX_BATCH_EVENTS) {
+                self.handle(event);
+            }
+            self.expire_typing(Instant::now());
+            self.commit();
+        }
+        self.close_everyone();
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        let typing = self.typing_deadlines.peek().map(|Reverse((t, _))| *t);
+        match (typing, self.history.sync_deadline()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn handle(&mut self, event: Event) {
+        match event {
+            Event::Connect(connect) => self.connect(*connect),
+            Event::Command { id, command } => self.command(id, command),
+            Event::Disconnect { id, reason } => self.disconnect(id, &reason),
+            Event::Publish {
+                room,
+                from,
+                text,
+                reply,
+            } => match self.post(&room, &from, &text) {
+                Ok(id) => self.acks.push((reply, id)),
+                Err(e) => drop(reply.try_send(Err(e))),
+            },
+            Event::Rooms { reply } => drop(reply.try_send(self.room_summaries())),
+            Event::History {
+                room,
+                since,
+                limit,
+                reply,
+            } => {
+                let slice = self.history.slice(&room, since, limit);
+                let messages = slice.messages.iter().map(|m| m.frame.clone()).collect();
+                drop(reply.try_send(HistoryPage {
+                    messages,
+                    truncated: slice.truncated,
+                }));
+            }
+            Event::Ping { reply } => drop(reply.try_send(())),
+            Event::Shutdown => self.stopping = true,
+        }
+    }
+
+    fn command(&mut self, id: ClientId, command: Command) {
+        if !self.clients.contains_key(&id) {
+            return; // dropped as too slow while its command was in flight
+        }
+        let result = match command {
+            Command::Message { text, to: None } => self.room_message(id, text),
+            Command::Message { text, to: Some(to) } => self.private_message(id, &to, text),
+            Command::Nick { name } => self.rename(id, name),
+            Command::Join { room, since } => self.join(id, room, since),
+            Command::Typing { active } => {
+                self.set_typing(id, active);
+                Ok(())
+            }
+        };
+        if let Err(e) = result {
+            debug!("client {id}: {e}");
+            self.outbox.push((id, e.to_frame()));
+        }
+    }
+
+    // ----- connections -----
+
+    fn connect(&mut self, c: Connect) {
+        let mut errors = Vec::new();
+        let name = match c
+            .name
+            .map(|n| protocol::check_name(&n).and_then(|n| self.free_name(n, c.id)))
+        {
+            Some(Ok(name)) => name,
+            Some(Err(e)) => {
+                errors.push(e);
+                self.guest_name(c.id)
+            }
+            None => self.guest_name(c.id),
+        };
+        let mut room = c.room;
+        if let Err(e) = self.room_allowed(&room) {
+            errors.push(e);
+            room = protocol::DEFAULT_ROOM.to_owned();
+        }
+        info!(
+            "a user connected: id {} name {name:?} room {room:?} from {}",
+            c.id, c.peer
+        );
+        self.names.insert(name.to_lowercase(), c.id);
+        self.clients.insert(
+            c.id,
+            Client {
+                name,
+                room: room.clone(),
+                link: c.link,
+                typing_until: None,
+            },
+        );
+        self.enter_room(c.id, &room, c.since, true);
+        for e in errors {
+            self.outbox.push((c.id, e.to_frame()));
+        }
+    }
+
+    fn disconnect(&mut self, id: ClientId, reason: &str) {
+        if let Some(client) = self.remove_client(id) {
+            info!(
+                "a user disconnected: id {id} name {:?} ({reason})",
+                client.name
+            );
+        }
+    }
+
+    /// Forgets a client: frees its name, ends its typing, tells its room it left.
+    fn remove_client(&mut self, id: ClientId) -> Option<Client> {
+        self.set_typing(id, false);
+        let client = self.clients.remove(&id)?;
+        self.names.remove(&client.name.to_lowercase());
+        self.leave_room(id, &client.room, &client.name);
+        Some(client)
+    }
+
+    fn free_name(&self, name: String, id: ClientId) -> Result<String, ChatError> {
+        match self.names.get(&name.to_lowercase()) {
+            Some(&owner) if owner != id => Err(ChatError::NameTaken(name)),
+            _ => Ok(name),
+        }
+    }
+
+    /// `guest-<id>`, or with a suffix if someone chose that name already.
+    fn guest_name(&self, id: ClientId) -> String {
+        let base = format!("guest-{id}");
+        let taken = |n: &String| self.names.contains_key(&n.to_lowercase());
+        (1..)
+            .map(|i| {
+                if i == 1 {
+                    base.clone()
+                } else {
+                    format!("{base}-{i}")
+                }
+            })
+            .find(|n| !taken(n))
+            .unwrap_or(base)
+    }
+
+    fn rename(&mut self, id: ClientId, name: String) -> Result<(), ChatError> {
+        let name = self.free_name(name, id)?;
+        let Some(client) = self.clients.get_mut(&id) else {
+            return Ok(());
+        };
+        let old = std::mem::replace(&mut client.name, name.clone());
+        let room = client.room.clone();
+        self.names.remove(&old.to_lowercase());
+        self.names.insert(name.to_lowercase(), id);
+        let count = self.members(&room).len();
+        let frame = protocol::encode(&ServerEvent::Renamed {
+            room: &room,
+            from: &old,
+            name: &name,
+            count,
+        });
+        self.to_room(&room, None, frame);
+        Ok(())
+    }
+
+    // ----- rooms -----
+
+    fn room_allowed(&self, room: &str) -> Result<(), ChatError> {
+        let exists = self.rooms.contains_key(room) || self.history.has_room(room);
+        if exists || self.rooms.len() < self.limits.max_rooms {
+            Ok(())
+        } else {
+            Err(ChatError::TooManyRooms)
+        }
+    }
+
+    fn join(&mut self, id: ClientId, room: String, since: Option<u64>) -> Result<(), ChatError> {
+        let Some(client) = self.clients.get(&id) else {
+            return Ok(());
+        };
+        let (old, name) = (client.room.clone(), client.name.clone());
+        if old != room {
+            self.room_allowed(&room)?;
+            self.set_typing(id, false);
+            self.leave_room(id, &old, &name);
+            if let Some(client) = self.clients.get_mut(&id) {
+                client.room = room.clone();
+            }
+        }
+        self.enter_room(id, &room, since, false);
+        Ok(())
+    }
+
+    /// Adds `id` to `room` (unless already in), sends it `welcome` or `room`, and tells the
+    /// others in the room.
+    fn enter_room(&mut self, id: ClientId, room: &str, since: Option<u64>, welcome: bool) {
+        let members = self.rooms.entry(room.to_owned()).or_default();
+        let is_new = !members.contains(&id);
+        if is_new {
+            members.push(id);
+        }
+        let Some(me) = self.clients.get(&id) else {
+            return;
+        };
+        let mut users: Vec<&str> = self
+            .members(room)
+            .iter()
+            .filter_map(|m| self.clients.get(m))
+            .map(|c| c.name.as_str())
+            .collect();
+        users.sort_by_cached_key(|n| n.to_lowercase());
+        let slice = self.history.slice(room, since, self.limits.history);
+        let history = slice
+            .messages
+            .iter()
+            .filter_map(|m| protocol::raw_json(&m.frame))
+            .collect();
+        let count = users.len();
+        let state = RoomState {
+            room,
+            users,
+            count,
+            history,
+            truncated: slice.truncated,
+        };
+        let frame = if welcome {
+            protocol::encode(&ServerEvent::Welcome {
+                id,
+                name: &me.name,
+                room: state,
+            })
+        } else {
+            protocol::encode(&ServerEvent::Room { room: state })
+        };
+        let joined = is_new.then(|| {
+            protocol::encode(&ServerEvent::Joined {
+                room,
+                name: &me.name,
+                count,
+            })
+        });
+        self.outbox.push((id, frame));
+        if let Some(joined) = joined {
+            self.to_room(room, Some(id), joined);
+        }
+    }
+
+    fn leave_room(&mut self, id: ClientId, room: &str, name: &str) {
+        let Some(members) = self.rooms.get_mut(room) else {
+            return;
+        };
+        members.retain(|&m| m != id);
+        let count = members.len();
+        if count == 0 {
+            self.rooms.remove(room);
+        } else {
+            let frame = protocol::encode(&ServerEvent::Left { room, name, count });
+            self.to_room(room, None, frame);
+        }
+    }
+
+    fn members(&self, room: &str) -> &[ClientId] {
+        self.rooms.get(room).map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    fn room_summaries(&self) -> Vec<RoomSummary> {
+        let mut names: Vec<&str> = self
+            .rooms
+            .keys()
+            .map(String::as_str)
+            .chain(self.history.room_names())
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        names
+            .into_iter()
+            .map(|name| RoomSummary {
+                name: name.to_owned(),
+                count: self.members(name).len(),
+            })
+            .collect()
+    }
+
+    // ----- messages -----
+
+    fn room_message(&mut self, id: ClientId, text: String) -> Result<(), ChatError> {
+        let Some(client) = self.clients.get(&id) else {
+            return Ok(());
+        };
+        let (room, from) = (client.room.clone(), client.name.clone());
+        debug!("got message from {from:?} in {room:?}, broadcasting to all");
+        self.set_typing(id, false);
+        self.post(&room, &from, &text).map(drop)
+    }
+
+    /// Stores a room message and queues it for every member; returns its id.
+    fn post(&mut self, room: &str, from: &str, text: &str) -> Result<u64, ChatError> {
+        if !self.history.has_room(room) {
+            self.room_allowed(room)?;
+        }
+        let id = self.history.take_id();
+        let message = ChatMessage {
+            id,
+            room: room.to_owned(),
+            from: from.to_owned(),
+            to: None,
+            text: text.to_owned(),
+            ts: protocol::now_ms(),
+            private: false,
+        };
+        let frame = protocol::encode(&message);
+        self.history.append(
+            room,
+            Stored {
+                id,
+                frame: frame.clone(),
+            },
+        );
+        Metrics::add(&self.metrics.messages_received, 1);
+        self.to_room(room, None, frame);
+        Ok(id)
+    }
+
+    fn private_message(&mut self, id: ClientId, to: &str, text: String) -> Result<(), ChatError> {
+        let target = *self
+            .names
+            .get(&to.to_lowercase())
+            .ok_or_else(|| ChatError::NoSuchUser(to.to_owned()))?;
+        let (Some(sender), Some(receiver)) = (self.clients.get(&id), self.clients.get(&target))
+        else {
+            return Ok(());
+        };
+        let message = ChatMessage {
+            id: self.history.take_id(),
+            room: sender.room.clone(),
+            from: sender.name.clone(),
+            to: Some(receiver.name.clone()),
+            text,
+            ts: protocol::now_ms(),
+            private: true,
+        };
+        let frame = protocol::encode(&message);
+        Metrics::add(&self.metrics.messages_received, 1);
+        self.outbox.push((target, frame.clone()));
+        if target != id {
+            self.outbox.push((id, frame));
+        }
+        Ok(())
+    }
+
+    // ----- typing -----
+
+    fn set_typing(&mut self, id: ClientId, active: bool) {
+        let Some(client) = self.clients.get_mut(&id) else {
+            return;
+        };
+        let was_active = client.typing_until.is_some();
+        if !active && !was_active {
+            return;
+        }
+        if active {
+            let until = Instant::now() + TYPING_TIMEOUT;
+            client.typing_until = Some(until);
+            self.typing_deadlines.push(Reverse((until, id)));
+        } else {
+            client.typing_until = None;
+        }
+        let (room, name) = (client.room.clone(), client.name.clone());
+        let frame = protocol::encode(&ServerEvent::Typing {
+            room: &room,
+            name: &name,
+            active,
+        });
+        self.to_room(&room, Some(id), frame);
+    }
+
+    fn expire_typing(&mut self, now: Instant) {
+        while let Some(&Reverse((at, id))) = self.typing_deadlines.peek() {
+            if at > now {
+                break;
+            }
+            self.typing_deadlines.pop();
+            // Only the latest refresh counts: older deadlines for the same client are stale.
+            if self.clients.get(&id).and_then(|c| c.typing_until) == Some(at) {
+                self.set_typing(id, false);
+            }
+        }
+    }
+
+    // ----- delivery -----
+
+    fn to_room(&mut self, room: &str, except: Option<ClientId>, frame: Frame) {
+        let members = self.rooms.get(room).map(Vec::as_slice).unwrap_or(&[]);
+        self.outbox.extend(
+            members
+                .iter()
+                .filter(|&&m| Some(m) != except)
+                .map(|&m| (m, frame.clone())),
+        );
+    }
+
+    /// Makes the batch durable, then hands its frames to the client queues in order.
+    fn commit(&mut self) {
+        if let Err(e) = self.history.commit() {
+            error!("history: cannot write the history file: {e}");
+        }
+        // Dropping a slow client queues `left` frames for its room; deliver those too. Each pass
+        // after the first removes at least one client, so this ends.
+        while !self.outbox.is_empty() {
+            self.deliver();
+        }
+        for (reply, id) in self.acks.drain(..) {
+            let _ = reply.try_send(Ok(id));
+        }
+        self.metrics
+            .history_messages
+            .store(self.history.len() as u64, Relaxed);
+    }
+
+    fn deliver(&mut self) {
+        let mut outbox = std::mem::take(&mut self.outbox);
+        let mut sent = 0;
+        let mut slow = Vec::new();
+        for (id, frame) in outbox.drain(..) {
+            let Some(client) = self.clients.get(&id) else {
+                continue;
+            };
+            if self.queue_is_full(&client.link) {
+                slow.push(id);
+                continue;
+            }
+            client.link.queued_bytes.fetch_add(frame.len(), Relaxed);
+            match client.link.tx.try_send(Outbound::Frame(frame)) {
+                Ok(()) => sent += 1,
+                Err(TrySendError::Full(_)) => slow.push(id),
+                Err(TrySendError::Disconnected(_)) => {} // its Disconnect event is on the way
+            }
+        }
+        self.outbox = outbox; // keep the allocation for the next batch
+        Metrics::add(&self.metrics.messages_sent, sent);
+        for id in slow {
+            self.drop_slow(id);
+        }
+    }
+
+    /// The queue holds one slot more than `client_queue`, so the close always fits.
+    fn queue_is_full(&self, link: &ClientLink) -> bool {
+        link.tx.len() >= self.limits.client_queue
+            || link.queued_bytes.load(Relaxed) > self.limits.client_queue_bytes
+    }
+
+    fn drop_slow(&mut self, id: ClientId) {
+        if let Some(client) = self.remove_client(id) {
+            info!(
+                "a user disconnected: id {id} name {:?} (too slow: its queue is full)",
+                client.name
+            );
+            Metrics::add(&self.metrics.slow_clients_dropped, 1);
+            let _ = client.link.tx.try_send(Outbound::Close(1008, "too slow"));
+        }
+    }
+
+    fn close_everyone(&mut self) {
+        self.commit();
+        for client in self.clients.values() {
+            let _ = client
+                .link
+                .tx
+                .try_send(Outbound::Close(1001, "server shutting down"));
+        }
+        info!(
+            "dispatcher stopped ({} clients told to go away)",
+            self.clients.len()
+        );
+    }
+}

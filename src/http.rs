@@ -1,0 +1,425 @@
+//! The HTTP side, served by `tiny_http` on its own port: the page (embedded in the binary, or a
+//! directory with `--www`), `/config.json`, the JSON API, `/healthz` and `/metrics`.
+//!
+//! A few worker threads take requests from tiny_http and answer each one at once; anything about
+//! chat state is asked of the dispatcher through an [`Event`] with a reply channel and a timeout.
+//! This module never holds chat state itself.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam_channel::{Sender, bounded};
+use include_dir::{Dir, include_dir};
+use serde_json::json;
+use tiny_http::{Header, Method, Request, Response};
+
+use crate::dispatcher::Event;
+use crate::metrics::Metrics;
+use crate::protocol::{self, ChatError};
+
+/// The page, compiled into the binary so it runs from any directory.
+static WWW: Dir<'static> = include_dir!("$CARGO_MANIFEST_DIR/www");
+
+/// Threads answering HTTP requests: enough for a page load's parallel fetches.
+pub const HTTP_WORKERS: usize = 4;
+/// How long a request waits for the dispatcher before answering 503.
+const DISPATCHER_TIMEOUT: Duration = Duration::from_secs(2);
+/// Most messages `GET /api/rooms/<room>/messages` returns.
+const MAX_HISTORY_PAGE: usize = 1000;
+/// Bytes of an oversized body read and thrown away before answering 413, so the client reads a
+/// clean response instead of a connection reset.
+const DRAIN_LIMIT_BYTES: u64 = 1 << 20;
+/// Largest file served from `--www DIR`.
+const MAX_FILE_BYTES: u64 = 16 << 20;
+
+/// What the HTTP handlers need.
+pub struct HttpShared {
+    pub events: Sender<Event>,
+    pub metrics: Arc<Metrics>,
+    pub www_dir: Option<PathBuf>,
+    pub ws_port: u16,
+    pub public_ws_url: Option<String>,
+    pub api_token: Option<String>,
+    pub max_body_bytes: usize,
+    /// Host for the WebSocket URL when the request has no usable `Host`.
+    pub default_host: String,
+}
+
+type Reply = Response<std::io::Cursor<Vec<u8>>>;
+
+/// Answers requests until tiny_http is unblocked or closed.
+pub fn worker(server: Arc<tiny_http::Server>, shared: Arc<HttpShared>) {
+    while let Ok(mut request) = server.recv() {
+        let reply = route(&shared, &mut request);
+        log::debug!(
+            "{} {} -> {}",
+            request.method(),
+            request.url(),
+            reply.status_code().0
+        );
+        let _ = request.respond(reply);
+    }
+}
+
+fn route(shared: &HttpShared, request: &mut Request) -> Reply {
+    let url = request.url().to_owned();
+    let (path, query) = url.split_once('?').unwrap_or((&url, ""));
+    let read = matches!(request.method(), Method::Get | Method::Head);
+    match path {
+        "/config.json" if read => json_reply(200, &json!({ "ws_url": ws_url(shared, request) })),
+        "/healthz" if read => healthz(shared),
+        "/metrics" if read => text(200, &shared.metrics.render(shared.events.len()))
+            .with_header(header("Content-Type", "text/plain; version=0.0.4")),
+        "/api/rooms" if read => rooms(shared),
+        p if p.starts_with("/api/") => api(shared, request, p, query),
+        p if read => static_file(shared, request, p),
+        _ => text(405, "method not allowed\n").with_header(header("Allow", "GET, HEAD")),
+    }
+}
+
+// ----- the page -----
+
+fn static_file(shared: &HttpShared, request: &Request, path: &str) -> Reply {
+    let Some(rel) = clean_path(path) else {
+        return not_found();
+    };
+    let body = match &shared.www_dir {
+        Some(dir) => read_from_dir(dir, &rel),
+        None => WWW.get_file(&rel).map(|f| f.contents().to_vec()),
+    };
+    let Some(body) = body else { return not_found() };
+    let csp = content_security_policy(&ws_url(shared, request));
+    Response::from_data(body)
+        .with_header(header("Content-Type", content_type(&rel)))
+        .with_header(header("Content-Security-Policy", &csp))
+        .with_header(header("X-Content-Type-Options", "nosniff"))
+        .with_header(header("Referrer-Policy", "no-referrer"))
+        .with_header(header("Cache-Control", "no-cache"))
+}
+
+/// A request path as a relative file path, or `None` if it could leave the root: every segment
+/// must be a plain name after percent-decoding (no `..`, `.`, empty, `\`, NUL or `:`).
+pub fn clean_path(path: &str) -> Option<String> {
+    let decoded = percent_encoding::percent_decode_str(path)
+        .decode_utf8()
+        .ok()?;
+    let rel = decoded.strip_prefix('/')?;
+    let rel = if rel.is_empty() || rel.ends_with('/') {
+        format!("{rel}index.html")
+    } else {
+        rel.to_owned()
+    };
+    let plain = |seg: &str| {
+        !seg.is_empty() && seg != "." && seg != ".." && !seg.contains(['\\', '\0', ':'])
+    };
+    rel.split('/').all(plain).then_some(rel)
+}
+
+/// Reads `rel` under `dir`, refusing anything (a symlink included) that resolves outside it.
+fn read_from_dir(dir: &Path, rel: &str) -> Option<Vec<u8>> {
+    let root = dir.canonicalize().ok()?;
+    let full = root.join(rel).canonicalize().ok()?;
+    if !full.starts_with(&root) || !full.is_file() || full.metadata().ok()?.len() > MAX_FILE_BYTES {
+        return None;
+    }
+    std::fs::read(full).ok()
+}
+
+fn content_type(path: &str) -> &'static str {
+    match path
+        .rsplit_once('.')
+        .map(|(_, ext)| ext.to_ascii_lowercase())
+        .as_deref()
+    {
+        Some("html") => "text/html; charset=utf-8",
+        Some("js" | "mjs") => "text/javascript; charset=utf-8",
+        Some("css") => "text/css; charset=utf-8",
+        Some("svg") => "image/svg+xml",
+        Some("png") => "image/png",
+        Some("ico") => "image/x-icon",
+        Some("json") => "application/json",
+        Some("txt") => "text/plain; charset=utf-8",
+        _ => "application/octet-stream",
+    }
+}
+
+/// Only the page's own scripts and styles, and connections to itself and the WebSocket.
+fn content_security_policy(ws_url: &str) -> String {
+    let ws_origin = ws_url.split('/').take(3).collect::<Vec<_>>().join("/");
+    format!(
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
+         connect-src 'self' {ws_origin}; base-uri 'none'; frame-ancestors 'none'; form-action 'self'"
+    )
+}
+
+/// Where the page should connect: `--public-ws-url`, or the host the browser used with the
+/// WebSocket port (so a page opened from another machine on the LAN works too).
+fn ws_url(shared: &HttpShared, request: &Request) -> String {
+    if let Some(url) = &shared.public_ws_url {
+        return url.clone();
+    }
+    let host = header_value(request, "Host")
+        .map(host_without_port)
+        .filter(|h| is_plain_host(h));
+    format!(
+        "ws://{}:{}/chat",
+        host.unwrap_or(&shared.default_host),
+        shared.ws_port
+    )
+}
+
+fn host_without_port(host: &str) -> &str {
+    match host.rfind(':') {
+        Some(i) if !host[i..].contains(']') => &host[..i],
+        _ => host,
+    }
+}
+
+/// A host name or address, nothing that could break out of a URL, JSON string or header.
+fn is_plain_host(host: &str) -> bool {
+    !host.is_empty()
+        && host.len() <= 255
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-.:[]".contains(c))
+}
+
+// ----- health, metrics, API -----
+
+/// Asks the dispatcher something and waits (bounded) for the answer.
+fn ask<T>(shared: &HttpShared, event: impl FnOnce(Sender<T>) -> Event) -> Option<T> {
+    let (tx, rx) = bounded(1);
+    shared
+        .events
+        .send_timeout(event(tx), DISPATCHER_TIMEOUT)
+        .ok()?;
+    rx.recv_timeout(DISPATCHER_TIMEOUT).ok()
+}
+
+/// Healthy only if the dispatcher answers a ping: a stuck or dead dispatcher is a 503.
+fn healthz(shared: &HttpShared) -> Reply {
+    match ask(shared, |reply| Event::Ping { reply }) {
+        Some(()) => text(200, "ok\n"),
+        None => text(503, "dispatcher not responding\n"),
+    }
+}
+
+fn rooms(shared: &HttpShared) -> Reply {
+    match ask(shared, |reply| Event::Rooms { reply }) {
+        Some(rooms) => json_reply(200, &json!({ "rooms": rooms })),
+        None => busy(),
+    }
+}
+
+fn api(shared: &HttpShared, request: &mut Request, path: &str, query: &str) -> Reply {
+    let segments: Vec<&str> = path.split('/').collect();
+    let ["", "api", "rooms", room, "messages"] = segments[..] else {
+        return json_error(
+            404,
+            "not_found",
+            "no such API endpoint; see docs/PROTOCOL.md",
+        );
+    };
+    let room = percent_encoding::percent_decode_str(room)
+        .decode_utf8_lossy()
+        .into_owned();
+    match request.method() {
+        Method::Get | Method::Head => history(shared, room, query),
+        Method::Post => post_message(shared, request, room),
+        _ => json_error(405, "method_not_allowed", "use GET or POST")
+            .with_header(header("Allow", "GET, HEAD, POST")),
+    }
+}
+
+fn history(shared: &HttpShared, room: String, query: &str) -> Reply {
+    if let Err(e) = protocol::check_room(&room) {
+        return chat_error(&e);
+    }
+    let mut since = None;
+    let mut limit = MAX_HISTORY_PAGE;
+    for (k, v) in query.split('&').filter_map(|kv| kv.split_once('=')) {
+        match (k, v.parse::<u64>()) {
+            ("since", Ok(n)) => since = Some(n),
+            ("limit", Ok(n)) => limit = (n as usize).min(MAX_HISTORY_PAGE),
+            ("since" | "limit", Err(_)) => {
+                return json_error(400, "bad_request", "since and limit are whole numbers");
+            }
+            _ => {}
+        }
+    }
+    let room_name = room.clone();
+    let Some(page) = ask(shared, |reply| Event::History {
+        room,
+        since,
+        limit,
+        reply,
+    }) else {
+        return busy();
+    };
+    let messages: Vec<_> = page
+        .messages
+        .iter()
+        .filter_map(protocol::raw_json)
+        .collect();
+    json_reply(
+        200,
+        &json!({ "room": room_name, "messages": messages, "truncated": page.truncated }),
+    )
+}
+
+/// `POST /api/rooms/<room>/messages`: the token is checked before the body is read.
+fn post_message(shared: &HttpShared, request: &mut Request, room: String) -> Reply {
+    let Some(token) = &shared.api_token else {
+        return json_error(
+            403,
+            "api_disabled",
+            "posting is disabled: start wschat with --api-token TOKEN (or WSCHAT_API_TOKEN)",
+        );
+    };
+    let given = header_value(request, "Authorization")
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if !constant_time_eq::constant_time_eq(given.trim().as_bytes(), token.as_bytes()) {
+        return json_error(401, "unauthorized", "send Authorization: Bearer <token>")
+            .with_header(header("WWW-Authenticate", "Bearer"));
+    }
+    if let Err(e) = protocol::check_room(&room) {
+        return chat_error(&e);
+    }
+    let Some(body) = read_body(request, shared.max_body_bytes) else {
+        let limit = shared.max_body_bytes;
+        return json_error(413, "too_large", &format!("the body is over {limit} bytes"))
+            .with_header(header("Connection", "close"));
+    };
+    let is_json = header_value(request, "Content-Type")
+        .is_some_and(|t| t.trim_start().starts_with("application/json"));
+    let (text, from) = match parse_post(&body, is_json) {
+        Ok(parsed) => parsed,
+        Err(e) => return chat_error(&e),
+    };
+    match ask(shared, |reply| Event::Publish {
+        room,
+        from,
+        text,
+        reply,
+    }) {
+        Some(Ok(id)) => json_reply(201, &json!({ "id": id })),
+        Some(Err(e)) => chat_error(&e),
+        None => busy(),
+    }
+}
+
+/// The body, or `None` when it is over `max` bytes (then drained, within a bound).
+fn read_body(request: &mut Request, max: usize) -> Option<Vec<u8>> {
+    let declared = request.body_length();
+    let reader = request.as_reader();
+    if declared.is_some_and(|n| n > max) {
+        let _ = std::io::copy(&mut reader.take(DRAIN_LIMIT_BYTES), &mut std::io::sink());
+        return None;
+    }
+    let mut body = Vec::new();
+    reader.take(max as u64 + 1).read_to_end(&mut body).ok()?;
+    (body.len() <= max).then_some(body)
+}
+
+/// A JSON body `{"text": "...", "from": "..."}` or plain text; `from` defaults to `server`.
+fn parse_post(body: &[u8], is_json: bool) -> Result<(String, String), ChatError> {
+    #[derive(serde::Deserialize)]
+    struct Post {
+        text: String,
+        from: Option<String>,
+    }
+    let post = if is_json {
+        serde_json::from_slice::<Post>(body)
+            .map_err(|e| ChatError::BadRequest(format!("invalid JSON body: {e}")))?
+    } else {
+        let text = std::str::from_utf8(body)
+            .map_err(|_| ChatError::BadRequest("the body is not UTF-8".into()))?;
+        Post {
+            text: text.to_owned(),
+            from: None,
+        }
+    };
+    let from = protocol::check_name(post.from.as_deref().unwrap_or("server"))?;
+    Ok((protocol::check_text(&post.text)?, from))
+}
+
+// ----- small helpers -----
+
+fn header(name: &str, value: &str) -> Header {
+    // Every name and value here is ASCII we wrote, or a host checked by `is_plain_host`.
+    Header::from_bytes(name.as_bytes(), value.as_bytes())
+        .expect("header names and values are ASCII")
+}
+
+fn header_value<'a>(request: &'a Request, name: &str) -> Option<&'a str> {
+    request
+        .headers()
+        .iter()
+        .find(|h| h.field.as_str().as_str().eq_ignore_ascii_case(name))
+        .map(|h| h.value.as_str())
+}
+
+fn text(status: u16, body: &str) -> Reply {
+    Response::from_string(body)
+        .with_status_code(status)
+        .with_header(header("Content-Type", "text/plain; charset=utf-8"))
+}
+
+fn not_found() -> Reply {
+    text(404, "not found\n")
+}
+
+fn json_reply(status: u16, value: &serde_json::Value) -> Reply {
+    Response::from_string(value.to_string())
+        .with_status_code(status)
+        .with_header(header("Content-Type", "application/json"))
+}
+
+fn json_error(status: u16, code: &str, message: &str) -> Reply {
+    json_reply(status, &json!({ "error": code, "message": message }))
+}
+
+fn chat_error(e: &ChatError) -> Reply {
+    json_error(400, e.code(), &e.to_string())
+}
+
+fn busy() -> Reply {
+    json_error(503, "busy", "the server did not answer in time; try again")
+        .with_header(header("Retry-After", "1"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_never_leave_the_root() {
+        assert_eq!(clean_path("/").as_deref(), Some("index.html"));
+        assert_eq!(clean_path("/app.js").as_deref(), Some("app.js"));
+        assert_eq!(clean_path("/img/a%20b.png").as_deref(), Some("img/a b.png"));
+        for bad in [
+            "/../etc/passwd",
+            "/%2e%2e/etc/passwd",
+            "/a/../../x",
+            "//etc/passwd",
+            "/a\\..\\b",
+            "/%2fetc",
+            "/c:/x",
+            "/a%00",
+        ] {
+            assert_eq!(clean_path(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn csp_names_the_websocket_origin() {
+        let csp = content_security_policy("ws://10.0.0.2:5001/chat");
+        assert!(
+            csp.contains("connect-src 'self' ws://10.0.0.2:5001;"),
+            "{csp}"
+        );
+    }
+}

@@ -1,0 +1,167 @@
+//! Counters and gauges, shared by every thread as relaxed atomics, and their Prometheus text form.
+//!
+//! Hot paths add to these once per batch, not once per message, to keep cache lines quiet.
+//! This module only counts; it never decides anything.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// Why a WebSocket handshake was refused (a label of `wschat_handshakes_rejected_total`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rejection {
+    BadRequest,
+    NotFound,
+    UpgradeRequired,
+    Forbidden,
+    TooManyClients,
+    TooManyFromAddress,
+    TooManyPending,
+    Timeout,
+}
+
+impl Rejection {
+    const ALL: [Rejection; 8] = [
+        Rejection::BadRequest,
+        Rejection::NotFound,
+        Rejection::UpgradeRequired,
+        Rejection::Forbidden,
+        Rejection::TooManyClients,
+        Rejection::TooManyFromAddress,
+        Rejection::TooManyPending,
+        Rejection::Timeout,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Rejection::BadRequest => "bad_request",
+            Rejection::NotFound => "not_found",
+            Rejection::UpgradeRequired => "upgrade_required",
+            Rejection::Forbidden => "forbidden_origin",
+            Rejection::TooManyClients => "too_many_clients",
+            Rejection::TooManyFromAddress => "too_many_from_address",
+            Rejection::TooManyPending => "too_many_pending",
+            Rejection::Timeout => "timeout",
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct Metrics {
+    pub connections_now: AtomicU64,
+    pub connections_total: AtomicU64,
+    pub messages_received: AtomicU64,
+    pub messages_sent: AtomicU64,
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+    pub slow_clients_dropped: AtomicU64,
+    pub rate_limited: AtomicU64,
+    pub history_messages: AtomicU64,
+    pub handshakes_pending: AtomicU64,
+    rejected: [AtomicU64; Rejection::ALL.len()],
+}
+
+impl Metrics {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Relaxed);
+    }
+
+    pub fn reject(&self, why: Rejection) {
+        self.rejected[why as usize].fetch_add(1, Relaxed);
+    }
+
+    pub fn rejected(&self, why: Rejection) -> u64 {
+        self.rejected[why as usize].load(Relaxed)
+    }
+
+    /// Prometheus text exposition format, version 0.0.4.
+    pub fn render(&self, dispatcher_queue: usize) -> String {
+        let mut out = String::with_capacity(2048);
+        let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
+        };
+        let get = |c: &AtomicU64| c.load(Relaxed);
+        metric(
+            "wschat_connections",
+            "gauge",
+            "WebSocket connections open now.",
+            get(&self.connections_now),
+        );
+        metric(
+            "wschat_connections_total",
+            "counter",
+            "WebSocket connections accepted.",
+            get(&self.connections_total),
+        );
+        metric(
+            "wschat_messages_received_total",
+            "counter",
+            "Chat messages accepted from clients and the API.",
+            get(&self.messages_received),
+        );
+        metric(
+            "wschat_messages_sent_total",
+            "counter",
+            "Frames handed to client queues.",
+            get(&self.messages_sent),
+        );
+        metric(
+            "wschat_bytes_in_total",
+            "counter",
+            "WebSocket bytes read from clients.",
+            get(&self.bytes_in),
+        );
+        metric(
+            "wschat_bytes_out_total",
+            "counter",
+            "WebSocket bytes written to clients.",
+            get(&self.bytes_out),
+        );
+        metric(
+            "wschat_slow_clients_dropped_total",
+            "counter",
+            "Clients dropped because their queue overflowed.",
+            get(&self.slow_clients_dropped),
+        );
+        metric(
+            "wschat_rate_limited_total",
+            "counter",
+            "Client messages dropped by the rate limit.",
+            get(&self.rate_limited),
+        );
+        metric(
+            "wschat_history_messages",
+            "gauge",
+            "Messages held in room history.",
+            get(&self.history_messages),
+        );
+        metric(
+            "wschat_handshakes_pending",
+            "gauge",
+            "WebSocket handshakes in progress.",
+            get(&self.handshakes_pending),
+        );
+        metric(
+            "wschat_dispatcher_queue",
+            "gauge",
+            "Events waiting for the dispatcher.",
+            dispatcher_queue as u64,
+        );
+        let name = "wschat_handshakes_rejected_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} WebSocket handshakes refused, by reason.\n# TYPE {name} counter"
+        );
+        for why in Rejection::ALL {
+            let _ = writeln!(
+                out,
+                "{name}{{reason=\"{}\"}} {}",
+                why.label(),
+                self.rejected(why)
+            );
+        }
+        out
+    }
+}

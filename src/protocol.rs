@@ -1,0 +1,336 @@
+//! The wire protocol: what clients may send, what the server sends back, and the rules for names,
+//! rooms and text (docs/PROTOCOL.md is the reader's version of this file).
+//!
+//! This module owns parsing and serialising frames and the one place where an error becomes the
+//! text a user reads ([`ChatError`]'s messages). It never touches sockets or server state.
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use tungstenite::Utf8Bytes;
+
+/// A serialised server event, shared by every recipient without copying (a reference count).
+pub type Frame = Utf8Bytes;
+
+/// Longest nickname, in characters.
+pub const MAX_NAME_CHARS: usize = 32;
+/// Longest room name, in characters.
+pub const MAX_ROOM_CHARS: usize = 64;
+/// The room a connection enters when it names none.
+pub const DEFAULT_ROOM: &str = "lobby";
+
+/// Everything a client can ask for, already validated for shape (not for server state).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Command {
+    Message { text: String, to: Option<String> },
+    Nick { name: String },
+    Join { room: String, since: Option<u64> },
+    Typing { active: bool },
+}
+
+/// Every way a request can fail, with the stable `code` clients match on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChatError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("binary frames are not supported; send text frames")]
+    Unsupported,
+    #[error("empty messages are not sent")]
+    EmptyMessage,
+    #[error("text may not contain control characters other than tab and newline")]
+    BadText,
+    #[error("names are 1-32 characters without control characters")]
+    BadName,
+    #[error("the name {0:?} is already in use")]
+    NameTaken(String),
+    #[error("room names are 1-64 characters from A-Z a-z 0-9 - _ .")]
+    BadRoom,
+    #[error("nobody here is called {0:?}")]
+    NoSuchUser(String),
+    #[error("too many messages: this one was dropped, slow down")]
+    RateLimited,
+    #[error("the server already holds its maximum number of rooms")]
+    TooManyRooms,
+}
+
+impl ChatError {
+    /// The stable word clients match on.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ChatError::BadRequest(_) => "bad_request",
+            ChatError::Unsupported => "unsupported",
+            ChatError::EmptyMessage => "empty_message",
+            ChatError::BadText => "bad_text",
+            ChatError::BadName => "bad_name",
+            ChatError::NameTaken(_) => "name_taken",
+            ChatError::BadRoom => "bad_room",
+            ChatError::NoSuchUser(_) => "no_such_user",
+            ChatError::RateLimited => "rate_limited",
+            ChatError::TooManyRooms => "too_many_rooms",
+        }
+    }
+
+    /// The `error` event sent to the client.
+    pub fn to_frame(&self) -> Frame {
+        let message = self.to_string();
+        encode(&ServerEvent::Error {
+            code: self.code(),
+            message: &message,
+        })
+    }
+}
+
+/// The JSON form of a command: one flat struct, so unknown fields are skipped cheaply and no
+/// buffering of the whole object is needed to find its `type`.
+#[derive(Deserialize)]
+struct RawCommand {
+    #[serde(rename = "type")]
+    kind: String,
+    text: Option<String>,
+    to: Option<String>,
+    name: Option<String>,
+    room: Option<String>,
+    since: Option<u64>,
+    active: Option<bool>,
+}
+
+/// Parses one text frame. Text that does not start with `{` is a chat message, so a plain
+/// WebSocket client like `websocat` can chat.
+pub fn parse_command(frame: &str) -> Result<Command, ChatError> {
+    if !frame.starts_with('{') {
+        return Ok(Command::Message {
+            text: check_text(frame)?,
+            to: None,
+        });
+    }
+    let raw: RawCommand = serde_json::from_str(frame)
+        .map_err(|e| ChatError::BadRequest(format!("invalid command: {e}")))?;
+    let missing =
+        |field: &str| ChatError::BadRequest(format!("\"{}\" needs \"{field}\"", raw.kind));
+    match raw.kind.as_str() {
+        "message" => {
+            let text = raw.text.as_deref().ok_or_else(|| missing("text"))?;
+            let to = raw.to.as_deref().map(check_name).transpose()?;
+            Ok(Command::Message {
+                text: check_text(text)?,
+                to,
+            })
+        }
+        "nick" => Ok(Command::Nick {
+            name: check_name(raw.name.as_deref().ok_or_else(|| missing("name"))?)?,
+        }),
+        "join" => {
+            let room = raw.room.as_deref().ok_or_else(|| missing("room"))?;
+            Ok(Command::Join {
+                room: check_room(room)?.to_owned(),
+                since: raw.since,
+            })
+        }
+        "typing" => Ok(Command::Typing {
+            active: raw.active.ok_or_else(|| missing("active"))?,
+        }),
+        other => Err(ChatError::BadRequest(format!("unknown type {other:?}"))),
+    }
+}
+
+/// A nickname, trimmed; 1-32 characters, no control characters.
+pub fn check_name(name: &str) -> Result<String, ChatError> {
+    let name = name.trim();
+    let chars = name.chars().count();
+    if chars == 0 || chars > MAX_NAME_CHARS || name.chars().any(char::is_control) {
+        return Err(ChatError::BadName);
+    }
+    Ok(name.to_owned())
+}
+
+/// A room name: 1-64 of `A-Z a-z 0-9 - _ .`.
+pub fn check_room(room: &str) -> Result<&str, ChatError> {
+    let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+    if room.is_empty() || room.len() > MAX_ROOM_CHARS || !room.chars().all(ok_char) {
+        return Err(ChatError::BadRoom);
+    }
+    Ok(room)
+}
+
+/// Message text: not blank, and no control characters but tab, newline and carriage return.
+pub fn check_text(text: &str) -> Result<String, ChatError> {
+    if text.trim().is_empty() {
+        return Err(ChatError::EmptyMessage);
+    }
+    if text
+        .chars()
+        .any(|c| c.is_control() && !matches!(c, '\t' | '\n' | '\r'))
+    {
+        return Err(ChatError::BadText);
+    }
+    Ok(text.to_owned())
+}
+
+/// A chat message as sent, stored in history and written to the history file (one per line).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(tag = "type", rename = "message")]
+pub struct ChatMessage {
+    pub id: u64,
+    pub room: String,
+    pub from: String,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub to: Option<String>,
+    pub text: String,
+    pub ts: u64,
+    #[serde(skip_serializing_if = "std::ops::Not::not", default)]
+    pub private: bool,
+}
+
+/// Every other event the server sends. `history` entries are stored message frames, spliced in
+/// as raw JSON so they are not parsed and re-serialised.
+#[derive(Serialize, Debug)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerEvent<'a> {
+    Welcome {
+        id: u64,
+        name: &'a str,
+        #[serde(flatten)]
+        room: RoomState<'a>,
+    },
+    Room {
+        #[serde(flatten)]
+        room: RoomState<'a>,
+    },
+    Joined {
+        room: &'a str,
+        name: &'a str,
+        count: usize,
+    },
+    Left {
+        room: &'a str,
+        name: &'a str,
+        count: usize,
+    },
+    Renamed {
+        room: &'a str,
+        from: &'a str,
+        name: &'a str,
+        count: usize,
+    },
+    Typing {
+        room: &'a str,
+        name: &'a str,
+        active: bool,
+    },
+    Error {
+        code: &'static str,
+        message: &'a str,
+    },
+}
+
+/// What a client learns on entering a room.
+#[derive(Serialize, Debug)]
+pub struct RoomState<'a> {
+    pub room: &'a str,
+    pub users: Vec<&'a str>,
+    pub count: usize,
+    pub history: Vec<&'a RawValue>,
+    pub truncated: bool,
+}
+
+/// Serialises an event once; the result is shared by all its recipients.
+pub fn encode<T: Serialize>(event: &T) -> Frame {
+    // Serialising these types cannot fail: no maps with non-string keys, no failing impls.
+    serde_json::to_string(event).unwrap_or_default().into()
+}
+
+/// A stored frame as a raw JSON value, for `history` lists. Stored frames were produced by
+/// [`encode`] or validated on load, so this only fails on a corrupted file line, which is skipped.
+pub fn raw_json(frame: &Frame) -> Option<&RawValue> {
+    serde_json::from_str(frame.as_str()).ok()
+}
+
+/// Milliseconds since the Unix epoch, for message timestamps.
+pub fn now_ms() -> u64 {
+    let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    since_epoch.map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_text_and_json_messages() {
+        let hello = Command::Message {
+            text: "hello world".into(),
+            to: None,
+        };
+        assert_eq!(parse_command("hello world"), Ok(hello.clone()));
+        assert_eq!(
+            parse_command(r#"{"type":"message","text":"hello world","x":[1]}"#),
+            Ok(hello)
+        );
+        let private = parse_command(r#"{"type":"message","text":"hi","to":" bob "}"#);
+        assert_eq!(
+            private,
+            Ok(Command::Message {
+                text: "hi".into(),
+                to: Some("bob".into())
+            })
+        );
+    }
+
+    #[test]
+    fn bad_input_gets_the_right_code() {
+        let code = |s: &str| parse_command(s).unwrap_err().code();
+        assert_eq!(code("{not json"), "bad_request");
+        assert_eq!(code(r#"{"type":"dance"}"#), "bad_request");
+        assert_eq!(code(r#"{"type":"message"}"#), "bad_request");
+        assert_eq!(code("   "), "empty_message");
+        assert_eq!(code("a\u{7}b"), "bad_text");
+        assert_eq!(code(r#"{"type":"nick","name":""}"#), "bad_name");
+        assert_eq!(
+            code(&format!(r#"{{"type":"nick","name":"{}"}}"#, "x".repeat(33))),
+            "bad_name"
+        );
+        assert_eq!(code(r#"{"type":"join","room":"a b"}"#), "bad_room");
+        assert_eq!(code(r#"{"type":"typing"}"#), "bad_request");
+    }
+
+    #[test]
+    fn deep_json_is_an_error_not_a_crash() {
+        let deep = format!(
+            r#"{{"type":"message","text":"x","n":{}{}}}"#,
+            "[".repeat(10_000),
+            "]".repeat(10_000)
+        );
+        assert_eq!(parse_command(&deep).unwrap_err().code(), "bad_request");
+    }
+
+    #[test]
+    fn names_and_rooms() {
+        assert_eq!(check_name("  Zoë  "), Ok("Zoë".into()));
+        assert_eq!(check_name(&"é".repeat(32)), Ok("é".repeat(32)));
+        assert!(check_name("tab\there").is_err());
+        assert!(check_room("dev.team_1-a").is_ok());
+        assert!(check_room(&"r".repeat(65)).is_err());
+        assert!(check_room("ünïcode").is_err());
+    }
+
+    #[test]
+    fn message_frames_round_trip() {
+        let m = ChatMessage {
+            id: 7,
+            room: "lobby".into(),
+            from: "a".into(),
+            to: None,
+            text: "t".into(),
+            ts: 1,
+            private: false,
+        };
+        let frame = encode(&m);
+        assert_eq!(
+            frame.as_str(),
+            r#"{"type":"message","id":7,"room":"lobby","from":"a","text":"t","ts":1}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<ChatMessage>(frame.as_str()).unwrap(),
+            m
+        );
+    }
+}

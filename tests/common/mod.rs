@@ -1,0 +1,184 @@
+//! Helpers shared by the integration tests: an in-process server on free ports, and a small
+//! blocking WebSocket client with timeouts on every wait.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tungstenite::protocol::WebSocket;
+use tungstenite::{Message, Utf8Bytes};
+use wschat::{Config, Handle, Server};
+
+/// Longest any test waits for one expected frame.
+pub const WAIT: Duration = Duration::from_secs(5);
+
+/// A config on free ports, quiet limits suited to tests.
+pub fn config() -> Config {
+    Config {
+        http_port: 0,
+        ws_port: Some(0),
+        ..Config::default()
+    }
+}
+
+pub fn start(config: Config) -> Handle {
+    let _ = env_logger::builder().is_test(true).try_init();
+    Server::start(config).expect("server starts")
+}
+
+pub struct Client {
+    pub ws: WebSocket<TcpStream>,
+}
+
+impl Client {
+    /// Connects to `path` (e.g. `/chat?name=alice`) and returns once the `welcome` arrived.
+    pub fn join(handle: &Handle, path: &str) -> (Client, Value) {
+        let mut client = Client::connect(handle.ws_addr(), path);
+        let welcome = client.expect("welcome");
+        (client, welcome)
+    }
+
+    pub fn connect(addr: SocketAddr, path: &str) -> Client {
+        let stream = TcpStream::connect(addr).expect("tcp connect");
+        stream.set_read_timeout(Some(WAIT)).unwrap();
+        let (ws, _response) =
+            tungstenite::client(format!("ws://{addr}{path}"), stream).expect("handshake");
+        Client { ws }
+    }
+
+    pub fn send(&mut self, text: &str) {
+        self.ws.send(Message::Text(text.into())).expect("send");
+    }
+
+    pub fn send_json(&mut self, value: Value) {
+        self.send(&value.to_string());
+    }
+
+    /// The next text frame as JSON (pings and pongs are skipped).
+    pub fn recv(&mut self) -> Value {
+        loop {
+            match self.ws.read().expect("a frame before the timeout") {
+                Message::Text(t) => {
+                    return serde_json::from_str(&t).expect("server frames are JSON");
+                }
+                Message::Ping(_) | Message::Pong(_) => continue,
+                other => panic!("unexpected frame {other:?}"),
+            }
+        }
+    }
+
+    /// The next frame of type `kind`, skipping others (presence, typing) on the way.
+    pub fn expect(&mut self, kind: &str) -> Value {
+        let deadline = Instant::now() + WAIT;
+        while Instant::now() < deadline {
+            let v = self.recv();
+            if v["type"] == kind {
+                return v;
+            }
+        }
+        panic!("no {kind} frame within {WAIT:?}");
+    }
+
+    /// The next chat message's text.
+    pub fn expect_text(&mut self) -> String {
+        self.expect("message")["text"].as_str().unwrap().to_owned()
+    }
+
+    /// Reads frames until the connection closes; returns the close code if one came.
+    pub fn expect_close(&mut self) -> Option<u16> {
+        let deadline = Instant::now() + WAIT;
+        while Instant::now() < deadline {
+            match self.ws.read() {
+                Ok(Message::Close(frame)) => return frame.map(|f| f.code.into()),
+                Ok(_) => continue,
+                Err(_) => return None,
+            }
+        }
+        panic!("connection still open after {WAIT:?}");
+    }
+
+    /// Asserts that no frame of type `kind` arrives within `quiet`.
+    pub fn expect_none(&mut self, kind: &str, quiet: Duration) {
+        self.ws.get_mut().set_read_timeout(Some(quiet)).unwrap();
+        loop {
+            match self.ws.read() {
+                Ok(Message::Text(t)) => {
+                    let v: Value = serde_json::from_str(&t).unwrap();
+                    assert_ne!(v["type"], kind, "unexpected {v}");
+                }
+                Ok(_) => {}
+                Err(tungstenite::Error::Io(e))
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    break;
+                }
+                Err(e) => panic!("connection broke: {e}"),
+            }
+        }
+        self.ws.get_mut().set_read_timeout(Some(WAIT)).unwrap();
+    }
+
+    pub fn close(mut self) {
+        let _ = self.ws.close(None);
+        let _ = self.ws.flush();
+    }
+}
+
+pub fn text_frame(t: &str) -> Message {
+    Message::Text(Utf8Bytes::from(t))
+}
+
+/// Sends raw bytes and returns everything the server answers until it closes (bounded).
+pub fn raw_request(addr: SocketAddr, request: &[u8]) -> String {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    stream.write_all(request).unwrap();
+    let mut out = Vec::new();
+    let _ = stream.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A plain HTTP/1.0 GET against the HTTP port: (status, headers, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String, String) {
+    http_request(
+        addr,
+        &format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n"),
+    )
+}
+
+pub fn http_request(addr: SocketAddr, request: &str) -> (u16, String, String) {
+    let response = raw_request(addr, request.as_bytes());
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, head.to_owned(), body.to_owned())
+}
+
+/// A handshake request for the WebSocket port.
+pub fn upgrade_request(path: &str, extra_headers: &str) -> String {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra_headers}\r\n"
+    )
+}
+
+/// Reads the handshake response head only (the connection stays open).
+pub fn handshake_head(stream: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match stream.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
