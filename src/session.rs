@@ -133,9 +133,7 @@ pub fn serve(
             events.clone(),
             metrics.clone(),
         );
-        let reason = session.run();
-        Metrics::add(&metrics.bytes_out, session.ws.get_ref().written);
-        reason
+        session.run()
     };
     leave.reason = reason.clone();
     let _ = stream.shutdown(Shutdown::Both); // wakes the pump's blocking read
@@ -226,7 +224,7 @@ impl Session {
         Session {
             id,
             ws: WebSocket::from_partially_read(
-                Conn::new(stream),
+                Conn::new(stream, metrics.clone()),
                 leftover,
                 Role::Server,
                 Some(config),
@@ -445,18 +443,17 @@ pub struct Conn {
     inbound: Vec<u8>,
     read_pos: usize,
     out: Vec<u8>,
-    /// Bytes written to the socket so far.
-    written: u64,
+    metrics: Arc<Metrics>,
 }
 
 impl Conn {
-    fn new(stream: Arc<TcpStream>) -> Conn {
+    fn new(stream: Arc<TcpStream>, metrics: Arc<Metrics>) -> Conn {
         Conn {
             stream,
             inbound: Vec::new(),
             read_pos: 0,
             out: Vec::new(),
-            written: 0,
+            metrics,
         }
     }
 
@@ -494,7 +491,7 @@ impl Write for Conn {
             return Ok(());
         }
         let result = (&*self.stream).write_all(&self.out);
-        self.written += self.out.len() as u64;
+        Metrics::add(&self.metrics.bytes_out, self.out.len() as u64);
         self.out.clear();
         if self.out.capacity() > KEEP_OUT_BUFFER_BYTES {
             self.out = Vec::new();
