@@ -333,7 +333,7 @@ impl Hub {
             name: &name,
             count,
         });
-        self.to_room(&room, None, frame);
+        self.broadcast(&room, None, frame);
         Ok(())
     }
 
@@ -415,7 +415,7 @@ impl Hub {
         });
         self.outbox.push((id, frame));
         if let Some(joined) = joined {
-            self.to_room(room, Some(id), joined);
+            self.broadcast(room, Some(id), joined);
         }
     }
 
@@ -429,7 +429,7 @@ impl Hub {
             self.rooms.remove(room);
         } else {
             let frame = protocol::encode(&ServerEvent::Left { room, name, count });
-            self.to_room(room, None, frame);
+            self.broadcast(room, None, frame);
         }
     }
 
@@ -491,7 +491,7 @@ impl Hub {
             },
         );
         Metrics::add(&self.metrics.messages_received, 1);
-        self.to_room(room, None, frame);
+        self.broadcast(room, None, frame);
         Ok(id)
     }
 
@@ -545,7 +545,7 @@ impl Hub {
             name: &name,
             active,
         });
-        self.to_room(&room, Some(id), frame);
+        self.broadcast(&room, Some(id), frame);
     }
 
     fn expire_typing(&mut self, now: Instant) {
@@ -563,7 +563,7 @@ impl Hub {
 
     // ----- delivery -----
 
-    fn to_room(&mut self, room: &str, except: Option<ClientId>, frame: Frame) {
+    fn broadcast(&mut self, room: &str, except: Option<ClientId>, frame: Frame) {
         let members = self.rooms.get(room).map(Vec::as_slice).unwrap_or(&[]);
         self.outbox.extend(
             members

@@ -179,7 +179,7 @@ fn fifty_clients_twenty_messages_each_arrive_complete_in_order() {
         .into_iter()
         .map(|mut c| {
             std::thread::spawn(move || {
-                let mut next = vec![0u32; 50];
+                let mut next = [0u32; 50];
                 let mut seen = HashSet::new();
                 while seen.len() < 1000 {
                     let m = c.expect("message");

@@ -317,9 +317,7 @@ fn rooms_and_history_can_be_read_without_a_token() {
     assert_eq!(page["messages"][0]["text"], "m3");
     let (status, _, _) = http_request(
         addr,
-        &format!(
-            "GET /api/rooms/dev/messages HTTP/1.0\r\nHost: x\r\nAuthorization: Bearer whatever\r\n\r\n"
-        ),
+        "GET /api/rooms/dev/messages HTTP/1.0\r\nHost: x\r\nAuthorization: Bearer whatever\r\n\r\n",
     );
     assert_eq!(status, 200, "a token on a read is ignored");
     assert_eq!(http_get(addr, "/api/rooms/dev/messages?since=x").0, 400);
@@ -353,7 +351,7 @@ fn metrics_counters_move() {
     assert_eq!(metric(addr, "wschat_connections_total"), 2);
     assert_eq!(metric(addr, "wschat_messages_received_total"), 1);
     assert!(
-        metric(addr, "wschat_messages_sent_total") >= 2 + 2 + 1,
+        metric(addr, "wschat_messages_sent_total") >= 5,
         "two welcomes, a joined, two messages"
     );
     assert!(

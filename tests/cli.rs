@@ -1,0 +1,117 @@
+//! The `wschat` binary as a person runs it: the startup line, a busy port, signals.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::Client;
+
+fn wschat(args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_wschat"));
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+/// Starts the binary on free ports and returns it with the HTTP and WebSocket addresses it printed.
+fn spawn_server(extra: &[&str]) -> (Child, String, String) {
+    let mut args = vec!["--port", "0", "--ws-port", "0"];
+    args.extend_from_slice(extra);
+    let mut child = wschat(&args).spawn().expect("binary starts");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    // wschat listening: http://127.0.0.1:P/ (websocket ws://127.0.0.1:W/chat)
+    let rest = line
+        .trim()
+        .strip_prefix("wschat listening: http://")
+        .unwrap_or_else(|| panic!("startup line: {line:?}"));
+    let (http, rest) = rest.split_once("/ (websocket ws://").unwrap();
+    let ws = rest.strip_suffix("/chat)").unwrap();
+    (child, http.to_owned(), ws.to_owned())
+}
+
+fn wait_exit(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    None
+}
+
+#[test]
+fn a_busy_port_is_a_one_line_error_and_exit_code_1() {
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let out = wschat(&["--port", &port]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains(&format!("port {port}")) && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn bad_flags_are_reported_and_help_works() {
+    let out = wschat(&["--port", "abc"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let out = wschat(&["--help"]).output().unwrap();
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("--max-clients"));
+}
+
+#[test]
+fn sigterm_and_sigint_close_clients_with_1001_and_exit_0() {
+    for signal in ["-TERM", "-INT"] {
+        let (mut child, _http, ws) = spawn_server(&[]);
+        let mut client = Client::connect(ws.parse().unwrap(), "/chat");
+        client.expect("welcome");
+        let t0 = Instant::now();
+        Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert_eq!(client.expect_close(), Some(1001));
+        let status = wait_exit(&mut child, Duration::from_secs(5)).expect("exits");
+        assert!(status.success(), "{signal}: {status:?}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(2),
+            "{signal}: exit took {:?}",
+            t0.elapsed()
+        );
+    }
+}
+
+#[test]
+fn logs_connects_and_disconnects() {
+    let (mut child, _http, ws) = spawn_server(&[]);
+    let client = Client::connect(ws.parse().unwrap(), "/chat?name=logme");
+    client.close();
+    std::thread::sleep(Duration::from_millis(300));
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    wait_exit(&mut child, Duration::from_secs(5));
+    let mut log = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut log).unwrap();
+    assert!(
+        log.contains("a user connected") && log.contains("\"logme\"") && log.contains("127.0.0.1"),
+        "{log}"
+    );
+    assert!(
+        log.contains("a user disconnected") && log.contains("closed by the client"),
+        "{log}"
+    );
+}
