@@ -617,7 +617,8 @@ impl Hub {
         }
     }
 
-    /// The queue holds one slot more than `client_queue`, so the close always fits.
+    /// The dispatcher is the only sender, so checking here bounds the queue (and leaves room for
+    /// the final close).
     fn queue_is_full(&self, link: &ClientLink) -> bool {
         link.tx.len() >= self.limits.client_queue
             || link.queued_bytes.load(Relaxed) > self.limits.client_queue_bytes

@@ -262,7 +262,6 @@ fn ws_shared(
         burst: config.burst,
         ping_interval: config.ping_interval,
         max_message_bytes: config.max_message_bytes,
-        client_queue: config.client_queue,
     };
     let page_url = format!("http://{host}:{http_port}/");
     WsShared::new(

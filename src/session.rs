@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, bounded, select};
+use crossbeam_channel::{Receiver, Sender, bounded, select, unbounded};
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tungstenite::{Error as WsError, Message, WebSocket};
@@ -37,8 +37,9 @@ const PUMP_READ_BYTES: usize = 4 * 1024;
 /// Chunks in flight from pump to session: a small bound, so a client that sends faster than the
 /// session consumes is slowed down by TCP itself.
 const INBOUND_CHUNKS: usize = 8;
-/// tungstenite's read buffer per connection: sized for chat messages, not its 128 KiB default.
-const READ_BUFFER_BYTES: usize = 4 * 1024;
+/// tungstenite's read buffer per connection: it reads from memory (see [`Conn`]), so a small buffer
+/// costs only extra copies of large messages, and saves memory on every idle connection.
+const READ_BUFFER_BYTES: usize = 512;
 /// Bytes written per flush when the queue is long, so one flush is one bounded syscall.
 const MAX_WRITE_BATCH_BYTES: usize = 64 * 1024;
 /// Output buffer capacity kept between flushes; a bigger burst's buffer is released.
@@ -65,7 +66,6 @@ pub struct Settings {
     pub burst: f64,
     pub ping_interval: Duration,
     pub max_message_bytes: usize,
-    pub client_queue: usize,
 }
 
 /// Who is joining, from the handshake.
@@ -94,7 +94,9 @@ pub fn serve(
     events: &Sender<Event>,
     metrics: &Arc<Metrics>,
 ) -> String {
-    let (out_tx, out_rx) = bounded(settings.client_queue + 1); // +1: room for a final close
+    // The dispatcher (the only sender) bounds this queue itself, in frames and bytes: an unbounded
+    // channel allocates as it fills, where a bounded one would allocate every slot up front.
+    let (out_tx, out_rx) = unbounded();
     let (in_tx, in_rx) = bounded(INBOUND_CHUNKS);
     let queued_bytes = Arc::new(AtomicUsize::new(0));
     let pump = match spawn_pump(stream.clone(), in_tx, metrics.clone()) {
