@@ -339,9 +339,17 @@ impl Hub {
 
     // ----- rooms -----
 
+    /// A room may be used if it exists (members or history) or if there is room for one more.
     fn room_allowed(&self, room: &str) -> Result<(), ChatError> {
-        let exists = self.rooms.contains_key(room) || self.history.has_room(room);
-        if exists || self.rooms.len() < self.limits.max_rooms {
+        if self.rooms.contains_key(room) || self.history.has_room(room) {
+            return Ok(());
+        }
+        let without_history = self
+            .rooms
+            .keys()
+            .filter(|r| !self.history.has_room(r))
+            .count();
+        if self.history.room_count() + without_history < self.limits.max_rooms {
             Ok(())
         } else {
             Err(ChatError::TooManyRooms)

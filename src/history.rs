@@ -182,6 +182,11 @@ impl History {
         self.rooms.contains_key(room)
     }
 
+    /// How many rooms have history.
+    pub fn room_count(&self) -> usize {
+        self.rooms.len()
+    }
+
     /// Rooms that have history.
     pub fn room_names(&self) -> impl Iterator<Item = &str> {
         self.rooms.keys().map(String::as_str)

@@ -435,3 +435,30 @@ fn fsync_modes_all_persist_on_clean_shutdown() {
         let _ = std::fs::remove_dir_all(dir);
     }
 }
+
+#[test]
+fn the_room_count_is_bounded_for_joins_and_posts() {
+    let server = start(Config {
+        max_rooms: 2,
+        api_token: Some("t".into()),
+        ..fast_config()
+    });
+    let (mut a, _) = Client::join(&server, "/chat/one");
+    a.send("history in one");
+    a.expect("message");
+    a.send_json(json!({"type":"join","room":"two"}));
+    a.expect("room");
+    a.send_json(json!({"type":"join","room":"three"}));
+    assert_eq!(a.expect("error")["code"], "too_many_rooms");
+    let (mut b, welcome) = Client::join(&server, "/chat/four");
+    assert_eq!(
+        welcome["room"], "lobby",
+        "a full server puts newcomers in the lobby"
+    );
+    assert_eq!(b.expect("error")["code"], "too_many_rooms");
+    let post = "POST /api/rooms/five/messages HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi";
+    let (status, _, body) = http_request(server.http_addr(), post);
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("too_many_rooms"));
+    server.shutdown();
+}
