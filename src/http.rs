@@ -311,16 +311,27 @@ fn post_message(shared: &HttpShared, request: &mut Request, room: String) -> Rep
     }
 }
 
-/// The body, or `None` when it is over `max` bytes (then drained, within a bound).
+/// The body, or `None` when it is over `max` bytes. A client that asked `Expect: 100-continue`
+/// is answered without being asked for the body; from others, up to [`DRAIN_LIMIT_BYTES`] are read
+/// and dropped first, so the answer is not lost in a connection reset.
 fn read_body(request: &mut Request, max: usize) -> Option<Vec<u8>> {
-    let declared = request.body_length();
-    let reader = request.as_reader();
-    if declared.is_some_and(|n| n > max) {
-        let _ = std::io::copy(&mut reader.take(DRAIN_LIMIT_BYTES), &mut std::io::sink());
+    if request.body_length().is_some_and(|n| n > max) {
+        let expects_continue =
+            header_value(request, "Expect").is_some_and(|v| v.eq_ignore_ascii_case("100-continue"));
+        if !expects_continue {
+            let _ = std::io::copy(
+                &mut request.as_reader().take(DRAIN_LIMIT_BYTES),
+                &mut std::io::sink(),
+            );
+        }
         return None;
     }
     let mut body = Vec::new();
-    reader.take(max as u64 + 1).read_to_end(&mut body).ok()?;
+    request
+        .as_reader()
+        .take(max as u64 + 1)
+        .read_to_end(&mut body)
+        .ok()?;
     (body.len() <= max).then_some(body)
 }
 
