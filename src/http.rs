@@ -258,15 +258,26 @@ fn history(shared: &HttpShared, room: String, query: &str) -> Reply {
     }) else {
         return busy();
     };
-    let messages: Vec<_> = page
+    /// Stored frames are spliced in as they are, not parsed into values and printed again.
+    #[derive(serde::Serialize)]
+    struct Page<'a> {
+        room: &'a str,
+        messages: Vec<&'a serde_json::value::RawValue>,
+        truncated: bool,
+    }
+    let messages = page
         .messages
         .iter()
         .filter_map(protocol::raw_json)
         .collect();
-    json_reply(
-        200,
-        &json!({ "room": room_name, "messages": messages, "truncated": page.truncated }),
-    )
+    let body = protocol::encode(&Page {
+        room: &room_name,
+        messages,
+        truncated: page.truncated,
+    });
+    Response::from_string(body.as_str())
+        .with_status_code(200)
+        .with_header(header("Content-Type", "application/json"))
 }
 
 /// `POST /api/rooms/<room>/messages`: the token is checked before the body is read.
