@@ -6,11 +6,12 @@
 //! This module never holds chat state itself.
 
 use std::io::Read;
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crossbeam_channel::{Sender, bounded};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded};
 use include_dir::{Dir, include_dir};
 use serde_json::json;
 use tiny_http::{Header, Method, Request, Response};
@@ -76,6 +77,30 @@ fn route(shared: &HttpShared, request: &mut Request) -> Reply {
         p if p.starts_with("/api/") => api(shared, request, p, query),
         p if read => static_file(shared, request, p),
         _ => text(405, "method not allowed\n").with_header(header("Allow", "GET, HEAD")),
+    }
+}
+
+// ----- keeping tiny_http accepting -----
+
+/// Longest pause between the keeper's connections (see [`keep_accepting`]).
+const MAX_KEEPER_INTERVAL: Duration = Duration::from_millis(500);
+
+/// How often the keeper connects: well within the listener's timeout.
+pub fn keeper_interval(http_timeout: Duration) -> Duration {
+    (http_timeout / 4).min(MAX_KEEPER_INTERVAL)
+}
+
+/// Opens (and at once closes) one connection to the HTTP port every `interval`, until `stop`
+/// is dropped. This works around two flaws of tiny_http 0.12 that a steady trickle of
+/// connections hides:
+/// * its accept loop ends at the first accept error, and the receive timeout we set on the
+///   listening socket (so that every accepted socket inherits it, bounding slow clients) also
+///   makes an `accept` that waits longer than the timeout fail;
+/// * its thread pool can leave a new connection queued behind a busy keep-alive connection
+///   until some pool thread frees up; the keeper's short connection frees one.
+pub fn keep_accepting(addr: SocketAddr, interval: Duration, stop: Receiver<()>) {
+    while let Err(RecvTimeoutError::Timeout) = stop.recv_timeout(interval) {
+        let _ = TcpStream::connect_timeout(&addr, interval);
     }
 }
 
@@ -301,8 +326,7 @@ fn post_message(shared: &HttpShared, request: &mut Request, room: String) -> Rep
     }
     let Some(body) = read_body(request, shared.max_body_bytes) else {
         let limit = shared.max_body_bytes;
-        return json_error(413, "too_large", &format!("the body is over {limit} bytes"))
-            .with_header(header("Connection", "close"));
+        return json_error(413, "too_large", &format!("the body is over {limit} bytes"));
     };
     let is_json = header_value(request, "Content-Type")
         .is_some_and(|t| t.trim_start().starts_with("application/json"));

@@ -11,17 +11,20 @@
 //!                         +---------+----------+
 //!                                   | Event (+ reply channel)
 //!  client --WebSocket--> listener   v
-//!    accept loop  -->  per connection:              +------------------+
-//!      [pump thread] --bytes--> [session thread] -->| dispatcher (hub) |--> history file
-//!                               ^  Event::Command   +--------+---------+
-//!                               |                            | Outbound frames (bounded queue
-//!                               +----------------------------+  per client, try_send only)
+//!    accept loop --> one thread per connection:     +------------------+
+//!        [session thread] --Event::Command--------> | dispatcher (hub) |--> history file
+//!          ^  ^ wake: "socket readable"             +--------+---------+
+//!          |  +---- [reactor thread] (epoll)                 |
+//!          +-------------------------------------------------+ Outbound frames (a queue per
+//!                                                               client, bounded by the hub)
 //! ```
 //!
 //! 1. [`listener`] accepts a TCP connection and gives it a thread, which reads the HTTP upgrade
 //!    request and checks it ([`handshake`]): path, origin, limits.
-//! 2. The thread becomes the client's [`session`]: it starts a *pump* thread that only reads raw
-//!    bytes, and itself owns the tungstenite state, parsing frames ([`protocol`]) and writing.
+//! 2. The thread becomes the client's [`session`]: it owns the tungstenite state, and waits on two
+//!    channels at once: a wake from the [`reactor`] (one thread watching every client socket)
+//!    when its socket has bytes, and frames from the dispatcher. It parses frames
+//!    ([`protocol`]) and is the only thread that writes to its socket.
 //! 3. A chat message becomes an [`dispatcher::Event`] for the [`dispatcher`], the one thread that
 //!    owns rooms, names and [`history`]. It gives the message an id, appends it to history (and the
 //!    file), and serialises it once.
@@ -41,6 +44,7 @@ pub mod listener;
 pub mod metrics;
 pub mod protocol;
 pub mod ratelimit;
+pub mod reactor;
 pub mod session;
 
 use std::io;
@@ -78,7 +82,7 @@ pub enum StartError {
     },
     #[error("cannot open the history in {dir}: {source}")]
     History { dir: String, source: io::Error },
-    #[error("cannot start a thread: {0}")]
+    #[error("cannot start a thread or the socket poller: {0}")]
     Thread(io::Error),
     #[error("cannot start the HTTP server: {0}")]
     Http(String),
@@ -96,8 +100,11 @@ pub struct Handle {
     ws: Arc<WsShared>,
     http: Arc<tiny_http::Server>,
     accept_thread: JoinHandle<()>,
+    reactor_thread: JoinHandle<()>,
     dispatcher_thread: JoinHandle<()>,
     http_threads: Vec<JoinHandle<()>>,
+    /// Dropping the sender stops the keeper thread (see [`http::keep_accepting`]).
+    http_keeper: (Sender<()>, JoinHandle<()>),
 }
 
 impl Server {
@@ -134,6 +141,10 @@ impl Server {
         let hub = Hub::new(history, limits, metrics.clone());
         let dispatcher_thread = spawn("dispatcher", move || hub.run(inbox))?;
 
+        let reactor = reactor::Reactor::new().map_err(StartError::Thread)?;
+        let reactor_for_thread = reactor.clone();
+        let reactor_thread = spawn("reactor", move || reactor_for_thread.run())?;
+
         let host = display_host(config.bind);
         let ws = Arc::new(ws_shared(
             &config,
@@ -141,6 +152,7 @@ impl Server {
             http_addr.port(),
             events.clone(),
             metrics.clone(),
+            reactor,
         ));
         let accept_ws = ws.clone();
         let accept_thread = spawn("ws-accept", move || {
@@ -161,6 +173,11 @@ impl Server {
             max_body_bytes: config.max_message_bytes,
             default_host: host,
         });
+        let (keeper_stop, keeper_stopped) = crossbeam_channel::bounded(0);
+        let interval = http::keeper_interval(config.http_timeout);
+        let http_keeper = spawn("http-keeper", move || {
+            http::keep_accepting(reachable(http_addr), interval, keeper_stopped)
+        })?;
         let http_threads = (0..http::HTTP_WORKERS)
             .map(|_| {
                 let (server, shared) = (http.clone(), http_shared.clone());
@@ -175,8 +192,10 @@ impl Server {
             ws,
             http,
             accept_thread,
+            reactor_thread,
             dispatcher_thread,
             http_threads,
+            http_keeper: (keeper_stop, http_keeper),
         })
     }
 }
@@ -227,7 +246,12 @@ impl Handle {
             self.ws.cut_all();
             self.ws.wait_all_ended(SHUTDOWN_CUT_WAIT);
         }
+        self.ws.reactor.stop();
+        let _ = self.reactor_thread.join();
 
+        let (keeper_stop, keeper) = self.http_keeper;
+        drop(keeper_stop);
+        let _ = keeper.join();
         for _ in &self.http_threads {
             self.http.unblock();
         }
@@ -244,6 +268,7 @@ fn ws_shared(
     http_port: u16,
     events: Sender<Event>,
     metrics: Arc<Metrics>,
+    reactor: Arc<reactor::Reactor>,
 ) -> WsShared {
     let allow_any_origin = config.allow_origins.iter().any(|o| o == "*");
     let allow_origins = config
@@ -269,6 +294,7 @@ fn ws_shared(
         settings,
         events,
         metrics,
+        reactor,
         config.handshake_timeout,
         config.max_clients,
         config.max_clients_per_ip,

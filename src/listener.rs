@@ -19,7 +19,8 @@ use log::{debug, info, warn};
 use crate::dispatcher::Event;
 use crate::handshake::{self, Policy, Refusal};
 use crate::metrics::{Metrics, Rejection};
-use crate::session::{self, Joining, SESSION_STACK_BYTES, Settings, WRITE_TIMEOUT};
+use crate::reactor::Reactor;
+use crate::session::{self, Env, Joining, SESSION_STACK_BYTES, Settings, WRITE_TIMEOUT};
 
 /// Handshakes in progress at once, over all addresses. Large enough that hundreds of stalled
 /// sockets do not lock out real clients; each costs one thread until its deadline.
@@ -33,6 +34,7 @@ pub struct WsShared {
     pub settings: Settings,
     pub events: Sender<Event>,
     pub metrics: Arc<Metrics>,
+    pub reactor: Arc<Reactor>,
     pub handshake_timeout: Duration,
     pub max_clients: usize,
     pub max_clients_per_ip: usize,
@@ -60,6 +62,7 @@ impl WsShared {
         settings: Settings,
         events: Sender<Event>,
         metrics: Arc<Metrics>,
+        reactor: Arc<Reactor>,
         handshake_timeout: Duration,
         max_clients: usize,
         max_clients_per_ip: usize,
@@ -70,6 +73,7 @@ impl WsShared {
             settings,
             events,
             metrics,
+            reactor,
             handshake_timeout,
             max_clients,
             max_clients_per_ip,
@@ -261,14 +265,13 @@ fn connection(
         room: upgrade.room,
         since: upgrade.since,
     };
-    let reason = session::serve(
-        stream,
-        leftover,
-        joining,
-        &shared.settings,
-        &shared.events,
-        &shared.metrics,
-    );
+    let env = Env {
+        settings: &shared.settings,
+        events: &shared.events,
+        metrics: &shared.metrics,
+        reactor: &shared.reactor,
+    };
+    let reason = session::serve(stream, leftover, joining, env);
     shared.metrics.connections_now.fetch_sub(1, Relaxed);
     debug!("connection {id} from {peer} ended: {reason}");
 }

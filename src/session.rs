@@ -1,16 +1,16 @@
-//! One client connection after its handshake: two threads and the WebSocket state between them.
+//! One client connection after its handshake: one thread, which owns the WebSocket state.
 //!
 //! ```text
-//!   socket --read--> [pump thread] --bytes--> [session thread] --events--> dispatcher
-//!   socket <-write-- [session thread] <--frames-- client queue <-- dispatcher
+//!   socket --readable--> [reactor thread] --wake--> [session thread] --Event--> dispatcher
+//!   socket <----write--- [session thread] <--frames-- client queue <-- dispatcher
 //! ```
 //!
-//! The *pump* only does blocking reads of raw bytes and hands them over a bounded channel, so it
-//! never waits on writing. The *session* owns the tungstenite state and is the only writer to the
-//! socket: it waits on inbound bytes and outbound frames at once (`select!`), so a broadcast
-//! reaches an idle client at once and an idle connection costs no CPU. Frames cannot interleave
-//! because only one thread writes. tungstenite reads from an in-memory buffer that says
-//! `WouldBlock` when it is empty ([`Conn`]), which lets the session use it without blocking.
+//! The session thread waits on two channels at once (`select!`): a wake from the [`Reactor`] when
+//! its socket has bytes, and frames from the dispatcher. On a wake it reads what is there without
+//! blocking and feeds it to tungstenite; on frames it writes everything queued and flushes once.
+//! So a broadcast reaches an idle client at once, an idle connection costs no CPU, and since this
+//! thread is the only writer, frames never interleave. Writes block (with a timeout) only when
+//! the client stops reading; the dispatcher then sees its queue grow and drops it as too slow.
 //!
 //! The session parses and rate-limits what the client sends, and answers malformed input itself;
 //! everything else goes to the dispatcher. It knows nothing of rooms or other clients.
@@ -19,10 +19,10 @@ use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
-use std::thread;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, bounded, select, unbounded};
+use tungstenite::error::ProtocolError;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tungstenite::{Error as WsError, Message, WebSocket};
@@ -31,15 +31,14 @@ use crate::dispatcher::{ClientId, ClientLink, Connect, Event, Outbound};
 use crate::metrics::Metrics;
 use crate::protocol::{self, ChatError, Command};
 use crate::ratelimit::{FloodDetector, TokenBucket};
+use crate::reactor::{Reactor, Registration};
 
-/// Bytes the pump reads per call: a few chat messages; larger ones take several reads.
-const PUMP_READ_BYTES: usize = 4 * 1024;
-/// Chunks in flight from pump to session: a small bound, so a client that sends faster than the
-/// session consumes is slowed down by TCP itself.
-const INBOUND_CHUNKS: usize = 8;
-/// tungstenite's read buffer per connection: it reads from memory (see [`Conn`]), so a small buffer
-/// costs only extra copies of large messages, and saves memory on every idle connection.
+/// tungstenite's read buffer per connection: small, since an idle connection keeps it; a large
+/// message only takes more (cheap, non-blocking) reads.
 const READ_BUFFER_BYTES: usize = 512;
+/// Bytes read per wake before the session turns to its outbound queue again (the reactor wakes it
+/// again at once if more is waiting). A client that sends faster is slowed down by TCP itself.
+const READ_BUDGET_BYTES: usize = 64 * 1024;
 /// Bytes written per flush when the queue is long, so one flush is one bounded syscall.
 const MAX_WRITE_BATCH_BYTES: usize = 64 * 1024;
 /// Output buffer capacity kept between flushes; a bigger burst's buffer is released.
@@ -53,11 +52,10 @@ const TYPING_RATE: f64 = 2.0;
 /// Nick and join commands per second, and at once.
 const CONTROL_RATE: f64 = 1.0;
 const CONTROL_BURST: f64 = 5.0;
-/// Stack of the session thread: parsing, tungstenite and logging fit well within it (the
-/// `deep_json` test sends the deepest input serde_json accepts).
+/// Stack of a connection thread: the handshake, parsing, tungstenite and logging fit well within
+/// it (tests send the deepest and largest inputs through real connections). Only the pages
+/// touched count towards memory.
 pub const SESSION_STACK_BYTES: usize = 256 * 1024;
-/// Stack of the pump thread: one read buffer and a channel send.
-const PUMP_STACK_BYTES: usize = 64 * 1024;
 
 /// What a session needs from the server.
 #[derive(Clone, Debug)]
@@ -81,29 +79,33 @@ pub struct Joining {
 enum Stop {
     /// The peer closed or vanished: nothing more to send.
     Gone(String),
-    /// We end it: send a close frame with this code and reason first.
+    /// We end it: send a close frame with this code and reason, and wait for the peer's.
     Close(CloseCode, &'static str),
+    /// The peer broke the protocol: send a close frame, but read nothing more (tungstenite's
+    /// reader is not to be used after such an error).
+    Broken(CloseCode, &'static str),
+}
+
+/// What a session borrows from the server.
+pub struct Env<'a> {
+    pub settings: &'a Settings,
+    pub events: &'a Sender<Event>,
+    pub metrics: &'a Arc<Metrics>,
+    pub reactor: &'a Arc<Reactor>,
 }
 
 /// Serves one upgraded connection until it ends; returns the reason, for the log.
-pub fn serve(
-    stream: Arc<TcpStream>,
-    leftover: Vec<u8>,
-    joining: Joining,
-    settings: &Settings,
-    events: &Sender<Event>,
-    metrics: &Arc<Metrics>,
-) -> String {
+pub fn serve(stream: Arc<TcpStream>, leftover: Vec<u8>, joining: Joining, env: Env<'_>) -> String {
     // The dispatcher (the only sender) bounds this queue itself, in frames and bytes: an unbounded
     // channel allocates as it fills, where a bounded one would allocate every slot up front.
     let (out_tx, out_rx) = unbounded();
-    let (in_tx, in_rx) = bounded(INBOUND_CHUNKS);
-    let queued_bytes = Arc::new(AtomicUsize::new(0));
-    let pump = match spawn_pump(stream.clone(), in_tx, metrics.clone()) {
-        Ok(pump) => pump,
-        Err(e) => return format!("cannot start its reader thread: {e}"),
+    let (wake_tx, wake_rx) = bounded(1);
+    let registration = match env.reactor.register(joining.id, stream.clone(), wake_tx) {
+        Ok(registration) => registration,
+        Err(e) => return format!("cannot watch its socket: {e}"),
     };
     let id = joining.id;
+    let queued_bytes = Arc::new(AtomicUsize::new(0));
     let link = ClientLink {
         tx: out_tx,
         queued_bytes: queued_bytes.clone(),
@@ -118,28 +120,23 @@ pub fn serve(
     };
     let mut leave = LeaveOnDrop {
         id,
-        events: events.clone(),
+        events: env.events.clone(),
         reason: "internal error".into(),
     };
-    let reason = if events.send(Event::Connect(Box::new(connect))).is_err() {
+    let reason = if env.events.send(Event::Connect(Box::new(connect))).is_err() {
         "server shutting down".to_owned()
     } else {
-        let mut session = Session::new(
-            id,
-            stream.clone(),
-            leftover,
-            in_rx,
-            out_rx,
+        let conn = Conn::new(stream.clone(), env.metrics.clone());
+        let channels = Channels {
+            wake: wake_rx,
+            outbound: out_rx,
             queued_bytes,
-            settings,
-            events.clone(),
-            metrics.clone(),
-        );
-        session.run()
+            registration,
+        };
+        Session::new(id, conn, leftover, channels, &env).run()
     };
     leave.reason = reason.clone();
-    let _ = stream.shutdown(Shutdown::Both); // wakes the pump's blocking read
-    let _ = pump.join();
+    let _ = stream.shutdown(Shutdown::Both);
     reason
 }
 
@@ -161,38 +158,20 @@ impl Drop for LeaveOnDrop {
     }
 }
 
-fn spawn_pump(
-    stream: Arc<TcpStream>,
-    tx: Sender<Vec<u8>>,
-    metrics: Arc<Metrics>,
-) -> io::Result<thread::JoinHandle<()>> {
-    thread::Builder::new()
-        .name("ws-pump".into())
-        .stack_size(PUMP_STACK_BYTES)
-        .spawn(move || {
-            let mut buf = [0u8; PUMP_READ_BYTES];
-            loop {
-                match (&*stream).read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(n) => {
-                        Metrics::add(&metrics.bytes_in, n as u64);
-                        if tx.send(buf[..n].to_vec()).is_err() {
-                            break;
-                        }
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(_) => break,
-                }
-            }
-        })
+/// Where a session's inputs come from.
+struct Channels {
+    /// A message here means the socket has bytes (or an EOF) to read.
+    wake: Receiver<()>,
+    outbound: Receiver<Outbound>,
+    /// Bytes the dispatcher queued and this session has not taken yet.
+    queued_bytes: Arc<AtomicUsize>,
+    registration: Registration,
 }
 
 struct Session {
     id: ClientId,
     ws: WebSocket<Conn>,
-    inbound: Receiver<Vec<u8>>,
-    outbound: Receiver<Outbound>,
-    queued_bytes: Arc<AtomicUsize>,
+    channels: Channels,
     events: Sender<Event>,
     metrics: Arc<Metrics>,
     ping_interval: Duration,
@@ -205,18 +184,14 @@ struct Session {
 }
 
 impl Session {
-    #[allow(clippy::too_many_arguments)]
     fn new(
         id: ClientId,
-        stream: Arc<TcpStream>,
+        conn: Conn,
         leftover: Vec<u8>,
-        inbound: Receiver<Vec<u8>>,
-        outbound: Receiver<Outbound>,
-        queued_bytes: Arc<AtomicUsize>,
-        settings: &Settings,
-        events: Sender<Event>,
-        metrics: Arc<Metrics>,
+        channels: Channels,
+        env: &Env<'_>,
     ) -> Session {
+        let settings = env.settings;
         let config = WebSocketConfig::default()
             .read_buffer_size(READ_BUFFER_BYTES)
             .write_buffer_size(0) // Conn buffers; we flush once per batch
@@ -225,17 +200,10 @@ impl Session {
         let now = Instant::now();
         Session {
             id,
-            ws: WebSocket::from_partially_read(
-                Conn::new(stream, metrics.clone()),
-                leftover,
-                Role::Server,
-                Some(config),
-            ),
-            inbound,
-            outbound,
-            queued_bytes,
-            events,
-            metrics,
+            ws: WebSocket::from_partially_read(conn, leftover, Role::Server, Some(config)),
+            channels,
+            events: env.events.clone(),
+            metrics: env.metrics.clone(),
             ping_interval: settings.ping_interval,
             next_ping: now + settings.ping_interval,
             last_heard: now,
@@ -250,18 +218,24 @@ impl Session {
         // Bytes the client sent right behind its handshake are already in tungstenite's buffer.
         let stop = match self.read_frames() {
             Err(stop) => stop,
-            Ok(()) => self.pump_loop(),
+            Ok(()) => self.event_loop(),
         };
         match stop {
             Stop::Gone(reason) => reason,
             Stop::Close(code, reason) => {
-                self.close(code, reason);
+                if self.send_close(code, reason) {
+                    self.await_peer_close();
+                }
+                format!("closed by server: {} {reason}", u16::from(code))
+            }
+            Stop::Broken(code, reason) => {
+                self.send_close(code, reason);
                 format!("closed by server: {} {reason}", u16::from(code))
             }
         }
     }
 
-    fn pump_loop(&mut self) -> Stop {
+    fn event_loop(&mut self) -> Stop {
         loop {
             if let Err(stop) = self.wait_once() {
                 return stop;
@@ -273,35 +247,41 @@ impl Session {
     fn wait_once(&mut self) -> Result<(), Stop> {
         let until_ping = self.next_ping.saturating_duration_since(Instant::now());
         select! {
-                recv(self.inbound) -> chunk => match chunk {
-                    Ok(bytes) => {
-                        self.last_heard = Instant::now();
-                        self.ws.get_mut().push_inbound(bytes);
-                        self.read_frames()?;
-                    }
-                    Err(_) => return Err(Stop::Gone("connection closed by the client".into())),
-                },
-                recv(self.outbound) -> out => match out {
-                    Ok(out) => self.write_batch(out)?,
-                    Err(_) => return Err(Stop::Close(CloseCode::Error, "server error")),
-                },
-                default(until_ping) => self.keepalive()?,
+            recv(self.channels.wake) -> _ => {
+                self.read_frames()?;
+                self.channels.registration.rearm().map_err(|e| Stop::Gone(format!("cannot watch the socket: {e}")))?;
+            },
+            recv(self.channels.outbound) -> out => match out {
+                Ok(out) => self.write_batch(out)?,
+                Err(_) => return Err(Stop::Close(CloseCode::Error, "server error")),
+            },
+            default(until_ping) => self.keepalive()?,
         }
         Ok(())
     }
 
-    /// Handles every complete frame buffered so far.
+    /// Reads what the socket has (up to a budget) and handles every complete frame.
     fn read_frames(&mut self) -> Result<(), Stop> {
+        let result = self.read_available();
+        let got = self.ws.get_mut().take_bytes_read();
+        if got > 0 {
+            self.last_heard = Instant::now();
+            Metrics::add(&self.metrics.bytes_in, got);
+        }
+        result?;
+        self.flush()
+    }
+
+    fn read_available(&mut self) -> Result<(), Stop> {
         loop {
             match self.ws.read() {
                 Ok(Message::Text(text)) => self.on_text(&text)?,
                 Ok(Message::Binary(_)) => self.reject(ChatError::Unsupported)?,
                 Ok(_) => {} // ping: tungstenite queued the pong; pong; close: answered, next read ends
-                Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) => return Err(stop_for(e)),
             }
         }
-        self.flush()
     }
 
     fn on_text(&mut self, text: &str) -> Result<(), Stop> {
@@ -368,10 +348,10 @@ impl Session {
                 }
             }
             if batch_bytes < MAX_WRITE_BATCH_BYTES {
-                next = self.outbound.try_recv().ok();
+                next = self.channels.outbound.try_recv().ok();
             }
         }
-        self.queued_bytes.fetch_sub(batch_bytes, Relaxed);
+        self.channels.queued_bytes.fetch_sub(batch_bytes, Relaxed);
         self.flush()?;
         result
     }
@@ -398,24 +378,27 @@ impl Session {
         self.ws.flush().map_err(stop_for)
     }
 
-    /// Sends a close frame and waits (bounded) for the peer's, so the TCP close is clean.
-    fn close(&mut self, code: CloseCode, reason: &'static str) {
+    /// Sends a close frame; false if the connection cannot take it.
+    fn send_close(&mut self, code: CloseCode, reason: &'static str) -> bool {
         let frame = CloseFrame {
             code,
             reason: reason.into(),
         };
-        if self.ws.close(Some(frame)).is_err() {
-            return;
-        }
+        self.ws.close(Some(frame)).is_ok()
+    }
+
+    /// Waits (bounded) for the peer's close frame, so the TCP close is clean.
+    fn await_peer_close(&mut self) {
         let deadline = Instant::now() + CLOSE_TIMEOUT;
-        while let Ok(bytes) = self.inbound.recv_deadline(deadline) {
-            self.ws.get_mut().push_inbound(bytes);
-            loop {
-                match self.ws.read() {
-                    Ok(_) => {}
-                    Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(_) => return, // the peer's close arrived (or the connection broke)
-                }
+        loop {
+            match self.ws.read() {
+                Ok(_) => continue,
+                Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => return, // the peer's close arrived (or the connection broke)
+            }
+            let rearmed = self.channels.registration.rearm().is_ok();
+            if !rearmed || self.channels.wake.recv_deadline(deadline).is_err() {
+                return;
             }
         }
     }
@@ -427,58 +410,86 @@ fn stop_for(error: WsError) -> Stop {
         WsError::ConnectionClosed | WsError::AlreadyClosed => {
             Stop::Gone("closed by the client".into())
         }
-        WsError::Capacity(_) => Stop::Close(CloseCode::Size, "message too big"),
-        WsError::Utf8(_) => Stop::Close(CloseCode::Invalid, "invalid UTF-8"),
+        WsError::Capacity(_) => Stop::Broken(CloseCode::Size, "message too big"),
+        WsError::Utf8(_) => Stop::Broken(CloseCode::Invalid, "invalid UTF-8"),
+        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => {
+            Stop::Gone("connection dropped without a close frame".into())
+        }
         WsError::Protocol(e) => {
             log::info!("protocol error: {e}");
-            Stop::Close(CloseCode::Protocol, "protocol error")
+            Stop::Broken(CloseCode::Protocol, "protocol error")
         }
         WsError::Io(e) => Stop::Gone(format!("connection lost: {e}")),
         other => Stop::Gone(format!("connection error: {other}")),
     }
 }
 
-/// The stream tungstenite sees: reads come from bytes the pump handed over (and say
-/// `WouldBlock` when there are none), writes collect in a buffer that `flush` sends in one go.
+/// The stream tungstenite sees: reads take what the socket has without blocking (`WouldBlock`
+/// when it has nothing, or when this wake's read budget is spent), writes collect in a buffer
+/// that `flush` sends in one go.
 pub struct Conn {
     stream: Arc<TcpStream>,
-    inbound: Vec<u8>,
-    read_pos: usize,
     out: Vec<u8>,
     metrics: Arc<Metrics>,
+    /// Bytes read since the session last asked.
+    bytes_read: u64,
+    /// Bytes still allowed before yielding to other work.
+    read_budget: usize,
 }
 
 impl Conn {
     fn new(stream: Arc<TcpStream>, metrics: Arc<Metrics>) -> Conn {
         Conn {
             stream,
-            inbound: Vec::new(),
-            read_pos: 0,
             out: Vec::new(),
             metrics,
+            bytes_read: 0,
+            read_budget: READ_BUDGET_BYTES,
         }
     }
 
-    fn push_inbound(&mut self, bytes: Vec<u8>) {
-        if self.read_pos == self.inbound.len() {
-            self.inbound = bytes; // the usual case: everything before was consumed
-            self.read_pos = 0;
-        } else {
-            self.inbound.extend_from_slice(&bytes);
-        }
+    /// Bytes read since the last call; also renews the read budget.
+    fn take_bytes_read(&mut self) -> u64 {
+        self.read_budget = READ_BUDGET_BYTES;
+        std::mem::take(&mut self.bytes_read)
     }
 }
 
 impl Read for Conn {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let available = &self.inbound[self.read_pos..];
-        if available.is_empty() {
-            return Err(io::ErrorKind::WouldBlock.into());
+        if self.read_budget == 0 {
+            return Err(io::ErrorKind::WouldBlock.into()); // the reactor wakes us again at once
         }
-        let n = available.len().min(buf.len());
-        buf[..n].copy_from_slice(&available[..n]);
-        self.read_pos += n;
+        let len = buf.len().min(self.read_budget);
+        let n = recv_without_blocking(&self.stream, &mut buf[..len])?;
+        self.read_budget -= n;
+        self.bytes_read += n as u64;
         Ok(n)
+    }
+}
+
+/// `recv` with `MSG_DONTWAIT`: the socket stays blocking for writes (which have a timeout), while
+/// reads never wait.
+fn recv_without_blocking(stream: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    loop {
+        // SAFETY: `buf` is valid for `buf.len()` bytes of writes, and `stream` keeps the
+        // descriptor open for the duration of the call.
+        let n = unsafe {
+            libc::recv(
+                stream.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let error = io::Error::last_os_error();
+        if error.kind() != io::ErrorKind::Interrupted {
+            return Err(error);
+        }
     }
 }
 

@@ -24,7 +24,8 @@
 //                  the current room's button has aria-current="true"
 //   #room-form / #room-input / #room-go   join or create a room by name
 //   #typing        "bob is typing…" / "bob and carol are typing…" / empty
-//   #nick          our name (remembered in localStorage "wschat.nick"); change + Enter/blur
+//   #nick          our name (remembered in localStorage "wschat.nick" once the server accepts
+//                  it); change + Enter/blur
 //   #error         the last error from the server (role=alert), cleared after a while
 //   #to-chip       "to bob ✕" chip shown while a private target is set; #to-clear removes it
 //   #input         the message box (textarea): Enter sends, Shift+Enter inserts a newline
@@ -63,6 +64,7 @@ const state = {
   rooms: [],             // last answer of /api/rooms
   privateTo: null,       // name private messages go to, or null
   unread: 0,             // messages received while the tab was hidden
+  lastSent: '',          // text of the last message sent (put back if the server refuses it)
 };
 
 const list = new MessageList(ui.messages, $('new-messages'));
@@ -78,9 +80,9 @@ async function connectUrl() {
     if (!response.ok) throw new Error(`/config.json: HTTP ${response.status}`);
     state.config = await response.json();
   }
-  // The room goes in the query, not the path: the server's CSP allows exactly `ws_url`
-  // (connect-src ... ws://host:port/chat), and a CSP source with a path matches only that
-  // path, so `ws_url/room` would be blocked. The query is not part of CSP matching.
+  // The room goes in the query (?room=), not the path (/chat/<room>): a CSP connect-src entry
+  // with a path, like `ws://host:port/chat`, allows that exact path only, while the query is
+  // never part of CSP matching, so this URL passes whichever form the server's policy uses.
   const params = new URLSearchParams({ room: state.room });
   const name = state.wantedName || state.me;
   if (name) params.set('name', name);
@@ -102,6 +104,7 @@ function showState(name, seconds, retryAt) {
 }
 
 function handleClose(event) {
+  state.config = null; // ask again before reconnecting: a restarted server may have moved
   typingSender.reset();
   typingView.reset();
   if (event.code === 1008 || event.code === 1009) {
@@ -128,6 +131,7 @@ function handleFrame(frame) {
 function onWelcome(frame) {
   const reconnect = state.inRoom && frame.room === state.room;
   setMe(frame.name);
+  if (frame.name === state.wantedName) rememberName(frame.name);
   state.serverRoom = frame.room;
   if (frame.room !== state.room) setRoom(frame.room);
   setUsers(frame.users);
@@ -137,12 +141,13 @@ function onWelcome(frame) {
     list.addDivider(missed.length === 0
       ? 'reconnected — no missed messages'
       : `reconnected — ${missed.length} missed message${missed.length === 1 ? '' : 's'}`);
+    if (frame.truncated) list.addNotice('some messages could not be recovered', 'warning');
     missed.forEach(showMessage);
   } else {
     list.clear();
+    if (frame.truncated) list.addNotice('some messages could not be recovered', 'warning');
     history.forEach(showMessage);
   }
-  if (frame.truncated) list.addNotice('some messages could not be recovered', 'warning');
   state.inRoom = true;
   refreshRoomsSoon();
 }
@@ -153,8 +158,8 @@ function onRoom(frame) {
   list.clear();
   state.lastId = 0;
   setUsers(frame.users);
-  (Array.isArray(frame.history) ? frame.history : []).forEach(showMessage);
   if (frame.truncated) list.addNotice('some messages could not be recovered', 'warning');
+  (Array.isArray(frame.history) ? frame.history : []).forEach(showMessage);
   state.inRoom = true;
   refreshRoomsSoon();
 }
@@ -195,7 +200,10 @@ function onLeft(frame) {
 }
 
 function onRenamed(frame) {
-  if (frame.from === state.me) setMe(frame.name);
+  if (frame.from === state.me) {
+    setMe(frame.name);
+    rememberName(frame.name);
+  }
   if (state.privateTo === frame.from) setPrivateTo(frame.name);
   if (!isHere(frame)) return;
   setUsers([...state.users.filter((n) => n !== frame.from), frame.name]);
@@ -209,10 +217,19 @@ function onTyping(frame) {
   typingView.set(frame.name, frame.active === true);
 }
 
+/** Errors that refuse the message we just sent: it goes back in the box to try again. */
+const MESSAGE_ERRORS = new Set(['rate_limited', 'bad_text', 'no_such_user', 'empty_message']);
+
 function onError(frame) {
   showError(frame.message || frame.code || 'error');
+  if (MESSAGE_ERRORS.has(frame.code) && ui.input.value === '' && state.lastSent) {
+    ui.input.value = state.lastSent;
+  }
   if (frame.code === 'name_taken' || frame.code === 'bad_name') {
-    ui.nick.value = state.me; // keep the name the server gave us
+    // keep the name the server gave us, also when reconnecting (localStorage keeps the wish
+    // for the next visit)
+    state.wantedName = state.me;
+    ui.nick.value = state.me;
   }
   if ((frame.code === 'bad_room' || frame.code === 'too_many_rooms') && state.serverRoom
       && state.serverRoom !== state.room) {
@@ -346,6 +363,7 @@ function sendMessage() {
     showError('not connected: the message was not sent');
     return;
   }
+  state.lastSent = text;
   ui.input.value = '';
   list.scrollToBottom();
   ui.input.focus();
@@ -357,13 +375,17 @@ function applyNick() {
     ui.nick.value = state.me;
     return;
   }
-  state.wantedName = name;
+  state.wantedName = name; // remembered once the server accepts it
+  if (name !== state.me) conn.send({ type: 'nick', name }); // offline: used on the next connect
+}
+
+/** Remembers a name the server accepted for the next visit. */
+function rememberName(name) {
   try {
     localStorage.setItem(NICK_KEY, name);
   } catch {
     // private mode: the name is not remembered
   }
-  if (name !== state.me) conn.send({ type: 'nick', name }); // offline: used on the next connect
 }
 
 function closeSidebar() {

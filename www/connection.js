@@ -24,6 +24,7 @@ export class Connection {
     this.stableTimer = null;
     this.retryAt = 0;          // when the next attempt happens (ms since epoch)
     this.stopped = false;
+    this.opening = false;
     window.addEventListener('online', () => this.retryNow());
     window.addEventListener('offline', () => { if (!this.isOpen()) this.setState('offline'); });
     window.addEventListener('pagehide', () => this.stop());
@@ -45,7 +46,7 @@ export class Connection {
 
   /** Skips the rest of the waiting time (the "retry now" button, the browser going online). */
   retryNow() {
-    if (this.stopped || this.ws) return;
+    if (this.stopped || this.ws || this.opening) return;
     this.connect();
   }
 
@@ -61,12 +62,15 @@ export class Connection {
     if (!navigator.onLine) { this.setState('offline'); return; }
     this.setState('connecting');
     let ws;
+    this.opening = true; // while the URL is being worked out (it may fetch /config.json)
     try {
       ws = new WebSocket(await this.hooks.url());
     } catch (err) {
-      console.warn('wschat: cannot connect:', err);
+      console.warn('wschat: cannot connect:', err.message);
       this.scheduleRetry();
       return;
+    } finally {
+      this.opening = false;
     }
     this.ws = ws;
     ws.addEventListener('open', () => {

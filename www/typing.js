@@ -1,29 +1,33 @@
 // typing.js — owns the typing indicator, both ways:
 //  * TypingSender decides when to tell the server that we are typing (at most one
-//    "active:true" every 2 s while keys are pressed; "active:false" after 3 s idle or on stop()).
+//    "active:true" every 2 s while keys are pressed; "active:false" after 3 s idle or on stop()),
+//    and never sends more than the server accepts (2 typing frames per second).
 //  * TypingView keeps the set of people typing in the room and draws "bob is typing…" into
 //    #typing; a name not refreshed for 6 s disappears on its own, as a safety net.
 
 const REFRESH_MS = 2000;
 const IDLE_MS = 3000;
 const FORGET_MS = 6000;
+const RATE_WINDOW_MS = 1100; // at most 2 frames in this time (the server allows 2 per second)
 
 export class TypingSender {
   /** @param {(active: boolean) => void} send */
   constructor(send) {
     this.send = send;
-    this.active = false;
-    this.lastSent = 0;
+    this.active = false;       // what we last told the server
+    this.wanted = false;       // what we want to tell it
+    this.lastRefresh = 0;
+    this.sentAt = [];          // times of the last two frames sent
     this.idleTimer = null;
+    this.flushTimer = null;
   }
 
   /** Call on every edit of the message box. */
   keystroke() {
     const now = Date.now();
-    if (!this.active || now - this.lastSent >= REFRESH_MS) {
-      this.active = true;
-      this.lastSent = now;
-      this.send(true);
+    if (!this.wanted || now - this.lastRefresh >= REFRESH_MS) {
+      this.lastRefresh = now;
+      this.emit(true);
     }
     clearTimeout(this.idleTimer);
     this.idleTimer = setTimeout(() => this.stop(), IDLE_MS);
@@ -32,15 +36,34 @@ export class TypingSender {
   /** Call on send, on blur, when the box is emptied; sends active:false if needed. */
   stop() {
     clearTimeout(this.idleTimer);
-    if (!this.active) return;
-    this.active = false;
-    this.send(false);
+    if (this.wanted) this.emit(false);
   }
 
   /** Forgets the state without telling the server (new connection or room). */
   reset() {
     clearTimeout(this.idleTimer);
-    this.active = false;
+    clearTimeout(this.flushTimer);
+    this.flushTimer = null;
+    this.active = this.wanted = false;
+  }
+
+  /**
+   * The server accepts at most 2 typing frames per second and drops the rest silently, so a
+   * frame that would be the third within a second waits; meanwhile only the newest wish counts.
+   */
+  emit(active) {
+    this.wanted = active;
+    if (this.flushTimer) return;
+    const wait = this.sentAt.length < 2 ? 0 : this.sentAt[0] + RATE_WINDOW_MS - Date.now();
+    if (wait <= 0) this.flush();
+    else this.flushTimer = setTimeout(() => { this.flushTimer = null; this.flush(); }, wait);
+  }
+
+  flush() {
+    if (!this.wanted && !this.active) return; // nothing to stop
+    this.active = this.wanted;
+    this.sentAt = [...this.sentAt, Date.now()].slice(-2);
+    this.send(this.wanted);
   }
 }
 
@@ -71,7 +94,8 @@ export class TypingView {
   }
 
   render() {
-    this.node.textContent = typingPhrase([...this.timers.keys()]);
+    const names = [...this.timers.keys()].sort((a, b) => a.toLowerCase().localeCompare(b.toLowerCase()));
+    this.node.textContent = typingPhrase(names);
   }
 }
 

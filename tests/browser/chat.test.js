@@ -104,6 +104,7 @@ describe('wschat page', { timeout: 5 * 60_000 }, () => {
     await bob.page.waitForFunction(() => document.getElementById('error').textContent !== '');
     await bob.page.waitForFunction(() => document.getElementById('nick').value === 'robert');
     await waitForUsers(alice.page, ['alice2', 'robert']);
+    assert.equal(await bob.page.evaluate(() => localStorage.getItem('wschat.nick')), 'robert', 'a refused name is not remembered');
 
     // bob closes his tab
     await done(bob);
@@ -197,6 +198,14 @@ describe('wschat page', { timeout: 5 * 60_000 }, () => {
     await waitOnlineAs(bob.page, 'bob4', 'room-c');
     await waitForUsers(bob.page, ['bob4']);
     assert.deepEqual(await messageTexts(bob.page), []);
+
+    // a bad room name in the hash is refused on the page; bob stays where he is
+    await bob.page.evaluate(() => { location.hash = 'no spaces!'; });
+    await bob.page.waitForFunction(() => document.getElementById('error').textContent.includes('not a room name'));
+    await bob.page.waitForFunction(() => location.hash === '#room-c');
+    assert.equal(await bob.page.textContent('#room-name'), '#room-c');
+    await say(bob.page, 'still in C');
+    await waitForMessage(bob.page, 'still in C');
     await done(alice, bob, carol);
   });
 
@@ -226,7 +235,16 @@ describe('wschat page', { timeout: 5 * 60_000 }, () => {
     const publicAtBob = await waitForMessage(bob.page, 'public again');
     assert.ok(!publicAtBob.classes.includes('private'));
     assert.deepEqual(await messageTexts(carol.page), ['public again'], 'carol never saw the secret');
-    await done(alice, bob, carol);
+
+    // a private message to someone who has gone: the error is shown, the text comes back
+    await alice.page.click('#users li[data-name="carol5"] button');
+    await done(carol);
+    await waitForUsers(alice.page, ['alice5', 'bob5']);
+    assert.match(await alice.page.textContent('#to-chip'), /to carol5/);
+    await say(alice.page, 'carol, are you there?');
+    await alice.page.waitForFunction(() => document.getElementById('error').textContent !== '');
+    await alice.page.waitForFunction(() => document.getElementById('input').value === 'carol, are you there?');
+    await done(alice, bob);
   });
 
   check('markup in a message is shown literally, never run', async () => {

@@ -31,7 +31,7 @@ export async function startServer({ port = 0, wsPort = 0, args = [] } = {}) {
   }
   const fullArgs = ['--port', String(port), '--ws-port', String(wsPort), '--www', path.join(REPO, 'www'), ...args];
   const child = spawn(BIN, fullArgs, {
-    env: { ...process.env, RUST_LOG: 'info' },
+    env: { ...process.env, RUST_LOG: process.env.RUST_LOG || 'info' },
     stdio: ['ignore', 'pipe', 'pipe'],
   });
   let stdout = '';
@@ -136,8 +136,20 @@ export async function openChat(browser, server, { name, room = 'lobby', viewport
     });
     if (nick && !localStorage.getItem('wschat.nick')) localStorage.setItem('wschat.nick', nick);
   }, name || '');
-  await page.goto(`${server.url}/#${room}`, { timeout: WAIT_MS });
-  if (waitOnline) await waitOnlineAs(page, name, room);
+  const started = Date.now();
+  const inFlight = new Map();
+  page.on('request', (r) => inFlight.set(r, Date.now() - started));
+  page.on('requestfinished', (r) => inFlight.delete(r));
+  page.on('requestfailed', (r) => inFlight.delete(r));
+  try {
+    await page.goto(`${server.url}/#${room}`, { timeout: WAIT_MS });
+    if (waitOnline) await waitOnlineAs(page, name, room);
+  } catch (err) {
+    const pending = [...inFlight].map(([r, at]) => `${r.method()} ${r.url()} (sent at +${at} ms)`);
+    err.message += `\n${name}'s page: requests still waiting: ${pending.join(', ') || 'none'}`;
+    await context.close().catch(() => {});
+    throw err;
+  }
   return chat;
 }
 

@@ -1,0 +1,307 @@
+//! Command line.
+
+use std::time::Duration;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Fanout,
+    Latency,
+    Idle,
+    Churn,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Fanout => "fanout",
+            Mode::Latency => "latency",
+            Mode::Idle => "idle",
+            Mode::Churn => "churn",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Opts {
+    pub mode: Mode,
+    pub url: String,
+    pub raw: bool,
+    pub room: Option<String>,
+    pub clients: usize,
+    pub senders: usize,
+    pub window: usize,
+    pub rate: f64,
+    pub duration: f64,
+    pub warmup: f64,
+    pub drain: f64,
+    pub size: usize,
+    pub connections: usize,
+    pub concurrency: usize,
+    pub hold: f64,
+    pub per_room: usize,
+    pub threads: usize,
+    pub timeout: f64,
+    pub connect_timeout: f64,
+    pub setup_timeout: f64,
+    pub server_pid: Option<u32>,
+    pub quiet: bool,
+    pub allow_remote: bool,
+}
+
+pub const HELP: &str = "\
+wschat-load: WebSocket load generator for wschat (plain threads, blocking sockets)
+
+USAGE:
+    wschat-load <MODE> [OPTIONS]
+
+MODES:
+    fanout    --clients C connections in one room, --senders S of them also send; each sender
+              keeps at most --window W of its own messages in flight (a message has landed when
+              its sender gets the echo). Measures deliveries/s over --duration after --warmup.
+    latency   the same room, but a fixed total --rate msgs/s spread evenly over the S senders
+              (open loop: a writer thread per sender sends on schedule whatever comes back;
+              messages carry their actual send time, and lateness against the schedule, the
+              tool's or a blocked write's, is reported apart as send lag).
+    idle      opens --connections N with --concurrency threads, holds them --hold seconds,
+              reports how many succeeded, connections/s while opening, failures by kind, and
+              (with --server-pid) server RSS/threads and the machine's KernelStack per connection.
+    churn     --threads T loops: connect, wait for welcome, send one message, receive its echo,
+              close (every 10th cycle drops the TCP socket without a close frame instead).
+
+TARGET:
+    --url URL              WebSocket URL (ws:// only) [default: ws://127.0.0.1:5001/chat]
+                           The tool connects to this address and no other. Non-loopback
+                           addresses are refused unless --allow-remote is given.
+    --raw                  the server is a plain broadcast server: send bare text frames, expect
+                           no welcome, count any frame that contains the run's token. Without
+                           --raw the tool speaks wschat: sends {\"type\":\"message\",\"text\":...},
+                           waits for each connection's `welcome`, and puts the run in a room.
+    --room NAME            wschat room [default: wsload-<random token>, fresh per run]. Ignored
+                           if the URL already names a room. In idle mode rooms are NAME-0, NAME-1...
+    --server-pid PID       also report the server process's CPU time, RSS and threads (/proc)
+
+FANOUT / LATENCY:
+    -c, --clients C        connections in the room, senders included [default: 100]
+    -s, --senders S        how many of them send [default: 1]
+    -w, --window W         fanout: messages in flight per sender [default: 100]
+    -r, --rate R           latency: total messages per second over all senders [default: 200]
+    -d, --duration SECS    measured time [default: 10]
+        --warmup SECS      sending before the measured time starts [default: 2]
+        --drain SECS       after sending stops, wait for deliveries still in flight until
+                           none has arrived for SECS (and at most SECS + 30) [default: 2]
+        --size BYTES       message text size (minimum: the header fits) [default: 64]
+
+IDLE:
+    -n, --connections N    connections to open [default: 1000]
+        --concurrency K    opening threads (idle) / simultaneous handshakes (other modes)
+                           [default: 8 for idle, 32 otherwise]
+        --hold SECS        how long to hold them once open [default: 10]
+        --per-room M       wschat: M connections per room (0: all in one room) [default: 100]
+
+CHURN:
+    -t, --threads T        looping threads [default: 4]
+    -d, --duration SECS    measured time, after --warmup [default: 10]
+
+LIMITS:
+    --timeout SECS         hard bound for the whole run; on expiry the JSON line is printed with
+                           \"ok\":false and the tool exits 3 [default: derived from the other times]
+    --connect-timeout SECS TCP connect + handshake + welcome, and every blocking write [default: 10]
+    --setup-timeout SECS   all connections open and registered [default: 60]
+    --allow-remote         permit a non-loopback target
+    -q, --quiet            no table, no progress: only the JSON line
+    -h, --help
+
+OUTPUT:
+    stdout: a short human-readable table, then exactly one JSON object on the LAST line (it is
+    the only stdout line that starts with '{'). Progress (once a second on runs longer than
+    3 s) and warnings go to stderr.
+    JSON keys include: mode, ok, sent, deliveries, lost, duplicated, order_violations,
+    latency_us{count,p50,p90,p99,p999,max,mean}, errors, cpu{tool_s,server_s,wall_s,...}.
+    `ok` is true when every connection came up, nothing was lost or duplicated, nothing arrived
+    out of order and no error occurred.
+
+EXIT STATUS:
+    0 run completed and ok; 2 run completed but not ok (losses, errors...), or bad usage;
+    1 setup failed (not every connection came up); 3 --timeout expired.
+
+COST OF THE TOOL:
+    fanout/latency/churn use one thread per connection (128 KiB stack) doing blocking reads.
+    idle holds its sockets in --concurrency threads instead, sweeping them with non-blocking
+    reads every 500 ms: that answers the server's pings (every 30 s; silent peers are dropped
+    after 60 s) and drains presence events, while adding no thread, and so no kernel stack,
+    per connection; KernelStack growth during idle is then the server's.
+";
+
+impl Opts {
+    pub fn parse() -> Result<Opts, String> {
+        Self::parse_from(std::env::args_os().skip(1)).map_err(|e| e.to_string())
+    }
+
+    pub fn parse_from(
+        args: impl IntoIterator<Item = std::ffi::OsString>,
+    ) -> Result<Opts, lexopt::Error> {
+        use lexopt::prelude::*;
+        let mut p = lexopt::Parser::from_args(args);
+        let mut mode = None;
+        let mut o = Opts {
+            mode: Mode::Fanout,
+            url: "ws://127.0.0.1:5001/chat".into(),
+            raw: false,
+            room: None,
+            clients: 100,
+            senders: 1,
+            window: 100,
+            rate: 200.0,
+            duration: 10.0,
+            warmup: 2.0,
+            drain: 2.0,
+            size: 64,
+            connections: 1000,
+            concurrency: 0,
+            hold: 10.0,
+            per_room: 100,
+            threads: 4,
+            timeout: 0.0,
+            connect_timeout: 10.0,
+            setup_timeout: 60.0,
+            server_pid: None,
+            quiet: false,
+            allow_remote: false,
+        };
+        fn secs(p: &mut lexopt::Parser) -> Result<f64, lexopt::Error> {
+            let v: f64 = p.value()?.parse()?;
+            if !(0.0..=86_400.0).contains(&v) {
+                return Err("a time must be 0..=86400 seconds".into());
+            }
+            Ok(v)
+        }
+        while let Some(arg) = p.next()? {
+            match arg {
+                Short('h') | Long("help") => {
+                    print!("{HELP}");
+                    std::process::exit(0);
+                }
+                Long("url") => o.url = p.value()?.string()?,
+                Long("raw") => o.raw = true,
+                Long("room") => o.room = Some(p.value()?.string()?),
+                Long("server-pid") => o.server_pid = Some(p.value()?.parse()?),
+                Short('c') | Long("clients") => o.clients = p.value()?.parse()?,
+                Short('s') | Long("senders") => o.senders = p.value()?.parse()?,
+                Short('w') | Long("window") => o.window = p.value()?.parse()?,
+                Short('r') | Long("rate") => o.rate = p.value()?.parse()?,
+                Short('d') | Long("duration") => o.duration = secs(&mut p)?,
+                Long("warmup") => o.warmup = secs(&mut p)?,
+                Long("drain") => o.drain = secs(&mut p)?,
+                Long("size") => o.size = p.value()?.parse()?,
+                Short('n') | Long("connections") => o.connections = p.value()?.parse()?,
+                Long("concurrency") => o.concurrency = p.value()?.parse()?,
+                Long("hold") => o.hold = secs(&mut p)?,
+                Long("per-room") => o.per_room = p.value()?.parse()?,
+                Short('t') | Long("threads") => o.threads = p.value()?.parse()?,
+                Long("timeout") => o.timeout = secs(&mut p)?,
+                Long("connect-timeout") => o.connect_timeout = secs(&mut p)?,
+                Long("setup-timeout") => o.setup_timeout = secs(&mut p)?,
+                Long("allow-remote") => o.allow_remote = true,
+                Short('q') | Long("quiet") => o.quiet = true,
+                Value(v) if mode.is_none() => {
+                    mode = Some(match v.string()?.as_str() {
+                        "fanout" => Mode::Fanout,
+                        "latency" => Mode::Latency,
+                        "idle" => Mode::Idle,
+                        "churn" => Mode::Churn,
+                        other => {
+                            return Err(format!(
+                                "unknown mode {other:?} (fanout, latency, idle, churn)"
+                            )
+                            .into());
+                        }
+                    })
+                }
+                _ => return Err(arg.unexpected()),
+            }
+        }
+        o.mode = mode.ok_or("a mode is needed: fanout, latency, idle or churn (see --help)")?;
+        if o.concurrency == 0 {
+            o.concurrency = if o.mode == Mode::Idle { 8 } else { 32 };
+        }
+        let bad = |m: &str| -> Result<Opts, lexopt::Error> { Err(m.to_string().into()) };
+        if o.clients == 0 || o.senders == 0 || o.senders > o.clients {
+            return bad("need 1 <= --senders <= --clients");
+        }
+        if o.clients > 50_000 || o.connections > 200_000 || o.threads == 0 || o.threads > 10_000 {
+            return bad("--clients <= 50000, --connections <= 200000, 1 <= --threads <= 10000");
+        }
+        if o.window == 0 || o.connections == 0 {
+            return bad("--window and --connections must be at least 1");
+        }
+        if !(o.rate > 0.0 && o.rate <= 10_000_000.0) {
+            return bad("--rate must be in (0, 10000000]");
+        }
+        if o.size > 60 * 1024 {
+            return bad("--size is at most 61440");
+        }
+        if o.duration <= 0.0 || o.connect_timeout <= 0.0 || o.setup_timeout <= 0.0 {
+            return bad("--duration, --connect-timeout and --setup-timeout must be > 0");
+        }
+        if let Some(room) = &o.room {
+            let ok = !room.is_empty()
+                && room.len() <= 56
+                && room
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+            if !ok {
+                return bad("--room: 1-56 characters of A-Z a-z 0-9 - _ .");
+            }
+        }
+        if o.timeout == 0.0 {
+            let work = match o.mode {
+                Mode::Fanout | Mode::Latency => {
+                    o.setup_timeout + o.warmup + o.duration + o.drain + 30.0
+                }
+                Mode::Churn => o.warmup + o.duration + 2.0 * o.connect_timeout,
+                Mode::Idle => o.setup_timeout + o.hold,
+            };
+            o.timeout = work + 30.0;
+        }
+        Ok(o)
+    }
+
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.connect_timeout)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Opts, lexopt::Error> {
+        Opts::parse_from(args.iter().map(std::ffi::OsString::from))
+    }
+
+    #[test]
+    fn parses() {
+        let o = parse(&[
+            "fanout",
+            "--clients",
+            "20",
+            "-s",
+            "2",
+            "--raw",
+            "--duration=1.5",
+        ])
+        .unwrap();
+        assert_eq!(
+            (o.mode, o.clients, o.senders, o.raw, o.duration),
+            (Mode::Fanout, 20, 2, true, 1.5)
+        );
+        assert_eq!(o.concurrency, 32);
+        assert!(o.timeout > 60.0);
+        let o = parse(&["--connections", "5", "idle"]).unwrap();
+        assert_eq!((o.mode, o.connections, o.concurrency), (Mode::Idle, 5, 8));
+        assert!(parse(&["fanout", "--senders", "3", "--clients", "2"]).is_err());
+        assert!(parse(&["bogus"]).is_err());
+        assert!(parse(&[]).is_err());
+        assert!(parse(&["idle", "--room", "a b"]).is_err());
+    }
+}

@@ -1,0 +1,561 @@
+//! One WebSocket client connection over a blocking `TcpStream`, the wire format of the tool's
+//! messages, and error classification.
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use tungstenite::error::{Error as WsError, ProtocolError};
+use tungstenite::handshake::HandshakeError;
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tungstenite::{Message, WebSocket};
+
+// ---------------------------------------------------------------------------------------------
+// Clock
+
+static EPOCH: OnceLock<Instant> = OnceLock::new();
+
+/// Nanoseconds since the process-wide epoch (a monotonic `Instant` taken at start). Every
+/// timestamp the tool puts in a message, and every receive time, is on this clock.
+pub fn now_ns() -> u64 {
+    EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
+
+pub fn init_clock() {
+    EPOCH.get_or_init(Instant::now);
+}
+
+pub fn sleep_until_ns(t: u64) {
+    let now = now_ns();
+    if t > now {
+        std::thread::sleep(Duration::from_nanos(t - now));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Stream wrapper
+
+/// The stream under tungstenite: reads go straight to the socket; writes are collected in
+/// `wbuf` and only hit the socket when `push` is called, or just before the next read that
+/// needs the socket. A sender that writes one message per received echo therefore sends its
+/// whole batch in one syscall once it has consumed everything already buffered, and never
+/// blocks in `read` with unsent data.
+///
+/// `wlock` serialises socket writes with a writer thread that shares the socket through a
+/// `try_clone` (latency mode); uncontended otherwise.
+pub struct Conn {
+    pub tcp: TcpStream,
+    wbuf: Vec<u8>,
+    pub wlock: Arc<Mutex<()>>,
+    nonblocking: bool,
+}
+
+impl Conn {
+    fn new(tcp: TcpStream) -> Conn {
+        Conn {
+            tcp,
+            wbuf: Vec::new(),
+            wlock: Arc::new(Mutex::new(())),
+            nonblocking: false,
+        }
+    }
+
+    /// Writes out everything collected. On a blocking socket a write that stalls past the write
+    /// timeout is an error of kind `TimedOut` ("write stalled"); on a non-blocking one the rest
+    /// is kept for the next call and `WouldBlock` is returned.
+    pub fn push(&mut self) -> io::Result<()> {
+        if self.wbuf.is_empty() {
+            return Ok(());
+        }
+        let _guard = self.wlock.lock().unwrap_or_else(|e| e.into_inner());
+        let mut off = 0;
+        let res = loop {
+            if off == self.wbuf.len() {
+                break Ok(());
+            }
+            match self.tcp.write(&self.wbuf[off..]) {
+                Ok(0) => {
+                    break Err(io::Error::new(
+                        io::ErrorKind::WriteZero,
+                        "socket wrote nothing",
+                    ));
+                }
+                Ok(n) => off += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => break Err(e),
+            }
+        };
+        self.wbuf.drain(..off);
+        match res {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && !self.nonblocking => {
+                Err(io::Error::new(io::ErrorKind::TimedOut, "write stalled"))
+            }
+            r => r,
+        }
+    }
+
+    pub fn set_nonblocking(&mut self) -> io::Result<()> {
+        self.nonblocking = true;
+        self.tcp.set_nonblocking(true)
+    }
+}
+
+impl Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if !self.wbuf.is_empty() {
+            match self.push() {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.tcp.read(buf)
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.wbuf.extend_from_slice(data);
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+pub type Ws = WebSocket<Conn>;
+
+// ---------------------------------------------------------------------------------------------
+// Target
+
+/// Where to connect: the URL exactly as given (plus a `room` query parameter in wschat mode),
+/// resolved once.
+#[derive(Clone)]
+pub struct Target {
+    /// The URL without any room added by the tool.
+    pub base: String,
+    pub addr: SocketAddr,
+    /// Whether the URL already names a room (`/chat/<room>` or `room=` in the query).
+    pub has_room: bool,
+}
+
+impl Target {
+    pub fn parse(url: &str, allow_remote: bool) -> Result<Target, String> {
+        let rest = url
+            .strip_prefix("ws://")
+            .ok_or_else(|| format!("{url}: only ws:// URLs are supported (no TLS)"))?;
+        let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+        if authority.is_empty() || authority.contains('@') {
+            return Err(format!("{url}: bad host"));
+        }
+        let path_query = &rest[authority.len()..];
+        let with_port = if authority.ends_with(']') || !authority.contains(':') {
+            format!("{authority}:80")
+        } else {
+            authority.to_string()
+        };
+        let addrs: Vec<SocketAddr> = with_port
+            .to_socket_addrs()
+            .map_err(|e| format!("{url}: cannot resolve {authority}: {e}"))?
+            .collect();
+        let addr = *addrs
+            .iter()
+            .find(|a| a.is_ipv4())
+            .or(addrs.first())
+            .ok_or_else(|| format!("{url}: {authority} resolves to nothing"))?;
+        if !allow_remote && !addr.ip().is_loopback() {
+            return Err(format!(
+                "{url}: {} is not a loopback address; pass --allow-remote to load a remote server",
+                addr.ip()
+            ));
+        }
+        let (path, query) = match path_query.split_once('?') {
+            Some((p, q)) => (p, q),
+            None => (path_query, ""),
+        };
+        let has_room = (path.starts_with("/chat/") && path.len() > "/chat/".len())
+            || query.split('&').any(|kv| kv.starts_with("room="));
+        Ok(Target {
+            base: url.to_string(),
+            addr,
+            has_room,
+        })
+    }
+
+    /// The URL with `room=<room>` added (wschat mode), or unchanged when it names a room already.
+    pub fn url_for_room(&self, room: Option<&str>) -> String {
+        match room {
+            Some(room) if !self.has_room => {
+                let base = self.base.split('#').next().unwrap_or_default();
+                let sep = if base.contains('?') { '&' } else { '?' };
+                format!("{base}{sep}room={room}")
+            }
+            _ => self.base.clone(),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Connecting
+
+#[derive(Clone, Copy)]
+pub struct ConnOpts {
+    /// Bound for the TCP connect, the handshake, and (later) every blocking write.
+    pub timeout: Duration,
+    /// tungstenite's read buffer (allocated eagerly per connection).
+    pub read_buf: usize,
+}
+
+fn ws_config(read_buf: usize) -> WebSocketConfig {
+    // Frames go straight into `Conn`'s own buffer (which batches them), so tungstenite need not
+    // buffer writes too.
+    WebSocketConfig::default()
+        .read_buffer_size(read_buf)
+        .write_buffer_size(0)
+}
+
+/// Opens a WebSocket to `url` at `addr`: TCP connect (TCP_NODELAY on), then the HTTP upgrade.
+/// Returns the socket (blocking, read and write timeouts = `opts.timeout`) or an error kind.
+pub fn open(url: &str, addr: SocketAddr, opts: ConnOpts) -> Result<Ws, String> {
+    let tcp = TcpStream::connect_timeout(&addr, opts.timeout)
+        .map_err(|e| format!("connect: {}", io_kind(&e)))?;
+    let setup = || -> io::Result<()> {
+        tcp.set_nodelay(true)?;
+        tcp.set_read_timeout(Some(opts.timeout))?;
+        tcp.set_write_timeout(Some(opts.timeout))
+    };
+    setup().map_err(|e| format!("socket: {}", io_kind(&e)))?;
+    match tungstenite::client::client_with_config(
+        url,
+        Conn::new(tcp),
+        Some(ws_config(opts.read_buf)),
+    ) {
+        Ok((ws, _response)) => Ok(ws),
+        Err(HandshakeError::Interrupted(_)) => Err("handshake: timeout".into()),
+        Err(HandshakeError::Failure(e)) => Err(format!("handshake: {}", ws_kind(&e))),
+    }
+}
+
+/// Sends a normal close frame, then reads (discarding) until the peer's close frame, EOF, an
+/// error, or `deadline_ns`. Returns whether the closing handshake completed.
+pub fn close(ws: &mut Ws, deadline_ns: u64) -> bool {
+    let frame = CloseFrame {
+        code: CloseCode::Normal,
+        reason: "".into(),
+    };
+    if ws.close(Some(frame)).is_err() || ws.get_mut().push().is_err() {
+        return false;
+    }
+    let _ = ws
+        .get_mut()
+        .tcp
+        .set_read_timeout(Some(Duration::from_millis(50)));
+    while now_ns() < deadline_ns {
+        match ws.read() {
+            Ok(Message::Close(_)) => {}
+            Ok(_) => {}
+            Err(WsError::ConnectionClosed) => return true,
+            Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(_) => return false,
+        }
+    }
+    false
+}
+
+/// Short, stable name of an I/O error, for tallies.
+pub fn io_kind(e: &io::Error) -> String {
+    match e.raw_os_error() {
+        Some(24) => return "too many open files (EMFILE)".into(),
+        Some(99) => return "no local port (EADDRNOTAVAIL)".into(),
+        Some(111) => return "refused".into(),
+        Some(104) => return "reset".into(),
+        Some(32) => return "broken pipe".into(),
+        Some(110) => return "timed out".into(),
+        Some(11) => return "timeout".into(),
+        _ => {}
+    }
+    match e.kind() {
+        io::ErrorKind::TimedOut if e.to_string().contains("write stalled") => {
+            "write stalled".into()
+        }
+        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => "timeout".into(),
+        io::ErrorKind::UnexpectedEof => "eof".into(),
+        k => format!("{k:?}").to_lowercase(),
+    }
+}
+
+/// Short, stable name of a tungstenite error, for tallies.
+pub fn ws_kind(e: &WsError) -> String {
+    match e {
+        WsError::Io(io) => io_kind(io),
+        WsError::Http(resp) => format!("http {}", resp.status().as_u16()),
+        WsError::ConnectionClosed | WsError::AlreadyClosed => "closed".into(),
+        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => {
+            "eof without close frame".into()
+        }
+        WsError::Protocol(p) => format!("protocol: {p}"),
+        WsError::Capacity(c) => format!("capacity: {c}"),
+        other => other.to_string(),
+    }
+}
+
+/// `"1008 too slow"` for a close frame received from the server.
+pub fn close_kind(frame: &Option<CloseFrame>) -> String {
+    match frame {
+        Some(f) if f.reason.is_empty() => format!("{}", u16::from(f.code)),
+        Some(f) => format!("{} {}", u16::from(f.code), f.reason.as_str()),
+        None => "no code".into(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The tool's messages
+
+/// What the tool sends: `wsload:<token>:<sender>:<seq>:<send-ts-ns>:` padded with `x` to the
+/// wanted size, and probes `wsload:<token>:P<round>:`. The token is random per run, so frames of
+/// other runs or users are ignored. The text needs no JSON escaping.
+#[derive(Clone)]
+pub struct Wire {
+    /// `wsload:<token>:`
+    pub needle: String,
+    /// Wrap in `{"type":"message","text":...}` (wschat mode) or send as is (`--raw`).
+    pub json: bool,
+    pub size: usize,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Frame {
+    Msg {
+        sender: u32,
+        seq: u64,
+        ts: u64,
+    },
+    Probe(u32),
+    /// Any frame that does not hold the token.
+    Other,
+}
+
+impl Wire {
+    pub fn new(token: &str, json: bool, size: usize) -> Wire {
+        Wire {
+            needle: format!("wsload:{token}:"),
+            json,
+            size,
+        }
+    }
+
+    fn wrap(&self, text: &mut String, body: impl FnOnce(&mut String)) {
+        text.clear();
+        if self.json {
+            text.push_str(r#"{"type":"message","text":""#);
+        }
+        let start = text.len();
+        text.push_str(&self.needle);
+        body(text);
+        while text.len() - start < self.size {
+            text.push('x');
+        }
+        if self.json {
+            text.push_str(r#""}"#);
+        }
+    }
+
+    /// The frame payload of message `seq` of `sender`, stamped `ts`.
+    pub fn message(&self, sender: u32, seq: u64, ts: u64) -> String {
+        let mut s = String::with_capacity(self.size + 64);
+        self.wrap(&mut s, |t| {
+            use std::fmt::Write;
+            let _ = write!(t, "{sender}:{seq}:{ts}:");
+        });
+        s
+    }
+
+    pub fn probe(&self, round: u32) -> String {
+        let mut s = String::with_capacity(self.needle.len() + 48);
+        self.wrap(&mut s, |t| {
+            use std::fmt::Write;
+            let _ = write!(t, "P{round}:");
+        });
+        s
+    }
+
+    /// Finds the token anywhere in a received frame, whatever envelope the server put around it.
+    pub fn parse(&self, frame: &str) -> Frame {
+        let Some(at) = frame.find(self.needle.as_str()) else {
+            return Frame::Other;
+        };
+        let b = &frame.as_bytes()[at + self.needle.len()..];
+        if let Some(rest) = b.strip_prefix(b"P") {
+            return match num(rest) {
+                Some((n, _)) => Frame::Probe(n as u32),
+                None => Frame::Other,
+            };
+        }
+        let parsed = (|| {
+            let (sender, b) = num(b)?;
+            let (seq, b) = num(b.strip_prefix(b":")?)?;
+            let (ts, b) = num(b.strip_prefix(b":")?)?;
+            b.strip_prefix(b":")?;
+            Some(Frame::Msg {
+                sender: sender as u32,
+                seq,
+                ts,
+            })
+        })();
+        parsed.unwrap_or(Frame::Other)
+    }
+}
+
+fn num(b: &[u8]) -> Option<(u64, &[u8])> {
+    let n = b.iter().take_while(|c| c.is_ascii_digit()).count();
+    if n == 0 || n > 19 {
+        return None;
+    }
+    let v = b[..n].iter().fold(0u64, |v, c| v * 10 + (c - b'0') as u64);
+    Some((v, &b[n..]))
+}
+
+/// The `code` of a wschat `error` event (`{"type":"error","code":"rate_limited",...}`), if the
+/// frame is one. Only frames that mention `error` at all are parsed.
+pub fn error_code(frame: &str) -> Option<String> {
+    if !frame.contains("error") {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_str(frame).ok()?;
+    if v.get("type")?.as_str()? != "error" {
+        return None;
+    }
+    Some(
+        v.get("code")
+            .and_then(|c| c.as_str())
+            .unwrap_or("no code")
+            .to_string(),
+    )
+}
+
+/// Whether a frame is wschat's `welcome` event.
+pub fn is_welcome(frame: &str) -> bool {
+    serde_json::from_str::<serde_json::Value>(frame)
+        .is_ok_and(|v| v.get("type").and_then(|t| t.as_str()) == Some("welcome"))
+}
+
+/// Encodes a masked client text frame (RFC 6455 §5.2) into `out`, for the writer thread that
+/// shares a socket with a tungstenite reader.
+pub fn encode_text_frame(out: &mut Vec<u8>, payload: &[u8], mask: [u8; 4]) {
+    out.push(0x81);
+    let n = payload.len();
+    if n < 126 {
+        out.push(0x80 | n as u8);
+    } else if n <= u16::MAX as usize {
+        out.push(0x80 | 126);
+        out.extend_from_slice(&(n as u16).to_be_bytes());
+    } else {
+        out.push(0x80 | 127);
+        out.extend_from_slice(&(n as u64).to_be_bytes());
+    }
+    out.extend_from_slice(&mask);
+    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i & 3]));
+}
+
+/// A random token for this run: 12 hex digits from std's randomly keyed hasher.
+pub fn run_token() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    format!("{:012x}", h.finish() & 0xffff_ffff_ffff)
+}
+
+/// Cheap xorshift64 for masking keys (they need no cryptographic quality for a load test).
+pub struct XorShift(pub u64);
+
+impl XorShift {
+    pub fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_round_trip() {
+        let w = Wire::new("abc123", true, 64);
+        let m = w.message(3, 17, 123456789);
+        assert!(m.starts_with(r#"{"type":"message","text":"wsload:abc123:3:17:123456789:"#));
+        let text: serde_json::Value = serde_json::from_str(&m).unwrap();
+        assert_eq!(text["text"].as_str().unwrap().len(), 64);
+        let echoed = format!(
+            r#"{{"type":"message","id":5,"room":"r","from":"guest-1","text":{},"ts":1}}"#,
+            text["text"]
+        );
+        assert_eq!(
+            w.parse(&echoed),
+            Frame::Msg {
+                sender: 3,
+                seq: 17,
+                ts: 123456789
+            }
+        );
+        let raw = Wire::new("abc123", false, 10);
+        assert_eq!(raw.parse(&raw.probe(7)), Frame::Probe(7));
+        assert_eq!(raw.parse("wsload:other:1:2:3:"), Frame::Other);
+        assert_eq!(raw.parse("wsload:abc123:1:2:"), Frame::Other);
+    }
+
+    #[test]
+    fn urls() {
+        let t = Target::parse("ws://127.0.0.1:5001/chat", false).unwrap();
+        assert!(!t.has_room);
+        assert_eq!(
+            t.url_for_room(Some("r1")),
+            "ws://127.0.0.1:5001/chat?room=r1"
+        );
+        let t = Target::parse("ws://localhost:5001/chat?name=x", false).unwrap();
+        assert_eq!(
+            t.url_for_room(Some("r1")),
+            "ws://localhost:5001/chat?name=x&room=r1"
+        );
+        assert!(
+            Target::parse("ws://127.0.0.1:5001/chat/dev", false)
+                .unwrap()
+                .has_room
+        );
+        assert!(
+            Target::parse("ws://127.0.0.1:5001/chat?room=dev", false)
+                .unwrap()
+                .has_room
+        );
+        assert!(Target::parse("http://127.0.0.1/", false).is_err());
+        assert!(Target::parse("ws://10.1.2.3:80/", false).is_err());
+    }
+
+    #[test]
+    fn errors() {
+        assert_eq!(
+            error_code(r#"{"type":"error","code":"rate_limited","message":"x"}"#).as_deref(),
+            Some("rate_limited")
+        );
+        assert!(is_welcome(r#"{ "type": "welcome", "id": 1 }"#));
+        assert!(!is_welcome(
+            r#"{"type":"message","text":"\"type\":\"welcome\""}"#
+        ));
+        assert_eq!(
+            error_code(r#"{"type":"message","text":"\"code\":\"x\""}"#),
+            None
+        );
+    }
+}

@@ -1,0 +1,469 @@
+//! `idle`: open N connections, hold them, close them.
+//!
+//! --concurrency threads each open their share of the connections one after another (blocking
+//! connect + handshake + welcome), then switch the sockets to non-blocking mode and keep them.
+//! Every 500 ms each thread sweeps its sockets with non-blocking reads until they would block:
+//! that answers the server's pings (tungstenite queues the pong, `push` sends it), drains the
+//! presence events other members cause, and notices connections the server dropped. So a
+//! connection costs the tool one socket and a small read buffer, no thread: the machine's
+//! KernelStack growth while connections are held is the server's (one kernel stack per thread).
+
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::*};
+use std::thread;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tungstenite::Message;
+use tungstenite::error::Error as WsError;
+
+use crate::Outcome;
+use crate::cli::Opts;
+use crate::conn::{self, ConnOpts, Target, Ws, now_ns};
+use crate::stats::{Hist, Tally, fmt_ns, group};
+use crate::sysinfo::{CpuMark, MemMark, cpu_report};
+
+const READY: u32 = 0;
+const OPEN: u32 = 1;
+const HOLD: u32 = 2;
+const CLOSE: u32 = 3;
+const SEC: u64 = 1_000_000_000;
+const SWEEP_NS: u64 = 500_000_000;
+
+struct Ctx {
+    o: Opts,
+    target: Target,
+    room: String,
+    phase: AtomicU32,
+    opened: AtomicUsize,
+    failed: AtomicUsize,
+    dropped: AtomicUsize,
+    openers_started: AtomicUsize,
+    openers_done: AtomicUsize,
+    open_deadline: AtomicU64,
+    close_deadline: AtomicU64,
+}
+
+#[derive(Default)]
+struct Stats {
+    opened: u64,
+    not_attempted: u64,
+    failures: Tally,
+    dropped: Tally,
+    frames: u64,
+    pings: u64,
+    closed_cleanly: u64,
+    close_unacked: u64,
+    connect: Hist,
+    last_open_ns: u64,
+}
+
+impl Ctx {
+    fn url(&self, j: usize) -> String {
+        if self.o.raw {
+            return self.target.base.clone();
+        }
+        let room = match j.checked_div(self.o.per_room) {
+            None => self.room.clone(),
+            Some(k) => format!("{}-{k}", self.room),
+        };
+        self.target.url_for_room(Some(&room))
+    }
+}
+
+pub fn run(o: &Opts, target: &Target) -> Outcome {
+    let token = conn::run_token();
+    let t0 = now_ns();
+    let ctx = Arc::new(Ctx {
+        o: o.clone(),
+        target: target.clone(),
+        room: o.room.clone().unwrap_or_else(|| format!("wsload-{token}")),
+        phase: AtomicU32::new(READY),
+        opened: AtomicUsize::new(0),
+        failed: AtomicUsize::new(0),
+        dropped: AtomicUsize::new(0),
+        openers_started: AtomicUsize::new(0),
+        openers_done: AtomicUsize::new(0),
+        open_deadline: AtomicU64::new(u64::MAX),
+        close_deadline: AtomicU64::new(u64::MAX),
+    });
+    let progress = !o.quiet;
+    crate::sysinfo::settle(o.server_pid, Duration::from_secs(10));
+    let threads = o.concurrency.min(o.connections);
+    let mut handles = Vec::new();
+    let mut errors = Tally::default();
+    for k in 0..threads {
+        let c = ctx.clone();
+        match thread::Builder::new()
+            .name(format!("idle-{k}"))
+            .stack_size(256 * 1024)
+            .spawn(move || opener(&c, k, threads))
+        {
+            Ok(h) => handles.push(h),
+            Err(e) => errors.add(format!("spawn: {}", conn::io_kind(&e))),
+        }
+    }
+    let spawned = handles.len();
+    // The "before" sample is taken with the opener threads already running, so that the tool's
+    // own threads (and their kernel stacks) are the same in every sample.
+    while ctx.openers_started.load(SeqCst) < spawned && now_ns() < t0 + 5 * SEC {
+        thread::sleep(Duration::from_millis(1));
+    }
+    let mem_before = MemMark::now(o.server_pid);
+    let cpu_open0 = CpuMark::now(o.server_pid);
+    let t0 = now_ns();
+    ctx.open_deadline
+        .store(t0 + (o.setup_timeout * 1e9) as u64, SeqCst);
+    ctx.phase.store(OPEN, SeqCst);
+
+    // Opening.
+    let mut next_note = t0 + SEC;
+    while ctx.openers_done.load(SeqCst) < spawned && now_ns() < ctx.open_deadline.load(SeqCst) + SEC
+    {
+        if progress && now_ns() >= next_note {
+            let (ok, failed) = (ctx.opened.load(SeqCst), ctx.failed.load(SeqCst));
+            let secs = (now_ns() - t0) as f64 / 1e9;
+            eprintln!(
+                "[{secs:5.1}s] opening: {ok}/{} open ({:.0}/s), {failed} failed",
+                o.connections,
+                ok as f64 / secs
+            );
+            next_note += SEC;
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+    let opened_at = now_ns();
+    let mem_open = MemMark::now(o.server_pid);
+    let cpu_open = cpu_report(
+        cpu_open0,
+        CpuMark::now(o.server_pid),
+        (opened_at - t0) as f64 / 1e9,
+    );
+
+    // Holding.
+    ctx.phase.store(HOLD, SeqCst);
+    let cpu0 = CpuMark::now(o.server_pid);
+    let hold_end = opened_at + (o.hold * 1e9) as u64;
+    let mut next_note = opened_at + SEC;
+    while now_ns() < hold_end {
+        if progress && o.hold > 3.0 && now_ns() >= next_note {
+            let held = ctx.opened.load(SeqCst) - ctx.dropped.load(SeqCst);
+            eprintln!(
+                "[hold {:5.1}s] {held} connections held",
+                (now_ns() - opened_at) as f64 / 1e9
+            );
+        }
+        while next_note <= now_ns() {
+            next_note += SEC;
+        }
+        conn::sleep_until_ns(hold_end.min(next_note).min(now_ns() + 100_000_000));
+    }
+    let cpu1 = CpuMark::now(o.server_pid);
+    let mem_held = MemMark::now(o.server_pid);
+    let cpu = cpu_report(cpu0, cpu1, (now_ns() - opened_at) as f64 / 1e9);
+
+    // Closing.
+    let close_deadline = now_ns() + 2 * SEC + (o.connections as u64 * 20_000); // + 20 µs per connection
+    ctx.close_deadline.store(close_deadline, SeqCst);
+    ctx.phase.store(CLOSE, SeqCst);
+    let join_deadline = close_deadline + SEC;
+    while now_ns() < join_deadline && handles.iter().any(|h| !h.is_finished()) {
+        thread::sleep(Duration::from_millis(5));
+    }
+    let mut st = Stats::default();
+    let mut not_joined = 0;
+    for h in handles {
+        if !h.is_finished() {
+            not_joined += 1;
+            continue;
+        }
+        match h.join() {
+            Ok(s) => {
+                st.opened += s.opened;
+                st.not_attempted += s.not_attempted;
+                st.failures.merge(&s.failures);
+                st.dropped.merge(&s.dropped);
+                st.frames += s.frames;
+                st.pings += s.pings;
+                st.closed_cleanly += s.closed_cleanly;
+                st.close_unacked += s.close_unacked;
+                st.connect.merge(&s.connect);
+                st.last_open_ns = st.last_open_ns.max(s.last_open_ns);
+            }
+            Err(_) => errors.add("opener thread panicked"),
+        }
+    }
+    let mem_after = MemMark::now(o.server_pid);
+    st.failures.merge(&errors);
+
+    let open_s = (st.last_open_ns.max(t0) - t0) as f64 / 1e9;
+    let rate = if open_s > 0.0 {
+        st.opened as f64 / open_s
+    } else {
+        0.0
+    };
+    let n = st.opened.max(1) as f64;
+    let delta = |a: Option<u64>, b: Option<u64>| -> Option<i64> { Some(b? as i64 - a? as i64) };
+    let per_conn = |d: Option<i64>| d.map(|d| (d as f64 * 1024.0 / n).round());
+    let rss = delta(mem_before.server_rss_kb, mem_held.server_rss_kb);
+    let kstack = delta(mem_before.kernel_stack_kb, mem_held.kernel_stack_kb);
+    let sthreads = delta(mem_before.server_threads, mem_held.server_threads);
+    let tool_rss = delta(mem_before.tool_rss_kb, mem_held.tool_rss_kb);
+    let ok = st.opened == o.connections as u64 && st.dropped.total() == 0 && not_joined == 0;
+    let fatal = (st.opened < o.connections as u64)
+        .then(|| format!("{} of {} connections opened", st.opened, o.connections));
+
+    let mut json = serde_json::Map::new();
+    let mut put = |k: &str, v: Value| {
+        json.insert(k.to_string(), v);
+    };
+    put("connections", json!(o.connections));
+    put("concurrency", json!(threads));
+    put(
+        "per_room",
+        json!(if o.raw {
+            Value::Null
+        } else {
+            json!(o.per_room)
+        }),
+    );
+    put("hold_s", json!(o.hold));
+    put("opened", json!(st.opened));
+    put("failed", json!(st.failures.total()));
+    put("not_attempted", json!(st.not_attempted));
+    put("failures", st.failures.json());
+    put("open_s", json!((open_s * 1000.0).round() / 1000.0));
+    put("connections_per_s", json!(rate.round()));
+    put("connect_us", st.connect.json_us());
+    put("dropped_during_hold", st.dropped.json());
+    put("frames_received", json!(st.frames));
+    put("pings_received", json!(st.pings));
+    put("closed_cleanly", json!(st.closed_cleanly));
+    put("close_unacked", json!(st.close_unacked));
+    put("threads_not_joined", json!(not_joined));
+    put("cpu_open", cpu_open.0);
+    put("cpu_hold", cpu.0);
+    put(
+        "memory",
+        json!({
+            "before": mem_before.json(), "opened": mem_open.json(), "held": mem_held.json(), "after_close": mem_after.json(),
+            "server_rss_bytes_per_conn": per_conn(rss),
+            "kernel_stack_bytes_per_conn": per_conn(kstack),
+            "server_threads_delta": sthreads,
+            "tool_rss_bytes_per_conn": per_conn(tool_rss),
+        }),
+    );
+
+    let mut lines = vec![];
+    lines.push(format!(
+        "opened        {}/{} in {open_s:.2}s ({rate:.0} conn/s) with {threads} threads; handshake {}",
+        group(st.opened),
+        group(o.connections as u64),
+        if st.connect.count() > 0 {
+            format!("p50 {} p99 {} max {}", fmt_ns(st.connect.quantile(0.5)), fmt_ns(st.connect.quantile(0.99)), fmt_ns(st.connect.max()))
+        } else {
+            "-".into()
+        }
+    ));
+    lines.push(format!("failures      {}", st.failures.human()));
+    if st.not_attempted > 0 {
+        lines.push(format!(
+            "not attempted {} (--setup-timeout ran out)",
+            st.not_attempted
+        ));
+    }
+    lines.push(format!(
+        "held          {:.1}s; dropped by server: {}; {} frames, {} pings received",
+        o.hold,
+        st.dropped.human(),
+        group(st.frames),
+        st.pings
+    ));
+    lines.push(format!(
+        "closed        {} with a closing handshake, {} without reply",
+        st.closed_cleanly, st.close_unacked
+    ));
+    let kb = |d: Option<i64>| {
+        d.map(|d| format!("{d:+} kB"))
+            .unwrap_or_else(|| "n/a".into())
+    };
+    let b = |d: Option<f64>| {
+        d.map(|d| format!("{d:.0} B/conn"))
+            .unwrap_or_else(|| "n/a".into())
+    };
+    lines.push(format!(
+        "server memory RSS {} ({}), threads {}, KernelStack {} ({})",
+        kb(rss),
+        b(per_conn(rss)),
+        sthreads
+            .map(|t| format!("{t:+}"))
+            .unwrap_or_else(|| "n/a".into()),
+        kb(kstack),
+        b(per_conn(kstack))
+    ));
+    lines.push(format!(
+        "tool memory   RSS {} ({})",
+        kb(tool_rss),
+        b(per_conn(tool_rss))
+    ));
+    lines.push(format!("cpu (opening) {}", cpu_open.1));
+    lines.push(format!("cpu (hold)    {}", cpu.1));
+    Outcome {
+        ok,
+        fatal,
+        json,
+        lines,
+    }
+}
+
+struct Held {
+    ws: Ws,
+    closing: bool,
+}
+
+fn opener(ctx: &Ctx, k: usize, threads: usize) -> Stats {
+    let mut st = Stats::default();
+    let mut held: Vec<Held> = Vec::new();
+    let opts = ConnOpts {
+        timeout: ctx.o.connect_timeout(),
+        read_buf: 2048,
+    };
+    ctx.openers_started.fetch_add(1, SeqCst);
+    while ctx.phase.load(SeqCst) == READY {
+        thread::sleep(Duration::from_millis(1));
+    }
+    let open_deadline = ctx.open_deadline.load(SeqCst);
+    let mut next_sweep = now_ns() + SWEEP_NS;
+    let mut j = k;
+    while j < ctx.o.connections {
+        if now_ns() > open_deadline {
+            st.not_attempted += ((ctx.o.connections - j) as u64).div_ceil(threads as u64);
+            break;
+        }
+        let t = now_ns();
+        match open_one(ctx, j, opts) {
+            Ok(ws) => {
+                let now = now_ns();
+                st.connect.record(now - t);
+                st.last_open_ns = now;
+                st.opened += 1;
+                ctx.opened.fetch_add(1, SeqCst);
+                held.push(Held { ws, closing: false });
+            }
+            Err(kind) => {
+                st.failures.add(kind);
+                ctx.failed.fetch_add(1, SeqCst);
+            }
+        }
+        if now_ns() >= next_sweep {
+            sweep(ctx, &mut st, &mut held);
+            next_sweep = now_ns() + SWEEP_NS;
+        }
+        j += threads;
+    }
+    ctx.openers_done.fetch_add(1, SeqCst);
+    while ctx.phase.load(SeqCst) != CLOSE {
+        if now_ns() >= next_sweep {
+            sweep(ctx, &mut st, &mut held);
+            next_sweep = now_ns() + SWEEP_NS;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    // Close: a close frame on every socket, then sweep until each has answered (or gone).
+    let deadline = ctx.close_deadline.load(SeqCst);
+    for h in held.iter_mut() {
+        let frame = tungstenite::protocol::CloseFrame {
+            code: tungstenite::protocol::frame::coding::CloseCode::Normal,
+            reason: "".into(),
+        };
+        let _ = h.ws.close(Some(frame));
+        let _ = h.ws.get_mut().push();
+        h.closing = true;
+    }
+    while !held.is_empty() && now_ns() < deadline {
+        sweep(ctx, &mut st, &mut held);
+        if !held.is_empty() {
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+    st.close_unacked += held.len() as u64;
+    st
+}
+
+fn open_one(ctx: &Ctx, j: usize, opts: ConnOpts) -> Result<Ws, String> {
+    let mut ws = conn::open(&ctx.url(j), ctx.target.addr, opts)?;
+    if !ctx.o.raw {
+        loop {
+            match ws.read() {
+                Ok(Message::Text(t)) if conn::is_welcome(t.as_str()) => break,
+                Ok(Message::Text(_)) => return Err("welcome: other frame first".into()),
+                Ok(Message::Close(f)) => {
+                    return Err(format!("welcome: closed {}", conn::close_kind(&f)));
+                }
+                Ok(_) => {}
+                Err(e) => return Err(format!("welcome: {}", conn::ws_kind(&e))),
+            }
+        }
+    }
+    ws.get_mut()
+        .set_nonblocking()
+        .map_err(|e| format!("socket: {}", conn::io_kind(&e)))?;
+    Ok(ws)
+}
+
+/// Reads every socket until it would block; drops the ones that closed.
+fn sweep(ctx: &Ctx, st: &mut Stats, held: &mut Vec<Held>) {
+    held.retain_mut(|h| {
+        let gone: Option<String> = loop {
+            match h.ws.read() {
+                Ok(Message::Text(_)) | Ok(Message::Binary(_)) => st.frames += 1,
+                Ok(Message::Ping(_)) => st.pings += 1,
+                Ok(Message::Close(f)) => break Some(conn::close_kind(&f)),
+                Ok(_) => {}
+                Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => break None,
+                Err(WsError::ConnectionClosed) if h.closing => break Some(String::new()),
+                Err(e) => break Some(conn::ws_kind(&e)),
+            }
+        };
+        match gone {
+            None => {
+                if let Err(e) = h.ws.get_mut().push()
+                    && e.kind() != io::ErrorKind::WouldBlock
+                {
+                    record_gone(ctx, st, h, format!("write: {}", conn::io_kind(&e)));
+                    return false;
+                }
+                true
+            }
+            Some(kind) => {
+                // A close frame from the server: tungstenite queued the reply; send it.
+                let _ = h.ws.flush();
+                let _ = h.ws.get_mut().push();
+                record_gone(ctx, st, h, kind);
+                false
+            }
+        }
+    });
+}
+
+fn record_gone(ctx: &Ctx, st: &mut Stats, h: &Held, kind: String) {
+    if h.closing {
+        if kind.is_empty()
+            || kind.starts_with("1000")
+            || kind.starts_with("1001")
+            || kind == "no code"
+        {
+            st.closed_cleanly += 1;
+        } else {
+            st.close_unacked += 1;
+        }
+    } else {
+        st.dropped.add(if kind.is_empty() {
+            "closed".into()
+        } else {
+            kind
+        });
+        ctx.dropped.fetch_add(1, SeqCst);
+    }
+}

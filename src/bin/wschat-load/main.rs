@@ -1,0 +1,147 @@
+//! wschat-load: a WebSocket load generator for wschat, built on plain `std::thread`s and
+//! tungstenite's blocking client (no async runtime). See `--help` (cli.rs) for the modes and
+//! the output format.
+//!
+//! Output: a human table on stdout, then exactly one JSON line, which is the last line of
+//! stdout. Progress and warnings go to stderr.
+
+mod churn;
+mod cli;
+mod conn;
+mod idle;
+mod room;
+mod stats;
+mod sysinfo;
+
+use std::io::Write;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use cli::{Mode, Opts};
+
+/// What a mode hands back to `main`.
+pub struct Outcome {
+    /// Everything went as it should (the mode's own criteria; see `--help`).
+    pub ok: bool,
+    /// The run could not take place as asked (setup failed).
+    pub fatal: Option<String>,
+    /// Mode-specific JSON fields.
+    pub json: serde_json::Map<String, Value>,
+    /// Human-readable table lines.
+    pub lines: Vec<String>,
+}
+
+/// Set once the final output is printed: the watchdog and `main` never both print it.
+static PRINTED: Mutex<bool> = Mutex::new(false);
+
+fn emit(quiet: bool, lines: &[String], json: &Value) {
+    let mut printed = PRINTED.lock().unwrap_or_else(|e| e.into_inner());
+    if *printed {
+        return;
+    }
+    *printed = true;
+    let mut out = std::io::stdout().lock();
+    if !quiet {
+        for l in lines {
+            let _ = writeln!(out, "{l}");
+        }
+    }
+    let _ = writeln!(out, "{json}");
+    let _ = out.flush();
+}
+
+fn header(o: &Opts, url: &str) -> Value {
+    json!({
+        "tool": "wschat-load",
+        "version": 1,
+        "mode": o.mode.name(),
+        "target": if o.raw { "raw" } else { "wschat" },
+        "url": url,
+        "server_pid": o.server_pid,
+    })
+}
+
+fn main() {
+    conn::init_clock();
+    let o = match Opts::parse() {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("wschat-load: {e}\n(see wschat-load --help)");
+            std::process::exit(2);
+        }
+    };
+    let target = match conn::Target::parse(&o.url, o.allow_remote) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("wschat-load: {e}");
+            std::process::exit(2);
+        }
+    };
+
+    // Watchdog: the whole run is bounded by --timeout, whatever blocks.
+    {
+        let (o, url) = (o.clone(), o.url.clone());
+        std::thread::Builder::new()
+            .name("watchdog".into())
+            .spawn(move || {
+                std::thread::sleep(Duration::from_secs_f64(o.timeout));
+                let mut j = header(&o, &url);
+                j["ok"] = json!(false);
+                j["error"] = json!(format!(
+                    "timeout: the run took longer than --timeout {}s",
+                    o.timeout
+                ));
+                eprintln!("wschat-load: --timeout {}s expired, giving up", o.timeout);
+                emit(o.quiet, &[], &j);
+                std::process::exit(3);
+            })
+            .expect("spawn watchdog");
+    }
+
+    let started = conn::now_ns();
+    let outcome = match o.mode {
+        Mode::Fanout | Mode::Latency => room::run(&o, &target),
+        Mode::Idle => idle::run(&o, &target),
+        Mode::Churn => churn::run(&o, &target),
+    };
+    let wall = (conn::now_ns() - started) as f64 / 1e9;
+
+    let mut j = header(&o, &o.url);
+    let ok = outcome.ok && outcome.fatal.is_none();
+    j["ok"] = json!(ok);
+    j["error"] = json!(outcome.fatal);
+    j["wall_s"] = json!((wall * 1000.0).round() / 1000.0);
+    if let Value::Object(m) = &mut j {
+        m.extend(outcome.json);
+    }
+    let mut lines = vec![format!(
+        "wschat-load {}  {} {}  ({})",
+        o.mode.name(),
+        if o.raw { "raw" } else { "wschat" },
+        o.url,
+        if ok {
+            "ok".to_string()
+        } else {
+            format!(
+                "NOT OK{}",
+                outcome
+                    .fatal
+                    .as_ref()
+                    .map(|f| format!(": {f}"))
+                    .unwrap_or_default()
+            )
+        }
+    )];
+    lines.extend(outcome.lines.into_iter().map(|l| format!("  {l}")));
+    lines.push(format!("  wall          {wall:.2}s"));
+    emit(o.quiet, &lines, &j);
+    std::process::exit(if outcome.fatal.is_some() {
+        1
+    } else if ok {
+        0
+    } else {
+        2
+    });
+}

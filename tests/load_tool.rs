@@ -1,0 +1,454 @@
+//! The load generator `wschat-load` (src/bin/wschat-load/) against an in-process server: every
+//! mode on small sizes, checking the figures of its JSON line for consistency, plus its failure
+//! paths (nothing listening, --timeout, a non-loopback target).
+//!
+//! The tool runs as a subprocess; each run is bounded by the tool's own --timeout and, should
+//! that fail, killed by `run` below. The tests take a lock so that only one load runs at a time
+//! and the figures are not skewed by the other tests' load.
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use wschat::{Config, Handle, Server};
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+/// Longest a run may take before the test kills it.
+const RUN_LIMIT: Duration = Duration::from_secs(90);
+
+/// A server on free ports with its limits lifted: no rate limit, no client limits, and
+/// queues deep enough that a load-generator thread starved for a while on a busy machine is
+/// not dropped as too slow (these tests check the tool's accounting, not that policy; one test
+/// below checks that drops are reported).
+fn server() -> Handle {
+    Server::start(Config {
+        http_port: 0,
+        ws_port: Some(0),
+        rate: 1_000_000.0,
+        burst: 1_000_000.0,
+        max_clients: 0,
+        max_clients_per_ip: 0,
+        client_queue: 1_000_000,
+        client_queue_bytes: 1 << 30,
+        ..Config::default()
+    })
+    .expect("server starts")
+}
+
+struct Run {
+    code: i32,
+    json: Value,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs wschat-load with `args`; returns its exit code, the JSON of its last stdout line, and
+/// its output.
+fn run(args: &[&str]) -> Run {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_wschat-load"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start wschat-load");
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let deadline = Instant::now() + RUN_LIMIT;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("wschat-load {args:?} ran longer than {RUN_LIMIT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stdout = reader.join().unwrap();
+    let stderr = err_reader.join().unwrap();
+    let last = stdout.lines().last().unwrap_or_default();
+    let json = serde_json::from_str(last).unwrap_or_else(|e| {
+        panic!("last stdout line is not JSON ({e}):\n{stdout}\nstderr:\n{stderr}")
+    });
+    Run {
+        code: status.code().unwrap_or(-1),
+        json,
+        stdout,
+        stderr,
+    }
+}
+
+fn n(v: &Value) -> u64 {
+    v.as_u64().unwrap_or_else(|| panic!("{v} is not a count"))
+}
+
+fn assert_ok(r: &Run) {
+    assert!(
+        r.code == 0 && r.json["ok"] == true,
+        "exit {} ok={}\nstdout:\n{}\nstderr:\n{}",
+        r.code,
+        r.json["ok"],
+        r.stdout,
+        r.stderr
+    );
+}
+
+#[test]
+fn fanout_delivers_every_message_to_every_member() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let server = server();
+    let url = server.ws_url();
+    let pid = std::process::id().to_string();
+    let r = run(&[
+        "fanout",
+        "--url",
+        &url,
+        "--clients",
+        "20",
+        "--senders",
+        "2",
+        "--window",
+        "20",
+        "--duration",
+        "1.5",
+        "--warmup",
+        "0.5",
+        "--server-pid",
+        &pid,
+        "--timeout",
+        "60",
+    ]);
+    assert_ok(&r);
+    let j = &r.json;
+    assert_eq!(j["mode"], "fanout");
+    assert_eq!(j["target"], "wschat");
+    assert_eq!(n(&j["connections"]["registered"]), 20);
+    assert_eq!(n(&j["lost"]), 0);
+    assert_eq!(n(&j["duplicated"]), 0);
+    assert_eq!(n(&j["order_violations"]), 0);
+    let sent = n(&j["sent"]["measured"]);
+    let delivered = n(&j["deliveries"]["measured"]);
+    assert!(sent > 0, "{j}");
+    // Every member, the senders included, receives every message sent in the measured time.
+    assert_eq!(delivered, sent * 20, "{j}");
+    assert_eq!(n(&j["deliveries"]["expected_measured"]), delivered);
+    // Every delivery of a measured message has a latency sample; the total includes warm-up.
+    assert_eq!(n(&j["latency_us"]["count"]), delivered);
+    assert!(n(&j["deliveries"]["total"]) >= delivered);
+    assert_eq!(n(&j["deliveries"]["total"]), n(&j["sent"]["total"]) * 20);
+    // Each sender's own echoes are its landed messages.
+    assert_eq!(n(&j["echo_latency_us"]["count"]), sent);
+    let p50 = j["latency_us"]["p50"].as_f64().unwrap();
+    let max = j["latency_us"]["max"].as_f64().unwrap();
+    assert!(p50 > 0.0 && p50 <= max, "{j}");
+    assert_eq!(j["errors"], serde_json::json!({}));
+    assert_eq!(j["server_closes"], serde_json::json!({}));
+    assert!(
+        j["cpu"]["tool_s"].is_number() && j["cpu"]["server_s"].is_number(),
+        "{j}"
+    );
+    // The human table comes first, the JSON line last.
+    assert!(r.stdout.starts_with("wschat-load fanout"), "{}", r.stdout);
+    server.shutdown();
+}
+
+#[test]
+fn latency_mode_sends_at_the_asked_rate() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let server = server();
+    let url = server.ws_url();
+    let r = run(&[
+        "latency",
+        "--url",
+        &url,
+        "--clients",
+        "10",
+        "--senders",
+        "2",
+        "--rate",
+        "200",
+        "--duration",
+        "1.5",
+        "--warmup",
+        "0.5",
+        "--timeout",
+        "60",
+    ]);
+    assert_ok(&r);
+    let j = &r.json;
+    // The schedule holds 200 msg/s over warm-up + measured time (2 s), whatever the machine's
+    // load: late messages are sent late, not dropped.
+    let total = n(&j["sent"]["total"]);
+    assert!((398..=402).contains(&total), "sent {total}: {j}");
+    // Those stamped in the measured 1.5 s: 300, give or take a stall at the window's edges.
+    let sent = n(&j["sent"]["measured"]);
+    assert!((200..=360).contains(&sent), "sent {sent}: {j}");
+    assert_eq!(n(&j["deliveries"]["measured"]), sent * 10);
+    assert_eq!(n(&j["lost"]), 0);
+    assert_eq!(n(&j["duplicated"]), 0);
+    assert_eq!(n(&j["order_violations"]), 0);
+    assert_eq!(n(&j["send_lag_us"]["count"]), n(&j["sent"]["total"]));
+    for q in ["p50", "p90", "p99", "max"] {
+        assert!(j["latency_us"][q].as_f64().unwrap() > 0.0, "{q}: {j}");
+    }
+    server.shutdown();
+}
+
+#[test]
+fn raw_mode_counts_the_token_inside_wschat_envelopes() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let server = server();
+    // --raw sends bare text: wschat takes it as a chat message and wraps it in a JSON event.
+    let url = format!("{}?room=rawtest", server.ws_url());
+    let r = run(&[
+        "fanout",
+        "--raw",
+        "--url",
+        &url,
+        "--clients",
+        "5",
+        "--duration",
+        "1",
+        "--warmup",
+        "0.3",
+        "--size",
+        "200",
+        "--timeout",
+        "60",
+    ]);
+    assert_ok(&r);
+    let j = &r.json;
+    assert_eq!(j["target"], "raw");
+    let sent = n(&j["sent"]["measured"]);
+    assert!(sent > 0);
+    assert_eq!(n(&j["deliveries"]["measured"]), sent * 5);
+    assert_eq!(n(&j["lost"]), 0);
+    server.shutdown();
+}
+
+#[test]
+fn idle_opens_and_holds_every_connection() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let server = server();
+    let url = server.ws_url();
+    let pid = std::process::id().to_string();
+    let r = run(&[
+        "idle",
+        "--url",
+        &url,
+        "--connections",
+        "60",
+        "--concurrency",
+        "4",
+        "--per-room",
+        "20",
+        "--hold",
+        "1",
+        "--server-pid",
+        &pid,
+        "--timeout",
+        "60",
+    ]);
+    assert_ok(&r);
+    let j = &r.json;
+    assert_eq!(n(&j["opened"]), 60);
+    assert_eq!(n(&j["failed"]), 0);
+    assert_eq!(j["dropped_during_hold"], serde_json::json!({}));
+    // 3 rooms of 20: each member hears every later member join.
+    assert!(n(&j["frames_received"]) >= 3 * (20 * 19 / 2), "{j}");
+    assert_eq!(n(&j["closed_cleanly"]) + n(&j["close_unacked"]), 60);
+    assert!(j["connections_per_s"].as_f64().unwrap() > 0.0);
+    assert!(j["memory"]["held"]["server_rss_kb"].is_number(), "{j}");
+    server.shutdown();
+}
+
+/// RFC 6455 5.5.1: a close frame must be answered with a close frame. wschat currently drops
+/// the TCP connection instead (the reply stays in the session's unflushed write buffer).
+#[test]
+#[ignore = "wschat bug: the server does not answer a client's close frame"]
+fn idle_connections_close_with_a_closing_handshake() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let server = server();
+    let url = server.ws_url();
+    let r = run(&[
+        "idle",
+        "--url",
+        &url,
+        "--connections",
+        "10",
+        "--hold",
+        "0.2",
+        "--timeout",
+        "60",
+    ]);
+    assert_ok(&r);
+    assert_eq!(n(&r.json["closed_cleanly"]), 10, "{}", r.json);
+    server.shutdown();
+}
+
+#[test]
+fn churn_cycles_without_errors() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let server = server();
+    let url = server.ws_url();
+    let r = run(&[
+        "churn",
+        "--url",
+        &url,
+        "--threads",
+        "2",
+        "--duration",
+        "1.5",
+        "--warmup",
+        "0.3",
+        "--timeout",
+        "60",
+    ]);
+    assert_ok(&r);
+    let j = &r.json;
+    let c = &j["cycles"];
+    let total = n(&c["total"]);
+    assert!(n(&c["measured"]) >= 10, "{j}");
+    assert!(n(&c["measured"]) <= total);
+    // Every 10th cycle of each thread drops the socket; the others close properly.
+    assert!(n(&c["abrupt"]) >= total / 10 - 2, "{j}");
+    assert_eq!(
+        n(&c["abrupt"]) + n(&c["closed_cleanly"]) + n(&c["close_unacked"]),
+        total
+    );
+    assert_eq!(j["errors"], serde_json::json!({}));
+    assert_eq!(n(&j["connect_us"]["count"]), n(&c["measured"]));
+    server.shutdown();
+}
+
+#[test]
+fn clients_dropped_by_the_server_are_reported_as_losses() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    // A queue of 8 frames per client cannot hold a burst of 1000 messages: the server drops
+    // the members as too slow, and the tool must say so rather than report a clean run.
+    let server = Server::start(Config {
+        http_port: 0,
+        ws_port: Some(0),
+        rate: 1_000_000.0,
+        burst: 1_000_000.0,
+        client_queue: 8,
+        ..Config::default()
+    })
+    .expect("server starts");
+    let url = server.ws_url();
+    let r = run(&[
+        "fanout",
+        "--url",
+        &url,
+        "--clients",
+        "3",
+        "--window",
+        "1000",
+        "--size",
+        "1000",
+        "--duration",
+        "1",
+        "--warmup",
+        "0.2",
+        "--drain",
+        "0.5",
+        "--timeout",
+        "60",
+    ]);
+    let j = &r.json;
+    assert_eq!(r.code, 2, "{}\n{}", r.stdout, r.stderr);
+    assert_eq!(j["ok"], false);
+    assert!(n(&j["server_closes"]["1008 too slow"]) >= 1, "{j}");
+    assert!(n(&j["lost"]) > 0, "{j}");
+    // Whatever was sent was either received or counted lost, by every member.
+    assert_eq!(
+        n(&j["deliveries"]["total"]) + n(&j["lost"]),
+        n(&j["sent"]["total"]) * 3,
+        "{j}"
+    );
+    server.shutdown();
+}
+
+#[test]
+fn nothing_listening_is_a_setup_failure() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    // A port that was just free: bind, note, release.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("ws://127.0.0.1:{port}/chat");
+    let r = run(&["fanout", "--url", &url, "--clients", "3", "--timeout", "30"]);
+    assert_eq!(r.code, 1, "{}", r.stdout);
+    assert_eq!(r.json["ok"], false);
+    assert!(
+        r.json["error"].as_str().unwrap().contains("failed"),
+        "{}",
+        r.json
+    );
+    assert_eq!(n(&r.json["errors"]["connect: refused"]), 3, "{}", r.json);
+}
+
+#[test]
+fn the_timeout_bounds_a_run() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let server = server();
+    let url = server.ws_url();
+    let started = Instant::now();
+    let r = run(&[
+        "latency",
+        "--url",
+        &url,
+        "--clients",
+        "2",
+        "--duration",
+        "60",
+        "--timeout",
+        "1.5",
+        "--quiet",
+    ]);
+    assert_eq!(r.code, 3, "{}", r.stdout);
+    assert_eq!(r.json["ok"], false);
+    assert!(r.json["error"].as_str().unwrap().contains("timeout"));
+    assert!(started.elapsed() < Duration::from_secs(10));
+    // --quiet: the JSON line is all there is on stdout.
+    assert_eq!(r.stdout.lines().count(), 1, "{}", r.stdout);
+    server.shutdown();
+}
+
+#[test]
+fn refuses_non_loopback_targets_and_bad_usage() {
+    let r = Command::new(env!("CARGO_BIN_EXE_wschat-load"))
+        .args(["idle", "--url", "ws://192.0.2.1:5001/chat"])
+        .output()
+        .unwrap();
+    assert_eq!(r.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&r.stderr).contains("--allow-remote"));
+    let r = Command::new(env!("CARGO_BIN_EXE_wschat-load"))
+        .args(["fanout", "--senders", "5", "--clients", "2"])
+        .output()
+        .unwrap();
+    assert_eq!(r.status.code(), Some(2));
+    let r = Command::new(env!("CARGO_BIN_EXE_wschat-load"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(r.status.success());
+    assert!(String::from_utf8_lossy(&r.stdout).contains("fanout"));
+}
