@@ -51,9 +51,10 @@ pub struct ClientLink {
 /// Everything the dispatcher is asked to do.
 pub enum Event {
     Connect(Box<Connect>),
-    Command {
+    /// Commands from one read of a client's socket, in order.
+    Commands {
         id: ClientId,
-        command: Command,
+        commands: Vec<Command>,
     },
     Disconnect {
         id: ClientId,
@@ -130,8 +131,8 @@ pub struct Hub {
     history: History,
     limits: HubLimits,
     metrics: Arc<Metrics>,
-    /// Frames produced by this batch, delivered after the commit.
-    outbox: Vec<(ClientId, Frame)>,
+    /// Frames produced by this batch (recipient, position, frame), delivered after the commit.
+    outbox: Vec<(ClientId, usize, Frame)>,
     /// API publishers waiting for their message's id, answered after the commit.
     acks: Vec<(Sender<Result<u64, ChatError>>, u64)>,
     typing_deadlines: BinaryHeap<Reverse<(Instant, ClientId)>>,
@@ -186,7 +187,9 @@ impl Hub {
     fn handle(&mut self, event: Event) {
         match event {
             Event::Connect(connect) => self.connect(*connect),
-            Event::Command { id, command } => self.command(id, command),
+            Event::Commands { id, commands } => {
+                commands.into_iter().for_each(|c| self.command(id, c))
+            }
             Event::Disconnect { id, reason } => self.disconnect(id, &reason),
             Event::Publish {
                 room,
@@ -232,7 +235,7 @@ impl Hub {
         };
         if let Err(e) = result {
             debug!("client {id}: {e}");
-            self.outbox.push((id, e.to_frame()));
+            self.send_to(id, e.to_frame());
         }
     }
 
@@ -272,7 +275,7 @@ impl Hub {
         );
         self.enter_room(c.id, &room, c.since, true);
         for e in errors {
-            self.outbox.push((c.id, e.to_frame()));
+            self.send_to(c.id, e.to_frame());
         }
     }
 
@@ -421,7 +424,7 @@ impl Hub {
                 count,
             })
         });
-        self.outbox.push((id, frame));
+        self.send_to(id, frame);
         if let Some(joined) = joined {
             self.broadcast(room, Some(id), joined);
         }
@@ -523,9 +526,9 @@ impl Hub {
         };
         let frame = protocol::encode(&message);
         Metrics::add(&self.metrics.messages_received, 1);
-        self.outbox.push((target, frame.clone()));
+        self.send_to(target, frame.clone());
         if target != id {
-            self.outbox.push((id, frame));
+            self.send_to(id, frame);
         }
         Ok(())
     }
@@ -571,13 +574,20 @@ impl Hub {
 
     // ----- delivery -----
 
+    /// Queues a frame for one client, to be delivered after the commit.
+    fn send_to(&mut self, id: ClientId, frame: Frame) {
+        self.outbox.push((id, self.outbox.len(), frame));
+    }
+
+    /// Queues a frame for every member of `room` but `except`.
     fn broadcast(&mut self, room: &str, except: Option<ClientId>, frame: Frame) {
         let members = self.rooms.get(room).map(Vec::as_slice).unwrap_or(&[]);
+        let start = self.outbox.len();
+        let recipients = members.iter().filter(|&&m| Some(m) != except);
         self.outbox.extend(
-            members
-                .iter()
-                .filter(|&&m| Some(m) != except)
-                .map(|&m| (m, frame.clone())),
+            recipients
+                .enumerate()
+                .map(|(i, &m)| (m, start + i, frame.clone())),
         );
     }
 
@@ -601,14 +611,23 @@ impl Hub {
 
     fn deliver(&mut self) {
         let mut outbox = std::mem::take(&mut self.outbox);
+        // Recipient-major order: a client's frames land on its queue back to back, so one wake-up
+        // of its session carries them all. The position keeps each client's frames in order.
+        outbox.sort_unstable_by_key(|&(id, position, _)| (id, position));
         let mut sent = 0;
         let mut slow = Vec::new();
-        for (id, frame) in outbox.drain(..) {
-            let Some(client) = self.clients.get(&id) else {
+        let mut recipient: Option<(ClientId, Option<&Client>)> = None;
+        for (id, _, frame) in outbox.drain(..) {
+            if recipient.is_none_or(|(current, _)| current != id) {
+                recipient = Some((id, self.clients.get(&id)));
+            }
+            let Some((_, Some(client))) = recipient else {
                 continue;
             };
             if self.queue_is_full(&client.link) {
-                slow.push(id);
+                if slow.last() != Some(&id) {
+                    slow.push(id);
+                }
                 continue;
             }
             client.link.queued_bytes.fetch_add(frame.len(), Relaxed);

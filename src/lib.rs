@@ -12,7 +12,7 @@
 //!                                   | Event (+ reply channel)
 //!  client --WebSocket--> listener   v
 //!    accept loop --> one thread per connection:     +------------------+
-//!        [session thread] --Event::Command--------> | dispatcher (hub) |--> history file
+//!        [session thread] --Event::Commands-------> | dispatcher (hub) |--> history file
 //!          ^  ^ wake: "socket readable"             +--------+---------+
 //!          |  +---- [reactor thread] (epoll)                 |
 //!          +-------------------------------------------------+ Outbound frames (a queue per

@@ -181,6 +181,8 @@ struct Session {
     typing: TokenBucket,
     control: TokenBucket,
     flood: FloodDetector,
+    /// Commands parsed from the current read, not yet sent to the dispatcher.
+    commands: Vec<Command>,
 }
 
 impl Session {
@@ -211,6 +213,7 @@ impl Session {
             typing: TokenBucket::new(TYPING_RATE, TYPING_RATE, now),
             control: TokenBucket::new(CONTROL_RATE, CONTROL_BURST, now),
             flood: FloodDetector::default(),
+            commands: Vec::new(),
         }
     }
 
@@ -268,6 +271,7 @@ impl Session {
             self.last_heard = Instant::now();
             Metrics::add(&self.metrics.bytes_in, got);
         }
+        self.send_commands()?; // what was accepted before an error still counts
         result?;
         self.flush()
     }
@@ -304,11 +308,23 @@ impl Session {
             Metrics::add(&self.metrics.rate_limited, 1);
             return self.reject(ChatError::RateLimited);
         }
+        self.commands.push(command);
+        Ok(())
+    }
+
+    /// Hands the commands of one read to the dispatcher as one event: it then handles them in
+    /// one batch, and every recipient gets their frames with one wake-up instead of one each.
+    fn send_commands(&mut self) -> Result<(), Stop> {
+        if self.commands.is_empty() {
+            return Ok(());
+        }
+        let commands = std::mem::take(&mut self.commands);
+        let event = Event::Commands {
+            id: self.id,
+            commands,
+        };
         self.events
-            .send(Event::Command {
-                id: self.id,
-                command,
-            })
+            .send(event)
             .map_err(|_| Stop::Close(CloseCode::Away, "server shutting down"))
     }
 

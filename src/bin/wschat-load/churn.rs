@@ -93,7 +93,7 @@ pub fn run(o: &Opts, target: &Target) -> Outcome {
         conn::sleep_until_ns(wake.min(now_ns() + 100_000_000));
     }
     let cpu1 = CpuMark::now(o.server_pid);
-    let cpu = cpu_report(cpu0.unwrap_or(cpu1), cpu1, o.duration);
+    let cpu = cpu_report(cpu0.unwrap_or(cpu1), cpu1);
 
     // Each thread finishes its current cycle, bounded by the per-step timeouts.
     let join_deadline = end + 3 * (o.connect_timeout * 1e9) as u64 + SEC;

@@ -135,11 +135,7 @@ pub fn run(o: &Opts, target: &Target) -> Outcome {
     }
     let opened_at = now_ns();
     let mem_open = MemMark::now(o.server_pid);
-    let cpu_open = cpu_report(
-        cpu_open0,
-        CpuMark::now(o.server_pid),
-        (opened_at - t0) as f64 / 1e9,
-    );
+    let cpu_open = cpu_report(cpu_open0, CpuMark::now(o.server_pid));
 
     // Holding.
     ctx.phase.store(HOLD, SeqCst);
@@ -161,7 +157,7 @@ pub fn run(o: &Opts, target: &Target) -> Outcome {
     }
     let cpu1 = CpuMark::now(o.server_pid);
     let mem_held = MemMark::now(o.server_pid);
-    let cpu = cpu_report(cpu0, cpu1, (now_ns() - opened_at) as f64 / 1e9);
+    let cpu = cpu_report(cpu0, cpu1);
 
     // Closing.
     let close_deadline = now_ns() + 2 * SEC + (o.connections as u64 * 20_000); // + 20 µs per connection

@@ -304,7 +304,7 @@ pub fn run(o: &Opts, target: &Target) -> Outcome {
         }
         let cpu1 = CpuMark::now(o.server_pid);
         mem_after = MemMark::now(o.server_pid);
-        cpu = Some(cpu_report(cpu0.unwrap_or(cpu1), cpu1, o.duration));
+        cpu = Some(cpu_report(cpu0.unwrap_or(cpu1), cpu1));
 
         // 4. Drain: senders finish, then wait until every connection has everything, or until
         //    nothing new has arrived for --drain seconds (hard cap: --drain + 30 s).

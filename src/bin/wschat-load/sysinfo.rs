@@ -18,6 +18,21 @@ pub fn cpu_seconds(pid: &str) -> Option<f64> {
     Some((utime + stime) as f64 / USER_HZ)
 }
 
+/// Busy CPU seconds of the whole machine, all cores (/proc/stat: user, nice, system, irq,
+/// softirq, steal), so that CPU used by other processes during a run shows.
+pub fn machine_busy_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is already in user)
+    let busy = v.first()? + v.get(1)? + v.get(2)? + v.get(5)? + v.get(6)? + v.get(7).unwrap_or(&0);
+    Some(busy as f64 / USER_HZ)
+}
+
 /// A `Key:   123 kB` line of /proc/PID/status ("VmRSS", "Threads", ...), as a number.
 pub fn status_field(pid: &str, key: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -44,13 +59,18 @@ fn field(text: &str, key: &str) -> Option<u64> {
 pub struct CpuMark {
     pub tool: Option<f64>,
     pub server: Option<f64>,
+    pub machine: Option<f64>,
+    /// When the mark was taken (ns on the tool's clock).
+    pub at: u64,
 }
 
 impl CpuMark {
     pub fn now(server_pid: Option<u32>) -> CpuMark {
         CpuMark {
+            at: crate::conn::now_ns(),
             tool: cpu_seconds("self"),
             server: server_pid.and_then(|p| cpu_seconds(&p.to_string())),
+            machine: machine_busy_seconds(),
         }
     }
 }
@@ -62,10 +82,18 @@ pub fn cores() -> usize {
 }
 
 /// JSON and a human line for the CPU spent between `a` and `b` over `wall` seconds.
-pub fn cpu_report(a: CpuMark, b: CpuMark, wall: f64) -> (Value, String) {
+pub fn cpu_report(a: CpuMark, b: CpuMark) -> (Value, String) {
+    let wall = b.at.saturating_sub(a.at) as f64 / 1e9;
     let diff = |x: Option<f64>, y: Option<f64>| Some(y? - x?);
     let tool = diff(a.tool, b.tool);
     let server = diff(a.server, b.server);
+    let machine = diff(a.machine, b.machine);
+    // What neither the tool nor the server used: other processes (and interrupt work charged to
+    // no process). Large values mean the figures are disturbed.
+    let others = match (machine, tool) {
+        (Some(m), Some(t)) => Some((m - t - server.unwrap_or(0.0)).max(0.0)),
+        _ => None,
+    };
     let share = |s: Option<f64>| s.map(|s| if wall > 0.0 { s / wall } else { 0.0 });
     let r3 = |x: Option<f64>| x.map(|x| (x * 1000.0).round() / 1000.0);
     let json = json!({
@@ -75,22 +103,27 @@ pub fn cpu_report(a: CpuMark, b: CpuMark, wall: f64) -> (Value, String) {
         "tool_cores": r3(share(tool)),
         "server_s": r3(server),
         "server_cores": r3(share(server)),
+        "machine_busy_cores": r3(share(machine)),
+        "other_cores": r3(share(others)),
     });
     let fmt = |name: &str, s: Option<f64>| match s {
-        Some(s) => format!(
-            "{name} {s:.2}s ({:.2} cores)",
-            share(Some(s)).unwrap_or(0.0)
-        ),
+        Some(s) => format!("{name} {:.2}", share(Some(s)).unwrap_or(0.0)),
         None => format!("{name} n/a"),
     };
     let human = format!(
-        "{}   {}   over {wall:.2}s wall, {} cores on this machine",
+        "cores used: {}, {}, {} (machine busy {:.2} of {}) over {wall:.2}s",
         fmt("tool", tool),
         if server.is_some() {
             fmt("server", server)
         } else {
-            "server n/a (give --server-pid)".into()
+            "server n/a (--server-pid)".into()
         },
+        if server.is_some() {
+            fmt("others", others)
+        } else {
+            fmt("others+server", others)
+        },
+        share(machine).unwrap_or(0.0),
         cores()
     );
     (json, human)
