@@ -596,6 +596,9 @@ impl Hub {
         if let Err(e) = self.history.commit() {
             error!("history: cannot write the history file: {e}");
         }
+        self.metrics
+            .history_messages
+            .store(self.history.len() as u64, Relaxed);
         // Dropping a slow client queues `left` frames for its room; deliver those too. Each pass
         // after the first removes at least one client, so this ends.
         while !self.outbox.is_empty() {

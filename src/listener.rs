@@ -256,8 +256,6 @@ fn connection(
     if let Err(e) = setup {
         return debug!("connection {id} from {peer} lost during the handshake: {e}");
     }
-    Metrics::add(&shared.metrics.connections_total, 1);
-    Metrics::add(&shared.metrics.connections_now, 1);
     let joining = Joining {
         id,
         peer: upgrade.client_ip.to_string(),
@@ -272,7 +270,6 @@ fn connection(
         reactor: &shared.reactor,
     };
     let reason = session::serve(stream, leftover, joining, env);
-    shared.metrics.connections_now.fetch_sub(1, Relaxed);
     debug!("connection {id} from {peer} ended: {reason}");
 }
 

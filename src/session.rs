@@ -118,8 +118,12 @@ pub fn serve(stream: Arc<TcpStream>, leftover: Vec<u8>, joining: Joining, env: E
         since: joining.since,
         link,
     };
+    Metrics::add(&env.metrics.connections_total, 1);
+    Metrics::add(&env.metrics.connections_now, 1);
+    // Counts the connection out and tells the dispatcher, however the session ends.
     let mut leave = LeaveOnDrop {
         id,
+        metrics: env.metrics.clone(),
         events: env.events.clone(),
         reason: "internal error".into(),
     };
@@ -144,12 +148,14 @@ pub fn serve(stream: Arc<TcpStream>, leftover: Vec<u8>, joining: Joining, env: E
 /// ghost stays in presence.
 struct LeaveOnDrop {
     id: ClientId,
+    metrics: Arc<Metrics>,
     events: Sender<Event>,
     reason: String,
 }
 
 impl Drop for LeaveOnDrop {
     fn drop(&mut self) {
+        self.metrics.connections_now.fetch_sub(1, Relaxed);
         let reason = std::mem::take(&mut self.reason);
         let _ = self.events.send(Event::Disconnect {
             id: self.id,

@@ -350,10 +350,15 @@ fn metrics_counters_move() {
     assert_eq!(metric(addr, "wschat_connections"), 2);
     assert_eq!(metric(addr, "wschat_connections_total"), 2);
     assert_eq!(metric(addr, "wschat_messages_received_total"), 1);
-    assert!(
-        metric(addr, "wschat_messages_sent_total") >= 5,
-        "two welcomes, a joined, two messages"
-    );
+    // Counters are added after each batch is handed out, so a reader may be a moment ahead.
+    let deadline = std::time::Instant::now() + WAIT;
+    while metric(addr, "wschat_messages_sent_total") < 5 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "two welcomes, a joined, two messages"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     assert!(
         metric(addr, "wschat_bytes_in_total") > 0 && metric(addr, "wschat_bytes_out_total") > 0
     );
