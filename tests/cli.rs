@@ -94,16 +94,38 @@ fn sigterm_and_sigint_close_clients_with_1001_and_exit_0() {
 }
 
 #[test]
-fn logs_connects_and_disconnects() {
-    let (mut child, _http, ws) = spawn_server(&[]);
-    let client = Client::connect(ws.parse().unwrap(), "/chat?name=logme");
+fn logs_connects_and_disconnects_and_at_debug_the_messages_and_handshakes() {
+    // RUST_LOG=debug also runs the deepest logging paths on the connection threads' small stacks.
+    let mut cmd = wschat(&["--port", "0", "--ws-port", "0"]);
+    cmd.env("RUST_LOG", "debug");
+    let mut child = cmd.spawn().unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let ws = line
+        .split("ws://")
+        .nth(1)
+        .and_then(|r| r.split('/').next())
+        .unwrap()
+        .to_owned();
+    let mut client = Client::connect(ws.parse().unwrap(), "/chat?name=logme");
+    client.expect("welcome");
+    client.send("hello log");
+    client.expect("message");
+    client.send(&format!(
+        r#"{{"type":"message","text":"x","deep":{}{}}}"#,
+        "[".repeat(5000),
+        "]".repeat(5000)
+    ));
+    client.expect("message");
     client.close();
     std::thread::sleep(Duration::from_millis(300));
     Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
         .unwrap();
-    wait_exit(&mut child, Duration::from_secs(5));
+    assert!(wait_exit(&mut child, Duration::from_secs(5)).is_some_and(|s| s.success()));
     let mut log = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut log).unwrap();
     assert!(
@@ -114,4 +136,10 @@ fn logs_connects_and_disconnects() {
         log.contains("a user disconnected") && log.contains("closed by the client"),
         "{log}"
     );
+    assert!(log.contains("got message from \"logme\""), "{log}");
+    assert!(
+        log.contains("handshake request from") && log.contains("Sec-WebSocket-Key"),
+        "{log}"
+    );
+    assert!(log.contains("101 Switching Protocols"), "{log}");
 }
