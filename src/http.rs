@@ -461,6 +461,23 @@ mod tests {
     }
 
     #[test]
+    fn content_types_by_extension() {
+        let cases = [
+            ("index.html", "text/html; charset=utf-8"),
+            ("app.js", "text/javascript; charset=utf-8"),
+            ("style.css", "text/css; charset=utf-8"),
+            ("logo.svg", "image/svg+xml"),
+            ("a.PNG", "image/png"),
+            ("favicon.ico", "image/x-icon"),
+            ("config.json", "application/json"),
+            ("blob", "application/octet-stream"),
+        ];
+        for (path, expected) in cases {
+            assert_eq!(content_type(path), expected, "{path}");
+        }
+    }
+
+    #[test]
     fn csp_names_the_websocket_origin() {
         let csp = content_security_policy("ws://10.0.0.2:5001/chat");
         assert!(
