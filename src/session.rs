@@ -230,7 +230,12 @@ impl Session {
             Ok(()) => self.event_loop(),
         };
         match stop {
-            Stop::Gone(reason) => reason,
+            Stop::Gone(reason) => {
+                // tungstenite answers a client's close frame into our buffer, then reports the
+                // connection closed before flushing: send the answer.
+                let _ = self.ws.get_mut().flush();
+                reason
+            }
             Stop::Close(code, reason) => {
                 if self.send_close(code, reason) {
                     self.await_peer_close();

@@ -287,3 +287,23 @@ fn shutdown_sends_1001_and_returns_promptly() {
     assert!(t0.elapsed() < Duration::from_secs(5));
     assert_eq!(closer.join().unwrap(), Some(1001));
 }
+
+#[test]
+fn a_clients_close_frame_is_answered_with_one() {
+    let server = start(config());
+    let (mut c, _) = Client::join(&server, "/chat");
+    c.ws.close(Some(tungstenite::protocol::CloseFrame {
+        code: tungstenite::protocol::frame::coding::CloseCode::Normal,
+        reason: "bye".into(),
+    }))
+    .unwrap();
+    let answer = loop {
+        match c.ws.read() {
+            Ok(tungstenite::Message::Close(frame)) => break frame,
+            Ok(_) => continue,
+            Err(e) => panic!("no close frame came back: {e}"),
+        }
+    };
+    assert_eq!(answer.map(|f| u16::from(f.code)), Some(1000));
+    server.shutdown();
+}

@@ -277,10 +277,8 @@ fn idle_opens_and_holds_every_connection() {
     server.shutdown();
 }
 
-/// RFC 6455 5.5.1: a close frame must be answered with a close frame. wschat currently drops
-/// the TCP connection instead (the reply stays in the session's unflushed write buffer).
+/// RFC 6455 5.5.1: a close frame must be answered with a close frame.
 #[test]
-#[ignore = "wschat bug: the server does not answer a client's close frame"]
 fn idle_connections_close_with_a_closing_handshake() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let server = server();
