@@ -80,6 +80,7 @@ test('the page reconnects after a server restart and shows what it missed', { ti
   const alice = await openChat(browser, server, { name: 'alice', room: ROOM });
   try {
     await say(alice.page, 'before 1');
+    await waitForMessage(alice.page, 'before 1'); // so the API post cannot overtake it
     await post('before 2');
     await waitForMessage(alice.page, 'before 2');
 
