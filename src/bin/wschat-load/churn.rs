@@ -97,17 +97,10 @@ pub fn run(o: &Opts, target: &Target) -> Outcome {
 
     // Each thread finishes its current cycle, bounded by the per-step timeouts.
     let join_deadline = end + 3 * (o.connect_timeout * 1e9) as u64 + SEC;
-    while now_ns() < join_deadline && handles.iter().any(|h| !h.is_finished()) {
-        thread::sleep(Duration::from_millis(5));
-    }
+    let (results, not_joined) = conn::join_finished(handles, join_deadline);
     let mut st = Stats::default();
-    let mut not_joined = 0;
-    for h in handles {
-        if !h.is_finished() {
-            not_joined += 1;
-            continue;
-        }
-        match h.join() {
+    for result in results {
+        match result {
             Ok(s) => {
                 st.cycles += s.cycles;
                 st.measured += s.measured;

@@ -23,6 +23,23 @@ pub fn now_ns() -> u64 {
     EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64
 }
 
+/// Waits until every thread has finished or `deadline_ns` (on the [`now_ns`] clock) has passed,
+/// then joins the finished ones. Returns their results (`Err` for a thread that panicked) and how
+/// many were still running; those are left detached rather than waited for.
+pub fn join_finished<T>(
+    handles: Vec<std::thread::JoinHandle<T>>,
+    deadline_ns: u64,
+) -> (Vec<std::thread::Result<T>>, usize) {
+    while now_ns() < deadline_ns && handles.iter().any(|h| !h.is_finished()) {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let (finished, running): (Vec<_>, Vec<_>) = handles.into_iter().partition(|h| h.is_finished());
+    (
+        finished.into_iter().map(|h| h.join()).collect(),
+        running.len(),
+    )
+}
+
 pub fn init_clock() {
     EPOCH.get_or_init(Instant::now);
 }

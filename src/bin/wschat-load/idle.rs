@@ -164,17 +164,10 @@ pub fn run(o: &Opts, target: &Target) -> Outcome {
     ctx.close_deadline.store(close_deadline, SeqCst);
     ctx.phase.store(CLOSE, SeqCst);
     let join_deadline = close_deadline + SEC;
-    while now_ns() < join_deadline && handles.iter().any(|h| !h.is_finished()) {
-        thread::sleep(Duration::from_millis(5));
-    }
+    let (results, not_joined) = conn::join_finished(handles, join_deadline);
     let mut st = Stats::default();
-    let mut not_joined = 0;
-    for h in handles {
-        if !h.is_finished() {
-            not_joined += 1;
-            continue;
-        }
-        match h.join() {
+    for result in results {
+        match result {
             Ok(s) => {
                 st.opened += s.opened;
                 st.not_attempted += s.not_attempted;
