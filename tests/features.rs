@@ -128,12 +128,7 @@ fn names_are_unique_regardless_of_case() {
 fn presence_lists_stay_exact_after_churn() {
     let server = start(config());
     let (mut watcher, welcome) = Client::join(&server, "/chat?name=watcher");
-    let mut users: BTreeSet<String> = welcome["users"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|u| u.as_str().unwrap().into())
-        .collect();
+    let mut users = names_of(&welcome);
     let mut kept = Vec::new();
     for i in 0..30 {
         let (mut c, _) = Client::join(&server, &format!("/chat?name=u{i}"));
@@ -144,14 +139,34 @@ fn presence_lists_stay_exact_after_churn() {
         }
         kept.push(c);
     }
+    // A snapshot taken mid-churn: the watcher's event stream must pass through
+    // exactly this list, whatever the churn still had in flight.
+    let (_early, early_welcome) = Client::join(&server, "/chat?name=early");
+    follow_until(&mut watcher, &mut users, &names_of(&early_welcome));
+    // Once the churn has settled: watcher, early and the ten renamed.
+    let mut settled: BTreeSet<String> = ["watcher", "early"].map(String::from).into();
+    settled.extend((1..30).step_by(3).map(|i| format!("renamed{i}")));
+    follow_until(&mut watcher, &mut users, &settled);
     let (_late, late_welcome) = Client::join(&server, "/chat?name=late");
-    let expected: BTreeSet<String> = late_welcome["users"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|u| u.as_str().unwrap().into())
-        .collect();
-    while users != expected {
+    settled.insert("late".into());
+    assert_eq!(
+        names_of(&late_welcome),
+        settled,
+        "a fresh join sees the settled list"
+    );
+    follow_until(&mut watcher, &mut users, &settled);
+    server.shutdown();
+}
+
+fn names_of(welcome: &Value) -> BTreeSet<String> {
+    let users = welcome["users"].as_array().expect("welcome lists users");
+    users.iter().map(|u| u.as_str().unwrap().into()).collect()
+}
+
+/// Applies the watcher's presence events to `users` until it equals `want`,
+/// checking each event's `count` against the list so far.
+fn follow_until(watcher: &mut Client, users: &mut BTreeSet<String>, want: &BTreeSet<String>) {
+    while users != want {
         let ev = watcher.recv();
         let name = ev["name"].as_str().map(String::from);
         match ev["type"].as_str() {
@@ -161,20 +176,13 @@ fn presence_lists_stay_exact_after_churn() {
                 assert!(users.remove(ev["from"].as_str().unwrap()));
                 assert!(users.insert(name.unwrap()));
             }
-            _ => {}
+            _ => continue,
         }
         assert!(users.len() <= 40);
-        if users == expected {
-            break;
+        if let Some(count) = ev["count"].as_u64() {
+            assert_eq!(users.len(), count as usize, "count matches after {ev}");
         }
-        assert_eq!(
-            users.len(),
-            ev["count"].as_u64().map_or(users.len(), |c| c as usize),
-            "count matches after {ev}"
-        );
     }
-    assert_eq!(users.len(), 12, "watcher + 10 renamed + late");
-    server.shutdown();
 }
 
 #[test]
