@@ -60,6 +60,9 @@ pub struct Config {
     pub allow_origins: Vec<String>,
     /// Most rooms (with members or history) the server holds.
     pub max_rooms: usize,
+    /// Largest room with per-member presence (`joined`/`left` for everyone, full member list);
+    /// a bigger room gets its member count once a second instead.
+    pub presence_limit: usize,
     /// Outgoing messages queued per client before it counts as too slow.
     pub client_queue: usize,
     /// Outgoing bytes queued per client before it counts as too slow.
@@ -93,6 +96,7 @@ impl Default for Config {
             burst: 30.0,
             allow_origins: Vec::new(),
             max_rooms: 1_000,
+            presence_limit: 200,
             client_queue: 1_024,
             client_queue_bytes: 4 << 20,
             ping_interval: Duration::from_secs(30),
@@ -134,6 +138,8 @@ USAGE: wschat [FLAGS]
   --burst B              chat messages at once per connection (default 30)
   --allow-origin ORIGIN  also accept this Origin (repeatable; * = any)
   --max-rooms N          most rooms held (default 1000)
+  --presence-limit N     largest room that gets joined/left for every member; bigger
+                         rooms get their count once a second (default 200)
   --client-queue N       messages queued per client before it is dropped (default 1024)
   --client-queue-bytes N bytes queued per client before it is dropped (default 4194304)
   --ping-interval SECS   keepalive ping interval (default 30)
@@ -179,6 +185,7 @@ pub fn parse_args(
             Long("burst") => cfg.burst = parse_positive(&parser.value()?.string()?)?,
             Long("allow-origin") => cfg.allow_origins.push(parser.value()?.string()?),
             Long("max-rooms") => cfg.max_rooms = parser.value()?.parse()?,
+            Long("presence-limit") => cfg.presence_limit = parser.value()?.parse()?,
             Long("client-queue") => cfg.client_queue = parser.value()?.parse()?,
             Long("client-queue-bytes") => cfg.client_queue_bytes = parser.value()?.parse()?,
             Long("ping-interval") => cfg.ping_interval = parse_secs(&parser.value()?.string()?)?,

@@ -32,6 +32,9 @@ pub type ClientId = u64;
 const MAX_BATCH_EVENTS: usize = 512;
 /// A typing state that is not refreshed within this time ends by itself.
 pub const TYPING_TIMEOUT: Duration = Duration::from_secs(5);
+/// A crowd (a room above the presence limit) hears its member count at most this often: telling
+/// every member of every join would cost members² frames (50 million for 10,000 people).
+pub const PRESENCE_TICK: Duration = Duration::from_secs(1);
 
 /// What the dispatcher puts on a client's queue.
 #[derive(Debug, Clone)]
@@ -110,6 +113,8 @@ pub struct HistoryPage {
 pub struct HubLimits {
     pub history: usize,
     pub max_rooms: usize,
+    /// Largest room with per-member presence; bigger ones are crowds.
+    pub presence_limit: usize,
     pub client_queue: usize,
     pub client_queue_bytes: usize,
 }
@@ -136,6 +141,9 @@ pub struct Hub {
     /// API publishers waiting for their message's id, answered after the commit.
     acks: Vec<(Sender<Result<u64, ChatError>>, u64)>,
     typing_deadlines: BinaryHeap<Reverse<(Instant, ClientId)>>,
+    /// Rooms whose membership changed without per-member events, and when to tell them.
+    presence_changed: Vec<String>,
+    presence_due: Option<Instant>,
     stopping: bool,
 }
 
@@ -151,6 +159,8 @@ impl Hub {
             outbox: Vec::new(),
             acks: Vec::new(),
             typing_deadlines: BinaryHeap::new(),
+            presence_changed: Vec::new(),
+            presence_due: None,
             stopping: false,
         }
     }
@@ -170,7 +180,9 @@ impl Hub {
             for event in events.try_iter().take(MAX_BATCH_EVENTS) {
                 self.handle(event);
             }
-            self.expire_typing(Instant::now());
+            let now = Instant::now();
+            self.expire_typing(now);
+            self.announce_presence(now);
             self.commit();
         }
         self.close_everyone();
@@ -178,10 +190,10 @@ impl Hub {
 
     fn next_deadline(&self) -> Option<Instant> {
         let typing = self.typing_deadlines.peek().map(|Reverse((t, _))| *t);
-        match (typing, self.history.sync_deadline()) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [typing, self.history.sync_deadline(), self.presence_due]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     fn handle(&mut self, event: Event) {
@@ -336,7 +348,11 @@ impl Hub {
             name: &name,
             count,
         });
-        self.broadcast(&room, None, frame);
+        if count <= self.limits.presence_limit {
+            self.broadcast(&room, None, frame);
+        } else {
+            self.send_to(id, frame); // a crowd hears no names; the renamed client must
+        }
         Ok(())
     }
 
@@ -387,20 +403,14 @@ impl Hub {
         let Some(me) = self.clients.get(&id) else {
             return;
         };
-        let mut users: Vec<&str> = self
-            .members(room)
-            .iter()
-            .filter_map(|m| self.clients.get(m))
-            .map(|c| c.name.as_str())
-            .collect();
-        users.sort_by_cached_key(|n| n.to_lowercase());
+        let users = self.member_names(room);
+        let count = self.members(room).len();
         let slice = self.history.slice(room, since, self.limits.history);
         let history = slice
             .messages
             .iter()
             .filter_map(|m| protocol::raw_json(&m.frame))
             .collect();
-        let count = users.len();
         let state = RoomState {
             room,
             users,
@@ -417,7 +427,7 @@ impl Hub {
         } else {
             protocol::encode(&ServerEvent::Room { room: state })
         };
-        let joined = is_new.then(|| {
+        let joined = (is_new && count <= self.limits.presence_limit).then(|| {
             protocol::encode(&ServerEvent::Joined {
                 room,
                 name: &me.name,
@@ -427,6 +437,8 @@ impl Hub {
         self.send_to(id, frame);
         if let Some(joined) = joined {
             self.broadcast(room, Some(id), joined);
+        } else if is_new {
+            self.presence_changed(room);
         }
     }
 
@@ -434,13 +446,59 @@ impl Hub {
         let Some(members) = self.rooms.get_mut(room) else {
             return;
         };
+        let before = members.len();
         members.retain(|&m| m != id);
         let count = members.len();
         if count == 0 {
             self.rooms.remove(room);
-        } else {
+        } else if before <= self.limits.presence_limit {
             let frame = protocol::encode(&ServerEvent::Left { room, name, count });
             self.broadcast(room, None, frame);
+        } else {
+            self.presence_changed(room);
+        }
+    }
+
+    /// Names in `room`, sorted case-insensitively: all of them, or in a crowd the
+    /// `presence_limit` members who have been there longest.
+    fn member_names(&self, room: &str) -> Vec<&str> {
+        let members = self.members(room).iter().take(self.limits.presence_limit);
+        let mut names: Vec<&str> = members
+            .filter_map(|m| self.clients.get(m))
+            .map(|c| c.name.as_str())
+            .collect();
+        names.sort_by_cached_key(|n| n.to_lowercase());
+        names
+    }
+
+    /// Notes a membership change that was not told member by member.
+    fn presence_changed(&mut self, room: &str) {
+        if !self.presence_changed.iter().any(|r| r == room) {
+            self.presence_changed.push(room.to_owned());
+        }
+        self.presence_due
+            .get_or_insert_with(|| Instant::now() + PRESENCE_TICK);
+    }
+
+    /// Tells each changed room its count, and a room that is no longer a crowd its whole member
+    /// list, so per-member events can take over again.
+    fn announce_presence(&mut self, now: Instant) {
+        if self.presence_due.is_none_or(|due| due > now) {
+            return;
+        }
+        self.presence_due = None;
+        for room in std::mem::take(&mut self.presence_changed) {
+            let count = self.members(&room).len();
+            if count == 0 {
+                continue;
+            }
+            let users = (count <= self.limits.presence_limit).then(|| self.member_names(&room));
+            let frame = protocol::encode(&ServerEvent::Presence {
+                room: &room,
+                count,
+                users,
+            });
+            self.broadcast(&room, None, frame);
         }
     }
 

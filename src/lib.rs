@@ -135,6 +135,7 @@ impl Server {
         let limits = HubLimits {
             history: config.history,
             max_rooms: config.max_rooms,
+            presence_limit: config.presence_limit,
             client_queue: config.client_queue,
             client_queue_bytes: config.client_queue_bytes,
         };

@@ -211,6 +211,13 @@ pub enum ServerEvent<'a> {
         name: &'a str,
         count: usize,
     },
+    /// A crowd's member count (see the dispatcher); `users` once it is small again.
+    Presence {
+        room: &'a str,
+        count: usize,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        users: Option<Vec<&'a str>>,
+    },
     Typing {
         room: &'a str,
         name: &'a str,

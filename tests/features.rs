@@ -186,6 +186,52 @@ fn follow_until(watcher: &mut Client, users: &mut BTreeSet<String>, want: &BTree
 }
 
 #[test]
+fn a_crowd_hears_counts_not_names() {
+    let server = start(Config {
+        presence_limit: 3,
+        ..config()
+    });
+    let (mut a, _) = Client::join(&server, "/chat?name=a");
+    let (_b, _) = Client::join(&server, "/chat?name=b");
+    let (c, _) = Client::join(&server, "/chat?name=c");
+    assert_eq!(a.expect("joined")["name"], "b");
+    assert_eq!(a.expect("joined")["name"], "c");
+
+    // The fourth member makes a crowd: its welcome lists the three longest present.
+    let (mut d, welcome) = Client::join(&server, "/chat?name=d");
+    assert_eq!(welcome["users"], json!(["a", "b", "c"]));
+    assert_eq!(welcome["count"], 4);
+    let counted = a.recv();
+    assert_eq!(
+        counted["type"], "presence",
+        "no joined for a crowd: {counted}"
+    );
+    assert_eq!(counted["count"], 4);
+    assert!(counted.get("users").is_none(), "{counted}");
+
+    // In a crowd only the renamed client hears of its rename.
+    d.send_json(json!({"type":"nick","name":"dora"}));
+    assert_eq!(d.expect("renamed")["name"], "dora");
+    drop(d);
+    // Small again: the whole list, after which per-member events resume.
+    let small = a.recv();
+    assert_eq!(
+        small["type"], "presence",
+        "no left or renamed from a crowd: {small}"
+    );
+    assert_eq!(small["count"], 3);
+    assert_eq!(small["users"], json!(["a", "b", "c"]));
+    drop(c);
+    let left = a.recv();
+    assert_eq!(
+        (&left["type"], &left["name"]),
+        (&json!("left"), &json!("c"))
+    );
+    assert_eq!(left["count"], 2);
+    server.shutdown();
+}
+
+#[test]
 fn typing_is_relayed_to_others_and_expires() {
     let server = start(config());
     let (mut a, _) = Client::join(&server, "/chat?name=a");

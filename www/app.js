@@ -60,7 +60,8 @@ const state = {
   lastId: 0,             // highest id of a room message shown (for ?since= on reconnect)
   wantedName: readStoredNick(),
   me: '',                // the name the server gave us
-  users: [],             // members of the room, sorted
+  users: [],             // members of the room, sorted (in a crowd, only some of them)
+  userCount: 0,          // members of the room (more than users.length in a crowd)
   rooms: [],             // last answer of /api/rooms
   privateTo: null,       // name private messages go to, or null
   unread: 0,             // messages received while the tab was hidden
@@ -122,6 +123,7 @@ function handleFrame(frame) {
     case 'joined': return onJoined(frame);
     case 'left': return onLeft(frame);
     case 'renamed': return onRenamed(frame);
+    case 'presence': return onPresence(frame);
     case 'typing': return onTyping(frame);
     case 'error': return onError(frame);
     default: console.warn('wschat: unknown frame type', frame.type);
@@ -134,7 +136,7 @@ function onWelcome(frame) {
   if (frame.name === state.wantedName) rememberName(frame.name);
   state.serverRoom = frame.room;
   if (frame.room !== state.room) setRoom(frame.room);
-  setUsers(frame.users);
+  setUsers(frame.users, frame.count);
   const history = Array.isArray(frame.history) ? frame.history : [];
   if (reconnect) {
     const missed = history.filter((m) => !list.has(m.id));
@@ -157,7 +159,7 @@ function onRoom(frame) {
   if (frame.room !== state.room) return; // an answer to a join we have since replaced
   list.clear();
   state.lastId = 0;
-  setUsers(frame.users);
+  setUsers(frame.users, frame.count);
   if (frame.truncated) list.addNotice('some messages could not be recovered', 'warning');
   (Array.isArray(frame.history) ? frame.history : []).forEach(showMessage);
   state.inRoom = true;
@@ -212,6 +214,14 @@ function onRenamed(frame) {
   list.addNotice(mine ? `you are now ${frame.name}` : `${frame.from} is now ${frame.name}`);
 }
 
+/** A big room's member count (names are not sent one by one there); the whole list once the
+ * room is small again. */
+function onPresence(frame) {
+  if (!isHere(frame)) return;
+  setUsers(Array.isArray(frame.users) ? frame.users : state.users, frame.count);
+  refreshRoomsSoon();
+}
+
 function onTyping(frame) {
   if (frame.room !== state.room || frame.name === state.me) return;
   typingView.set(frame.name, frame.active === true);
@@ -245,14 +255,22 @@ function setMe(name) {
   drawUsers();
 }
 
-function setUsers(names) {
+/** `count` is the room's size when the server lists only some of its members. */
+function setUsers(names, count) {
   state.users = sortNames(Array.isArray(names) ? names : []);
+  state.userCount = Math.max(Number.isInteger(count) ? count : 0, state.users.length);
   drawUsers();
 }
 
 function drawUsers() {
-  renderUsers(ui.users, { users: state.users, me: state.me, privateTo: state.privateTo, onPick: pickUser });
-  ui.userCount.textContent = String(state.users.length);
+  let users = state.users;
+  // A big room's list names only some members; we are there even if not among them.
+  if (state.userCount > users.length && state.me && !users.includes(state.me)) {
+    users = sortNames([...users, state.me]);
+  }
+  const more = state.userCount - users.length;
+  renderUsers(ui.users, { users, more, me: state.me, privateTo: state.privateTo, onPick: pickUser });
+  ui.userCount.textContent = String(state.userCount);
   drawRooms();
 }
 
@@ -346,7 +364,7 @@ function refreshRoomsSoon() {
 function drawRooms() {
   const rooms = state.rooms.filter((r) => r.name !== state.room);
   const known = state.rooms.find((r) => r.name === state.room);
-  rooms.push({ name: state.room, count: state.inRoom ? state.users.length : known ? known.count : 0 });
+  rooms.push({ name: state.room, count: state.inRoom ? state.userCount : known ? known.count : 0 });
   rooms.sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
   renderRooms(ui.rooms, { rooms, current: state.room, onPick: (room) => { location.hash = room; } });
 }

@@ -12,11 +12,11 @@ export function sortNames(names) {
 
 /**
  * Draws the member list. Every other person is a button that picks them as the target of
- * a private message.
+ * a private message. `more` counts members of a big room the server did not name.
  * @param {HTMLUListElement} ul
- * @param {{users: string[], me: string, privateTo: string|null, onPick: (name: string) => void}} opts
+ * @param {{users: string[], more: number, me: string, privateTo: string|null, onPick: (name: string) => void}} opts
  */
-export function renderUsers(ul, { users, me, privateTo, onPick }) {
+export function renderUsers(ul, { users, more, me, privateTo, onPick }) {
   const items = users.map((name) => {
     const li = document.createElement('li');
     li.dataset.name = name;
@@ -41,6 +41,12 @@ export function renderUsers(ul, { users, me, privateTo, onPick }) {
     }
     return li;
   });
+  if (more > 0) {
+    const li = document.createElement('li');
+    li.className = 'more';
+    li.textContent = `and ${more.toLocaleString()} more`;
+    items.push(li);
+  }
   ul.replaceChildren(...items);
 }
 
