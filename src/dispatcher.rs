@@ -2,19 +2,19 @@
 //! connected, their names, rooms, typing states and history — and decides who receives what.
 //!
 //! Sessions and the HTTP API talk to it only through [`Event`]s on one channel, and it talks back
-//! only through each client's bounded queue of [`Outbound`] frames. It never touches a socket and
-//! never blocks on a client: a client whose queue is full is dropped as too slow. Because all
-//! state lives on this one thread there are no locks, and every room sees its messages in one
-//! order (the id order).
+//! only through each client's [`Outlet`], handing it frames. It never blocks on a client: a client
+//! whose outlet's backlog passes its bound is dropped as too slow. Because all chat state lives on
+//! this one thread it needs no locks, and every room sees its messages in one order (the id
+//! order).
 //!
 //! Each loop turn handles a batch of events, then commits history (one write, one sync), and only
-//! then hands the batch's frames to the client queues, so no one sees a message that a crash
-//! could still lose.
+//! then hands the batch's frames to the outlets, each client's frames together, so no one sees a
+//! message that a crash could still lose.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
@@ -22,6 +22,7 @@ use log::{debug, error, info};
 
 use crate::history::{History, Stored};
 use crate::metrics::Metrics;
+use crate::outlet::Outlet;
 use crate::protocol::{self, ChatError, ChatMessage, Command, Frame, RoomState, ServerEvent};
 
 /// Connection ids, unique for the life of the process.
@@ -35,21 +36,6 @@ pub const TYPING_TIMEOUT: Duration = Duration::from_secs(5);
 /// A crowd (a room above the presence limit) hears its member count at most this often: telling
 /// every member of every join would cost members² frames (50 million for 10,000 people).
 pub const PRESENCE_TICK: Duration = Duration::from_secs(1);
-
-/// What the dispatcher puts on a client's queue.
-#[derive(Debug, Clone)]
-pub enum Outbound {
-    Frame(Frame),
-    /// Send a close frame with this code and reason, then end the connection.
-    Close(u16, &'static str),
-}
-
-/// The dispatcher's end of a client's queue.
-pub struct ClientLink {
-    pub tx: Sender<Outbound>,
-    /// Bytes queued and not yet taken by the session (the session subtracts what it takes).
-    pub queued_bytes: Arc<AtomicUsize>,
-}
 
 /// Everything the dispatcher is asked to do.
 pub enum Event {
@@ -94,7 +80,7 @@ pub struct Connect {
     pub name: Option<String>,
     pub room: String,
     pub since: Option<u64>,
-    pub link: ClientLink,
+    pub outlet: Arc<Outlet>,
 }
 
 #[derive(serde::Serialize, Debug, Clone, PartialEq)]
@@ -122,7 +108,7 @@ pub struct HubLimits {
 struct Client {
     name: String,
     room: String,
-    link: ClientLink,
+    outlet: Arc<Outlet>,
     /// When the client's typing state expires, if it is typing.
     typing_until: Option<Instant>,
 }
@@ -138,6 +124,8 @@ pub struct Hub {
     metrics: Arc<Metrics>,
     /// Frames produced by this batch (recipient, position, frame), delivered after the commit.
     outbox: Vec<(ClientId, usize, Frame)>,
+    /// One recipient's frames during delivery (kept for its allocation).
+    parcel: Vec<Frame>,
     /// API publishers waiting for their message's id, answered after the commit.
     acks: Vec<(Sender<Result<u64, ChatError>>, u64)>,
     typing_deadlines: BinaryHeap<Reverse<(Instant, ClientId)>>,
@@ -157,6 +145,7 @@ impl Hub {
             limits,
             metrics,
             outbox: Vec::new(),
+            parcel: Vec::new(),
             acks: Vec::new(),
             typing_deadlines: BinaryHeap::new(),
             presence_changed: Vec::new(),
@@ -281,7 +270,7 @@ impl Hub {
             Client {
                 name,
                 room: room.clone(),
-                link: c.link,
+                outlet: c.outlet,
                 typing_until: None,
             },
         );
@@ -672,32 +661,29 @@ impl Hub {
 
     fn deliver(&mut self) {
         let mut outbox = std::mem::take(&mut self.outbox);
-        // Recipient-major order: a client's frames land on its queue back to back, so one wake-up
-        // of its session carries them all. The position keeps each client's frames in order.
+        // Recipient-major order: a client's frames go to its outlet together, so they leave in
+        // one write. The position keeps each client's frames in order.
         outbox.sort_unstable_by_key(|&(id, position, _)| (id, position));
         let mut sent = 0;
         let mut slow = Vec::new();
-        let mut recipient: Option<(ClientId, Option<&Client>)> = None;
-        for (id, _, frame) in outbox.drain(..) {
-            if recipient.is_none_or(|(current, _)| current != id) {
-                recipient = Some((id, self.clients.get(&id)));
+        let mut frames = outbox.drain(..).peekable();
+        while let Some((id, _, frame)) = frames.next() {
+            self.parcel.push(frame);
+            while let Some((_, _, frame)) = frames.next_if(|&(next, _, _)| next == id) {
+                self.parcel.push(frame);
             }
-            let Some((_, Some(client))) = recipient else {
-                continue;
-            };
-            if self.queue_is_full(&client.link) {
-                if slow.last() != Some(&id) {
+            if let Some(client) = self.clients.get(&id) {
+                sent += self.parcel.len() as u64;
+                let backlog = client.outlet.send(&self.parcel);
+                if backlog.frames > self.limits.client_queue
+                    || backlog.bytes > self.limits.client_queue_bytes
+                {
                     slow.push(id);
                 }
-                continue;
             }
-            client.link.queued_bytes.fetch_add(frame.len(), Relaxed);
-            // The queue is unbounded (bounded above), so this fails only when the session has
-            // ended; its Disconnect event is on the way.
-            if client.link.tx.try_send(Outbound::Frame(frame)).is_ok() {
-                sent += 1;
-            }
+            self.parcel.clear();
         }
+        drop(frames);
         self.outbox = outbox; // keep the allocation for the next batch
         Metrics::add(&self.metrics.messages_sent, sent);
         for id in slow {
@@ -705,31 +691,21 @@ impl Hub {
         }
     }
 
-    /// The dispatcher is the only sender, so checking here bounds the queue (and leaves room for
-    /// the final close).
-    fn queue_is_full(&self, link: &ClientLink) -> bool {
-        link.tx.len() >= self.limits.client_queue
-            || link.queued_bytes.load(Relaxed) > self.limits.client_queue_bytes
-    }
-
     fn drop_slow(&mut self, id: ClientId) {
         if let Some(client) = self.remove_client(id) {
             info!(
-                "a user disconnected: id {id} name {:?} (too slow: its queue is full)",
+                "a user disconnected: id {id} name {:?} (too slow: its backlog is full)",
                 client.name
             );
             Metrics::add(&self.metrics.slow_clients_dropped, 1);
-            let _ = client.link.tx.try_send(Outbound::Close(1008, "too slow"));
+            client.outlet.close(1008, "too slow");
         }
     }
 
     fn close_everyone(&mut self) {
         self.commit();
         for client in self.clients.values() {
-            let _ = client
-                .link
-                .tx
-                .try_send(Outbound::Close(1001, "server shutting down"));
+            client.outlet.close(1001, "server shutting down");
         }
         info!(
             "dispatcher stopped ({} clients told to go away)",

@@ -37,11 +37,13 @@
 
 pub mod config;
 pub mod dispatcher;
+pub mod doorbell;
 pub mod handshake;
 pub mod history;
 pub mod http;
 pub mod listener;
 pub mod metrics;
+pub mod outlet;
 pub mod protocol;
 pub mod ratelimit;
 pub mod reactor;

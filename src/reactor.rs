@@ -1,14 +1,14 @@
 //! The reactor: one thread that waits (with epoll, through the `polling` crate) until any client
-//! socket has bytes to read, and then wakes that socket's session thread.
+//! socket has bytes to read, and then rings that socket's session [`Doorbell`].
 //!
-//! Why: a session thread must wait for two things at once, bytes from its client and frames from
-//! the dispatcher. A blocking `read` cannot also wait on a channel, and a second thread per
-//! connection just to read costs a second stack (and, on Linux, four more memory mappings, which
-//! caps how many connections a machine can hold). So sessions wait only on channels, and this one
-//! thread turns "socket readable" into a message on the session's wake channel.
+//! Why: a session thread must wait for two things at once, bytes from its client and frames the
+//! dispatcher could not write at once. A blocking `read` cannot also wait for the other, and a
+//! second thread per connection just to read costs a second stack (and, on Linux, four more
+//! memory mappings, which caps how many connections a machine can hold). So sessions wait only on
+//! their doorbell, and this one thread turns "socket readable" into a ring of it.
 //!
-//! Interest is one-shot: after a wake, the session reads what is there and re-arms. The reactor
-//! never reads or writes a socket and knows nothing of WebSockets.
+//! Interest is one-shot: after a wake, the session reads (or writes) what it can and re-arms. The
+//! reactor never reads or writes a socket and knows nothing of WebSockets.
 
 use std::collections::HashMap;
 use std::io;
@@ -16,13 +16,14 @@ use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use crossbeam_channel::Sender;
 use polling::{Event, Events, Poller};
+
+use crate::doorbell::{Doorbell, READABLE, WRITABLE};
 
 pub struct Reactor {
     poller: Poller,
-    /// Connection id -> its session's wake channel (capacity 1: one pending wake is enough).
-    wakers: Mutex<HashMap<usize, Sender<()>>>,
+    /// Connection id -> its session's doorbell.
+    wakers: Mutex<HashMap<usize, Arc<Doorbell>>>,
     stopping: AtomicBool,
 }
 
@@ -35,7 +36,7 @@ impl Reactor {
         }))
     }
 
-    fn wakers(&self) -> MutexGuard<'_, HashMap<usize, Sender<()>>> {
+    fn wakers(&self) -> MutexGuard<'_, HashMap<usize, Arc<Doorbell>>> {
         self.wakers.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -50,8 +51,10 @@ impl Reactor {
             }
             let wakers = self.wakers();
             for event in events.iter() {
-                if let Some(wake) = wakers.get(&event.key) {
-                    let _ = wake.try_send(()); // full: a wake is already pending
+                if let Some(doorbell) = wakers.get(&event.key) {
+                    let readable = if event.readable { READABLE } else { 0 };
+                    let writable = if event.writable { WRITABLE } else { 0 };
+                    doorbell.ring(readable | writable);
                 }
             }
         }
@@ -62,16 +65,16 @@ impl Reactor {
         let _ = self.poller.notify();
     }
 
-    /// Watches `stream` for readability; `wake` gets a message each time it becomes readable
-    /// after [`Registration::rearm`] (and once at the start).
+    /// Watches `stream` for readability; `doorbell` rings once when it is readable (at once if
+    /// it already is), and again after each [`Registration::rearm`].
     pub fn register(
         self: &Arc<Self>,
         id: u64,
         stream: Arc<TcpStream>,
-        wake: Sender<()>,
+        doorbell: Arc<Doorbell>,
     ) -> io::Result<Registration> {
         let key = id as usize;
-        self.wakers().insert(key, wake);
+        self.wakers().insert(key, doorbell);
         // SAFETY: `Registration` keeps the stream open until it has removed it from the poller.
         if let Err(e) = unsafe { self.poller.add(&*stream, Event::readable(key)) } {
             self.wakers().remove(&key);
@@ -93,11 +96,11 @@ pub struct Registration {
 }
 
 impl Registration {
-    /// Asks for the next wake. If bytes are already waiting, it comes at once.
-    pub fn rearm(&self) -> io::Result<()> {
-        self.reactor
-            .poller
-            .modify(&*self.stream, Event::readable(self.key))
+    /// Asks for the next wake: when the socket is readable, and if `writable`, also when it has
+    /// room to write. One-shot: whichever comes first ends the watch until the next rearm.
+    pub fn rearm(&self, writable: bool) -> io::Result<()> {
+        let interest = Event::new(self.key, true, writable);
+        self.reactor.poller.modify(&*self.stream, interest)
     }
 }
 

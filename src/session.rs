@@ -1,16 +1,17 @@
 //! One client connection after its handshake: one thread, which owns the WebSocket state.
 //!
 //! ```text
-//!   socket --readable--> [reactor thread] --wake--> [session thread] --Event--> dispatcher
-//!   socket <----write--- [session thread] <--frames-- client queue <-- dispatcher
+//!   socket --readable--> [reactor thread] --ring--> [session thread] --Event--> dispatcher
+//!   socket <--------------- outlet <--frames-- dispatcher
+//!                             `--ring: "the rest is yours"--> [session thread] --write--> socket
 //! ```
 //!
-//! The session thread waits on two channels at once (`select!`): a wake from the [`Reactor`] when
-//! its socket has bytes, and frames from the dispatcher. On a wake it reads what is there without
-//! blocking and feeds it to tungstenite; on frames it writes everything queued and flushes once.
-//! So a broadcast reaches an idle client at once, an idle connection costs no CPU, and since this
-//! thread is the only writer, frames never interleave. Writes block (with a timeout) only when
-//! the client stops reading; the dispatcher then sees its queue grow and drops it as too slow.
+//! The session thread parks on its [`Doorbell`] until the [`Reactor`] rings (its socket has
+//! bytes) or its [`Outlet`] does (frames the socket did not take at once are waiting), or a
+//! keepalive ping is due. It reads without blocking and feeds tungstenite; it writes what waits in
+//! the outlet, blocking (with a timeout) only when the client stops reading; the dispatcher then
+//! sees the outlet's backlog grow and drops the client as too slow. An idle connection costs no
+//! CPU, and a broadcast usually reaches a client without waking its thread at all.
 //!
 //! The session parses and rate-limits what the client sends, and answers malformed input itself;
 //! everything else goes to the dispatcher. It knows nothing of rooms or other clients.
@@ -18,17 +19,19 @@
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, bounded, select, unbounded};
+use crossbeam_channel::Sender;
 use tungstenite::error::ProtocolError;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tungstenite::{Error as WsError, Message, WebSocket};
 
-use crate::dispatcher::{ClientId, ClientLink, Connect, Event, Outbound};
+use crate::dispatcher::{ClientId, Connect, Event};
+use crate::doorbell::{Doorbell, READABLE, WAITING, WRITABLE};
 use crate::metrics::Metrics;
+use crate::outlet::Outlet;
 use crate::protocol::{self, ChatError, Command};
 use crate::ratelimit::{FloodDetector, TokenBucket};
 use crate::reactor::{Reactor, Registration};
@@ -39,10 +42,8 @@ const READ_BUFFER_BYTES: usize = 512;
 /// Bytes read per wake before the session turns to its outbound queue again (the reactor wakes it
 /// again at once if more is waiting). A client that sends faster is slowed down by TCP itself.
 const READ_BUDGET_BYTES: usize = 64 * 1024;
-/// Bytes written per flush when the queue is long, so one flush is one bounded syscall.
-const MAX_WRITE_BATCH_BYTES: usize = 64 * 1024;
-/// Output buffer capacity kept between flushes; a bigger burst's buffer is released.
-const KEEP_OUT_BUFFER_BYTES: usize = 16 * 1024;
+/// Capacity of the buffer for the session's own frames kept between flushes.
+const KEEP_OUT_BUFFER_BYTES: usize = 1024;
 /// A write that makes no progress for this long means the peer is gone or not reading.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long to wait for the peer's close frame after sending ours.
@@ -96,27 +97,27 @@ pub struct Env<'a> {
 
 /// Serves one upgraded connection until it ends; returns the reason, for the log.
 pub fn serve(stream: Arc<TcpStream>, leftover: Vec<u8>, joining: Joining, env: Env<'_>) -> String {
-    // The dispatcher (the only sender) bounds this queue itself, in frames and bytes: an unbounded
-    // channel allocates as it fills, where a bounded one would allocate every slot up front.
-    let (out_tx, out_rx) = unbounded();
-    let (wake_tx, wake_rx) = bounded(1);
-    let registration = match env.reactor.register(joining.id, stream.clone(), wake_tx) {
+    let doorbell = Doorbell::for_current_thread();
+    let registration = match env
+        .reactor
+        .register(joining.id, stream.clone(), doorbell.clone())
+    {
         Ok(registration) => registration,
         Err(e) => return format!("cannot watch its socket: {e}"),
     };
     let id = joining.id;
-    let queued_bytes = Arc::new(AtomicUsize::new(0));
-    let link = ClientLink {
-        tx: out_tx,
-        queued_bytes: queued_bytes.clone(),
-    };
+    let outlet = Arc::new(Outlet::new(
+        stream.clone(),
+        doorbell.clone(),
+        env.metrics.clone(),
+    ));
     let connect = Connect {
         id,
         peer: joining.peer,
         name: joining.name,
         room: joining.room,
         since: joining.since,
-        link,
+        outlet: outlet.clone(),
     };
     Metrics::add(&env.metrics.connections_total, 1);
     Metrics::add(&env.metrics.connections_now, 1);
@@ -130,14 +131,13 @@ pub fn serve(stream: Arc<TcpStream>, leftover: Vec<u8>, joining: Joining, env: E
     let reason = if env.events.send(Event::Connect(Box::new(connect))).is_err() {
         "server shutting down".to_owned()
     } else {
-        let conn = Conn::new(stream.clone(), env.metrics.clone());
-        let channels = Channels {
-            wake: wake_rx,
-            outbound: out_rx,
-            queued_bytes,
+        let conn = Conn::new(stream.clone(), outlet.clone());
+        let wakes = Wakes {
+            doorbell,
+            outlet,
             registration,
         };
-        Session::new(id, conn, leftover, channels, &env).run()
+        Session::new(id, conn, leftover, wakes, &env).run()
     };
     leave.reason = reason.clone();
     let _ = stream.shutdown(Shutdown::Both);
@@ -164,20 +164,17 @@ impl Drop for LeaveOnDrop {
     }
 }
 
-/// Where a session's inputs come from.
-struct Channels {
-    /// A message here means the socket has bytes (or an EOF) to read.
-    wake: Receiver<()>,
-    outbound: Receiver<Outbound>,
-    /// Bytes the dispatcher queued and this session has not taken yet.
-    queued_bytes: Arc<AtomicUsize>,
+/// What wakes a session, and what it then looks at.
+struct Wakes {
+    doorbell: Arc<Doorbell>,
+    outlet: Arc<Outlet>,
     registration: Registration,
 }
 
 struct Session {
     id: ClientId,
     ws: WebSocket<Conn>,
-    channels: Channels,
+    wakes: Wakes,
     events: Sender<Event>,
     metrics: Arc<Metrics>,
     ping_interval: Duration,
@@ -189,16 +186,14 @@ struct Session {
     flood: FloodDetector,
     /// Commands parsed from the current read, not yet sent to the dispatcher.
     commands: Vec<Command>,
+    /// Since when bytes have waited in the outlet without the socket taking any.
+    stalled_since: Option<Instant>,
+    /// The reactor also watches for room to write.
+    write_armed: bool,
 }
 
 impl Session {
-    fn new(
-        id: ClientId,
-        conn: Conn,
-        leftover: Vec<u8>,
-        channels: Channels,
-        env: &Env<'_>,
-    ) -> Session {
+    fn new(id: ClientId, conn: Conn, leftover: Vec<u8>, wakes: Wakes, env: &Env<'_>) -> Session {
         let settings = env.settings;
         let config = WebSocketConfig::default()
             .read_buffer_size(READ_BUFFER_BYTES)
@@ -209,7 +204,7 @@ impl Session {
         Session {
             id,
             ws: WebSocket::from_partially_read(conn, leftover, Role::Server, Some(config)),
-            channels,
+            wakes,
             events: env.events.clone(),
             metrics: env.metrics.clone(),
             ping_interval: settings.ping_interval,
@@ -220,6 +215,8 @@ impl Session {
             control: TokenBucket::new(CONTROL_RATE, CONTROL_BURST, now),
             flood: FloodDetector::default(),
             commands: Vec::new(),
+            stalled_since: None,
+            write_armed: false,
         }
     }
 
@@ -229,11 +226,13 @@ impl Session {
             Err(stop) => stop,
             Ok(()) => self.event_loop(),
         };
+        self.wakes.outlet.shut(); // no frames from the dispatcher after our close frame
         match stop {
             Stop::Gone(reason) => {
                 // tungstenite answers a client's close frame into our buffer, then reports the
                 // connection closed before flushing: send the answer.
                 let _ = self.ws.get_mut().flush();
+                let _ = self.wakes.outlet.finish(CLOSE_TIMEOUT);
                 reason
             }
             Stop::Close(code, reason) => {
@@ -257,21 +256,65 @@ impl Session {
         }
     }
 
-    /// Waits for whichever comes first: bytes from the client, frames for it, or a ping due.
+    /// Waits for whichever comes first: bytes from the client, frames waiting for it, or a
+    /// ping due.
     fn wait_once(&mut self) -> Result<(), Stop> {
-        let until_ping = self.next_ping.saturating_duration_since(Instant::now());
-        select! {
-            recv(self.channels.wake) -> _ => {
-                self.read_frames()?;
-                self.channels.registration.rearm().map_err(|e| Stop::Gone(format!("cannot watch the socket: {e}")))?;
-            },
-            recv(self.channels.outbound) -> out => match out {
-                Ok(out) => self.write_batch(out)?,
-                Err(_) => return Err(Stop::Close(CloseCode::Error, "server error")),
-            },
-            default(until_ping) => self.keepalive()?,
+        let deadline = match self.stalled_since {
+            Some(since) => self.next_ping.min(since + WRITE_TIMEOUT),
+            None => self.next_ping,
+        };
+        let reasons = self.wakes.doorbell.wait_until(deadline);
+        if reasons & READABLE != 0 {
+            self.read_frames()?; // flushes, which also drains the outlet
+        } else if reasons & (WRITABLE | WAITING) != 0 {
+            self.drain_outlet()?;
+        }
+        // The reactor's watch is one-shot: renew it after it fired, and ask for room to write
+        // while bytes wait.
+        let fired = reasons & (READABLE | WRITABLE) != 0;
+        let want_write = self.stalled_since.is_some();
+        if fired || (want_write && !self.write_armed) {
+            self.wakes
+                .registration
+                .rearm(want_write)
+                .map_err(|e| Stop::Gone(format!("cannot watch the socket: {e}")))?;
+            self.write_armed = want_write;
+        }
+        if reasons == 0 {
+            self.on_timer()?;
         }
         Ok(())
+    }
+
+    /// Writes what the socket takes of the outlet's backlog; ends the session if the
+    /// dispatcher asked.
+    fn drain_outlet(&mut self) -> Result<(), Stop> {
+        let drained = self
+            .wakes
+            .outlet
+            .drain()
+            .map_err(|e| Stop::Gone(format!("connection lost: {e}")))?;
+        if let Some((code, reason)) = drained.close {
+            return Err(Stop::Close(code.into(), reason));
+        }
+        self.stalled_since = match (drained.pending, drained.progressed) {
+            (false, _) => None,
+            (true, true) => Some(Instant::now()),
+            (true, false) => Some(self.stalled_since.unwrap_or_else(Instant::now)),
+        };
+        Ok(())
+    }
+
+    /// A deadline passed: a write that made no progress for too long, or a keepalive ping.
+    fn on_timer(&mut self) -> Result<(), Stop> {
+        if let Some(since) = self.stalled_since
+            && since.elapsed() >= WRITE_TIMEOUT
+        {
+            return Err(Stop::Gone(format!(
+                "not reading: nothing written for {WRITE_TIMEOUT:?}"
+            )));
+        }
+        self.keepalive()
     }
 
     /// Reads what the socket has (up to a budget) and handles every complete frame.
@@ -355,34 +398,6 @@ impl Session {
             .map_err(stop_for)
     }
 
-    /// Writes `first` and whatever else is queued (up to a bound), then flushes once.
-    fn write_batch(&mut self, first: Outbound) -> Result<(), Stop> {
-        let mut next = Some(first);
-        let mut batch_bytes = 0;
-        let mut result = Ok(());
-        while let Some(out) = next.take() {
-            match out {
-                Outbound::Frame(frame) => {
-                    batch_bytes += frame.len();
-                    if let Err(e) = self.ws.write(Message::Text(frame)) {
-                        result = Err(stop_for(e));
-                        break;
-                    }
-                }
-                Outbound::Close(code, reason) => {
-                    result = Err(Stop::Close(code.into(), reason));
-                    break;
-                }
-            }
-            if batch_bytes < MAX_WRITE_BATCH_BYTES {
-                next = self.channels.outbound.try_recv().ok();
-            }
-        }
-        self.channels.queued_bytes.fetch_sub(batch_bytes, Relaxed);
-        self.flush()?;
-        result
-    }
-
     fn keepalive(&mut self) -> Result<(), Stop> {
         let now = Instant::now();
         if now < self.next_ping {
@@ -401,17 +416,19 @@ impl Session {
         self.flush()
     }
 
+    /// Hands the session's own frames to the outlet, and writes what the socket takes.
     fn flush(&mut self) -> Result<(), Stop> {
-        self.ws.flush().map_err(stop_for)
+        self.ws.flush().map_err(stop_for)?;
+        self.drain_outlet()
     }
 
-    /// Sends a close frame; false if the connection cannot take it.
+    /// Sends what waits and a close frame; false if the connection cannot take them.
     fn send_close(&mut self, code: CloseCode, reason: &'static str) -> bool {
         let frame = CloseFrame {
             code,
             reason: reason.into(),
         };
-        self.ws.close(Some(frame)).is_ok()
+        self.ws.close(Some(frame)).is_ok() && self.wakes.outlet.finish(CLOSE_TIMEOUT).is_ok()
     }
 
     /// Waits (bounded) for the peer's close frame, so the TCP close is clean.
@@ -423,9 +440,13 @@ impl Session {
                 Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(_) => return, // the peer's close arrived (or the connection broke)
             }
-            let rearmed = self.channels.registration.rearm().is_ok();
-            if !rearmed || self.channels.wake.recv_deadline(deadline).is_err() {
+            if self.wakes.registration.rearm(false).is_err() {
                 return;
+            }
+            while self.wakes.doorbell.wait_until(deadline) & READABLE == 0 {
+                if Instant::now() >= deadline {
+                    return;
+                }
             }
         }
     }
@@ -452,12 +473,12 @@ fn stop_for(error: WsError) -> Stop {
 }
 
 /// The stream tungstenite sees: reads take what the socket has without blocking (`WouldBlock`
-/// when it has nothing, or when this wake's read budget is spent), writes collect in a buffer
-/// that `flush` sends in one go.
+/// when it has nothing, or when this wake's read budget is spent), writes (the session's own
+/// frames) collect in a buffer that `flush` hands to the outlet, behind the dispatcher's frames.
 pub struct Conn {
     stream: Arc<TcpStream>,
+    outlet: Arc<Outlet>,
     out: Vec<u8>,
-    metrics: Arc<Metrics>,
     /// Bytes read since the session last asked.
     bytes_read: u64,
     /// Bytes still allowed before yielding to other work.
@@ -465,11 +486,11 @@ pub struct Conn {
 }
 
 impl Conn {
-    fn new(stream: Arc<TcpStream>, metrics: Arc<Metrics>) -> Conn {
+    fn new(stream: Arc<TcpStream>, outlet: Arc<Outlet>) -> Conn {
         Conn {
             stream,
+            outlet,
             out: Vec::new(),
-            metrics,
             bytes_read: 0,
             read_budget: READ_BUDGET_BYTES,
         }
@@ -530,12 +551,11 @@ impl Write for Conn {
         if self.out.is_empty() {
             return Ok(());
         }
-        let result = (&*self.stream).write_all(&self.out);
-        Metrics::add(&self.metrics.bytes_out, self.out.len() as u64);
+        self.outlet.append_own(&self.out);
         self.out.clear();
         if self.out.capacity() > KEEP_OUT_BUFFER_BYTES {
             self.out = Vec::new();
         }
-        result
+        Ok(())
     }
 }
