@@ -48,6 +48,7 @@ pub mod protocol;
 pub mod ratelimit;
 pub mod reactor;
 pub mod session;
+pub mod stack;
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};

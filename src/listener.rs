@@ -273,7 +273,9 @@ fn connection(
     debug!("connection {id} from {peer} ended: {reason}");
 }
 
-/// Reads and checks the request; answers refusals itself.
+/// Reads and checks the request; answers refusals itself. Never inlined: its buffers then leave
+/// the stack before the session starts (an idle connection's memory is mostly its stack).
+#[inline(never)]
 fn handshake(
     shared: &WsShared,
     stream: &TcpStream,

@@ -55,7 +55,7 @@ const CONTROL_RATE: f64 = 1.0;
 const CONTROL_BURST: f64 = 5.0;
 /// Stack of a connection thread: the handshake, parsing, tungstenite and logging fit well within
 /// it (tests send the deepest and largest inputs through real connections). Only the pages
-/// touched count towards memory.
+/// touched count towards memory, and a parked session gives back the deeper ones (`stack`).
 pub const SESSION_STACK_BYTES: usize = 256 * 1024;
 
 /// What a session needs from the server.
@@ -137,7 +137,7 @@ pub fn serve(stream: Arc<TcpStream>, leftover: Vec<u8>, joining: Joining, env: E
             outlet,
             registration,
         };
-        Session::new(id, conn, leftover, wakes, &env).run()
+        Session::boxed(id, conn, leftover, wakes, &env).run()
     };
     leave.reason = reason.clone();
     let _ = stream.shutdown(Shutdown::Both);
@@ -193,6 +193,19 @@ struct Session {
 }
 
 impl Session {
+    /// On the heap, and built in a frame of its own that is gone before the session runs: an
+    /// idle connection's memory is mostly the stack its thread keeps.
+    #[inline(never)]
+    fn boxed(
+        id: ClientId,
+        conn: Conn,
+        leftover: Vec<u8>,
+        wakes: Wakes,
+        env: &Env<'_>,
+    ) -> Box<Session> {
+        Box::new(Session::new(id, conn, leftover, wakes, env))
+    }
+
     fn new(id: ClientId, conn: Conn, leftover: Vec<u8>, wakes: Wakes, env: &Env<'_>) -> Session {
         let settings = env.settings;
         let config = WebSocketConfig::default()
@@ -249,6 +262,7 @@ impl Session {
     }
 
     fn event_loop(&mut self) -> Stop {
+        crate::stack::release_unused(); // the handshake's pages: an idle connection needs none
         loop {
             if let Err(stop) = self.wait_once() {
                 return stop;
@@ -413,7 +427,9 @@ impl Session {
         self.ws
             .write(Message::Ping(Default::default()))
             .map_err(stop_for)?;
-        self.flush()
+        self.flush()?;
+        crate::stack::release_unused(); // what busy moments since the last ping touched
+        Ok(())
     }
 
     /// Hands the session's own frames to the outlet, and writes what the socket takes.
