@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use log::{debug, error, info};
 
+use crate::courier::{Bounds, Couriers, Parcel};
 use crate::history::{History, Stored};
 use crate::metrics::Metrics;
 use crate::outlet::Outlet;
@@ -124,8 +125,10 @@ pub struct Hub {
     metrics: Arc<Metrics>,
     /// Frames produced by this batch (recipient, position, frame), delivered after the commit.
     outbox: Vec<(ClientId, usize, Frame)>,
-    /// One recipient's frames during delivery (kept for its allocation).
-    parcel: Vec<Frame>,
+    /// Helper threads that write part of each batch (see [`crate::courier`]).
+    couriers: Couriers,
+    /// The frames this thread writes itself (lane 0), kept for its allocation.
+    own: Parcel,
     /// API publishers waiting for their message's id, answered after the commit.
     acks: Vec<(Sender<Result<u64, ChatError>>, u64)>,
     typing_deadlines: BinaryHeap<Reverse<(Instant, ClientId)>>,
@@ -136,7 +139,12 @@ pub struct Hub {
 }
 
 impl Hub {
-    pub fn new(history: History, limits: HubLimits, metrics: Arc<Metrics>) -> Hub {
+    pub fn new(
+        history: History,
+        limits: HubLimits,
+        couriers: Couriers,
+        metrics: Arc<Metrics>,
+    ) -> Hub {
         Hub {
             clients: HashMap::new(),
             names: HashMap::new(),
@@ -145,7 +153,8 @@ impl Hub {
             limits,
             metrics,
             outbox: Vec::new(),
-            parcel: Vec::new(),
+            couriers,
+            own: Parcel::default(),
             acks: Vec::new(),
             typing_deadlines: BinaryHeap::new(),
             presence_changed: Vec::new(),
@@ -664,28 +673,32 @@ impl Hub {
         // Recipient-major order: a client's frames go to its outlet together, so they leave in
         // one write. The position keeps each client's frames in order.
         outbox.sort_unstable_by_key(|&(id, position, _)| (id, position));
-        let mut sent = 0;
-        let mut slow = Vec::new();
+        let lanes = self.couriers.lanes() as u64;
         let mut frames = outbox.drain(..).peekable();
-        while let Some((id, _, frame)) = frames.next() {
-            self.parcel.push(frame);
-            while let Some((_, _, frame)) = frames.next_if(|&(next, _, _)| next == id) {
-                self.parcel.push(frame);
-            }
-            if let Some(client) = self.clients.get(&id) {
-                sent += self.parcel.len() as u64;
-                let backlog = client.outlet.send(&self.parcel);
-                if backlog.frames > self.limits.client_queue
-                    || backlog.bytes > self.limits.client_queue_bytes
-                {
-                    slow.push(id);
-                }
-            }
-            self.parcel.clear();
+        while let Some((id, _, first)) = frames.next() {
+            let rest = std::iter::from_fn(|| frames.next_if(|&(next, _, _)| next == id));
+            let rest = rest.map(|(_, _, frame)| frame);
+            let Some(client) = self.clients.get(&id) else {
+                rest.for_each(drop);
+                continue;
+            };
+            let parcel = match (id % lanes) as usize {
+                0 => &mut self.own,
+                lane => self.couriers.parcel(lane),
+            };
+            parcel.add(id, &client.outlet, std::iter::once(first).chain(rest));
         }
         drop(frames);
         self.outbox = outbox; // keep the allocation for the next batch
-        Metrics::add(&self.metrics.messages_sent, sent);
+        self.couriers.send_all();
+        let bounds = Bounds {
+            frames: self.limits.client_queue,
+            bytes: self.limits.client_queue_bytes,
+        };
+        let mut slow = Vec::new();
+        let handed = self.own.deliver(bounds, |id| slow.push(id));
+        Metrics::add(&self.metrics.messages_sent, handed);
+        slow.extend(self.couriers.slow_clients());
         for id in slow {
             self.drop_slow(id);
         }
@@ -704,6 +717,7 @@ impl Hub {
 
     fn close_everyone(&mut self) {
         self.commit();
+        self.couriers.stop(); // what they carry goes out before the close frames
         for client in self.clients.values() {
             client.outlet.close(1001, "server shutting down");
         }

@@ -36,6 +36,7 @@
 //! [`metrics`] counts; [`config`] holds every tunable.
 
 pub mod config;
+pub mod courier;
 pub mod dispatcher;
 pub mod doorbell;
 pub mod handshake;
@@ -142,7 +143,12 @@ impl Server {
             client_queue: config.client_queue,
             client_queue_bytes: config.client_queue_bytes,
         };
-        let hub = Hub::new(history, limits, metrics.clone());
+        let bounds = courier::Bounds {
+            frames: config.client_queue,
+            bytes: config.client_queue_bytes,
+        };
+        let couriers = courier::Couriers::start(bounds, &metrics).map_err(StartError::Thread)?;
+        let hub = Hub::new(history, limits, couriers, metrics.clone());
         let dispatcher_thread = spawn("dispatcher", move || hub.run(inbox))?;
 
         let reactor = reactor::Reactor::new().map_err(StartError::Thread)?;

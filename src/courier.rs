@@ -1,0 +1,147 @@
+//! Couriers: helper threads that write part of each batch's frames to the clients' outlets, so a
+//! broadcast to many clients is written from every core at once instead of one client after
+//! another. Writing to a local socket also wakes the reader, which is most of its cost.
+//!
+//! Every client always goes through the same lane (its id modulo the lane count; lane 0 is the
+//! dispatcher itself), so its frames keep their order. A courier only calls [`Outlet::send`],
+//! which never blocks, and reports a client whose backlog passed its bound to the dispatcher,
+//! which alone may drop it. Couriers know nothing of rooms or history.
+
+use std::ops::Range;
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+
+use crossbeam_channel::{Receiver, Sender, bounded};
+
+use crate::dispatcher::ClientId;
+use crate::metrics::Metrics;
+use crate::outlet::Outlet;
+use crate::protocol::Frame;
+
+/// Most courier threads, whatever the core count: past a few, waking them costs more than the
+/// writes they share.
+const MAX_COURIERS: usize = 3;
+/// Parcels waiting for one courier; the dispatcher waits when a courier is this far behind
+/// (a courier never waits on a client, so it always catches up).
+const PARCELS_IN_FLIGHT: usize = 4;
+/// Slow-client reports waiting for the dispatcher; a report that does not fit is made again
+/// with the client's next frames.
+const SLOW_REPORTS: usize = 1024;
+
+/// How much may wait in an outlet before its client counts as too slow.
+#[derive(Debug, Clone, Copy)]
+pub struct Bounds {
+    pub frames: usize,
+    pub bytes: usize,
+}
+
+/// One batch's frames for some clients, each client's frames together and in order.
+#[derive(Default)]
+pub struct Parcel {
+    items: Vec<(ClientId, Arc<Outlet>, Range<usize>)>,
+    frames: Vec<Frame>,
+}
+
+impl Parcel {
+    pub fn add(&mut self, id: ClientId, outlet: &Arc<Outlet>, frames: impl Iterator<Item = Frame>) {
+        let start = self.frames.len();
+        self.frames.extend(frames);
+        self.items
+            .push((id, outlet.clone(), start..self.frames.len()));
+    }
+
+    /// Hands every client its frames; calls `slow` for each client over its bounds. Returns
+    /// the number of frames handed over, and leaves the parcel empty for reuse.
+    pub fn deliver(&mut self, bounds: Bounds, mut slow: impl FnMut(ClientId)) -> u64 {
+        for (id, outlet, range) in self.items.drain(..) {
+            let backlog = outlet.send(&self.frames[range]);
+            if backlog.frames > bounds.frames || backlog.bytes > bounds.bytes {
+                slow(id);
+            }
+        }
+        let handed = self.frames.len() as u64;
+        self.frames.clear();
+        handed
+    }
+}
+
+/// The courier threads, and the parcels the dispatcher is filling for them.
+pub struct Couriers {
+    lanes: Vec<Lane>,
+    reports: Receiver<ClientId>,
+}
+
+struct Lane {
+    filling: Parcel,
+    parcels: Sender<Parcel>,
+    /// Delivered parcels come back, so their buffers are reused.
+    empties: Receiver<Parcel>,
+    thread: JoinHandle<()>,
+}
+
+impl Couriers {
+    /// One courier per core beyond the dispatcher's own, at most [`MAX_COURIERS`].
+    pub fn start(bounds: Bounds, metrics: &Arc<Metrics>) -> std::io::Result<Couriers> {
+        let cores = thread::available_parallelism().map_or(1, |n| n.get());
+        let (report, reports) = bounded(SLOW_REPORTS);
+        let mut lanes = Vec::new();
+        for n in 1..cores.min(MAX_COURIERS + 1) {
+            let (parcels, inbox) = bounded::<Parcel>(PARCELS_IN_FLIGHT);
+            let (empty, empties) = bounded(PARCELS_IN_FLIGHT);
+            let (report, metrics) = (report.clone(), metrics.clone());
+            let thread = thread::Builder::new()
+                .name(format!("courier-{n}"))
+                .spawn(move || {
+                    for mut parcel in inbox {
+                        let handed = parcel.deliver(bounds, |id| {
+                            let _ = report.try_send(id);
+                        });
+                        Metrics::add(&metrics.messages_sent, handed);
+                        let _ = empty.try_send(parcel);
+                    }
+                })?;
+            lanes.push(Lane {
+                filling: Parcel::default(),
+                parcels,
+                empties,
+                thread,
+            });
+        }
+        Ok(Couriers { lanes, reports })
+    }
+
+    /// Lanes, the dispatcher's own (lane 0) included.
+    pub fn lanes(&self) -> usize {
+        self.lanes.len() + 1
+    }
+
+    /// The parcel being filled for courier lane `lane` (1 or more).
+    pub fn parcel(&mut self, lane: usize) -> &mut Parcel {
+        &mut self.lanes[lane - 1].filling
+    }
+
+    /// Sends every filled parcel to its courier.
+    pub fn send_all(&mut self) {
+        for lane in &mut self.lanes {
+            if lane.filling.items.is_empty() {
+                continue;
+            }
+            let next = lane.empties.try_recv().unwrap_or_default();
+            let parcel = std::mem::replace(&mut lane.filling, next);
+            let _ = lane.parcels.send(parcel); // fails only once the courier is gone
+        }
+    }
+
+    /// Clients the couriers found too slow since the last call.
+    pub fn slow_clients(&self) -> impl Iterator<Item = ClientId> + '_ {
+        self.reports.try_iter()
+    }
+
+    /// Waits until every parcel sent has been delivered, and ends the couriers.
+    pub fn stop(&mut self) {
+        for lane in self.lanes.drain(..) {
+            drop(lane.parcels);
+            let _ = lane.thread.join();
+        }
+    }
+}
