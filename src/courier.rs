@@ -80,7 +80,7 @@ struct Lane {
 }
 
 impl Couriers {
-    /// One courier per core beyond the dispatcher's own, at most [`MAX_COURIERS`].
+    /// One courier per core beyond the dispatcher's own, at most `MAX_COURIERS`.
     pub fn start(bounds: Bounds, metrics: &Arc<Metrics>) -> std::io::Result<Couriers> {
         let cores = thread::available_parallelism().map_or(1, |n| n.get());
         let (report, reports) = bounded(SLOW_REPORTS);

@@ -13,27 +13,30 @@
 //!  client --WebSocket--> listener   v
 //!    accept loop --> one thread per connection:     +------------------+
 //!        [session thread] --Event::Commands-------> | dispatcher (hub) |--> history file
-//!          ^  ^ wake: "socket readable"             +--------+---------+
-//!          |  +---- [reactor thread] (epoll)                 |
-//!          +-------------------------------------------------+ Outbound frames (a queue per
-//!                                                               client, bounded by the hub)
+//!          ^  ^ doorbell: "socket readable"         +--------+---------+
+//!          |  +---- [reactor thread] (epoll)                 | each client's frames, written
+//!          |                                                 v without blocking (+ couriers)
+//!  socket <+------ "a backlog waits" ---------------- [outlet per client] -----> socket
 //! ```
 //!
 //! 1. [`listener`] accepts a TCP connection and gives it a thread, which reads the HTTP upgrade
 //!    request and checks it ([`handshake`]): path, origin, limits.
-//! 2. The thread becomes the client's [`session`]: it owns the tungstenite state, and waits on two
-//!    channels at once: a wake from the [`reactor`] (one thread watching every client socket)
-//!    when its socket has bytes, and frames from the dispatcher. It parses frames
-//!    ([`protocol`]) and is the only thread that writes to its socket.
+//! 2. The thread becomes the client's [`session`]: it owns the tungstenite state and parks on a
+//!    [`doorbell`], which the [`reactor`] (one thread watching every client socket) rings when the
+//!    socket has bytes. It reads without blocking and parses frames ([`protocol`]). A parked
+//!    session gives back the stack pages it no longer needs ([`stack`]).
 //! 3. A chat message becomes an [`dispatcher::Event`] for the [`dispatcher`], the one thread that
 //!    owns rooms, names and [`history`]. It gives the message an id, appends it to history (and the
 //!    file), and serialises it once.
-//! 4. After committing the batch, the dispatcher hands the same bytes to the queue of every member
-//!    of the room; each session thread wakes, writes what is queued, and flushes once.
+//! 4. After committing the batch, the dispatcher hands each member of the room the same bytes
+//!    through the client's [`outlet`], which writes them straight to the socket without blocking,
+//!    all of a batch's frames for that client in one `sendmsg`; [`courier`] threads do part of
+//!    the clients on the other cores. Only what a socket does not take waits in its outlet, and
+//!    the doorbell tells the session to write it when the socket has room.
 //!
-//! Nothing in the dispatcher blocks on a client: a full queue means the client is too slow and is
-//! dropped. Every thread, queue, buffer and wait has a bound, named as a constant where it lives.
-//! [`metrics`] counts; [`config`] holds every tunable.
+//! Nothing in the dispatcher blocks on a client: a backlog past its bound means the client is too
+//! slow and is dropped. Every thread, queue, buffer and wait has a bound, named as a constant where
+//! it lives. [`metrics`] counts; [`config`] holds every tunable.
 
 pub mod config;
 pub mod courier;
