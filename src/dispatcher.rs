@@ -34,6 +34,8 @@ pub type ClientId = u64;
 const MAX_BATCH_EVENTS: usize = 512;
 /// A typing state that is not refreshed within this time ends by itself.
 pub const TYPING_TIMEOUT: Duration = Duration::from_secs(5);
+/// Mailbox capacity a client keeps between batches; a bigger one (after a burst) is released.
+const KEEP_MAILBOX_FRAMES: usize = 16;
 /// A crowd (a room above the presence limit) hears its member count at most this often: telling
 /// every member of every join would cost members² frames (50 million for 10,000 people).
 pub const PRESENCE_TICK: Duration = Duration::from_secs(1);
@@ -110,6 +112,8 @@ struct Client {
     name: String,
     room: String,
     outlet: Arc<Outlet>,
+    /// This batch's frames for the client, in order, until the batch is committed.
+    mailbox: Vec<Frame>,
     /// When the client's typing state expires, if it is typing.
     typing_until: Option<Instant>,
 }
@@ -123,8 +127,8 @@ pub struct Hub {
     history: History,
     limits: HubLimits,
     metrics: Arc<Metrics>,
-    /// Frames produced by this batch (recipient, position, frame), delivered after the commit.
-    outbox: Vec<(ClientId, usize, Frame)>,
+    /// Clients with frames in their mailbox from this batch, delivered after the commit.
+    touched: Vec<ClientId>,
     /// Helper threads that write part of each batch (see [`crate::courier`]).
     couriers: Couriers,
     /// The frames this thread writes itself (lane 0), kept for its allocation.
@@ -152,7 +156,7 @@ impl Hub {
             history,
             limits,
             metrics,
-            outbox: Vec::new(),
+            touched: Vec::new(),
             couriers,
             own: Parcel::default(),
             acks: Vec::new(),
@@ -280,6 +284,7 @@ impl Hub {
                 name,
                 room: room.clone(),
                 outlet: c.outlet,
+                mailbox: Vec::new(),
                 typing_until: None,
             },
         );
@@ -632,22 +637,18 @@ impl Hub {
 
     /// Queues a frame for one client, to be delivered after the commit.
     fn send_to(&mut self, id: ClientId, frame: Frame) {
-        self.outbox.push((id, self.outbox.len(), frame));
+        post_to(&mut self.clients, &mut self.touched, id, frame);
     }
 
     /// Queues a frame for every member of `room` but `except`.
     fn broadcast(&mut self, room: &str, except: Option<ClientId>, frame: Frame) {
         let members = self.rooms.get(room).map(Vec::as_slice).unwrap_or(&[]);
-        let start = self.outbox.len();
-        let recipients = members.iter().filter(|&&m| Some(m) != except);
-        self.outbox.extend(
-            recipients
-                .enumerate()
-                .map(|(i, &m)| (m, start + i, frame.clone())),
-        );
+        for &member in members.iter().filter(|&&m| Some(m) != except) {
+            post_to(&mut self.clients, &mut self.touched, member, frame.clone());
+        }
     }
 
-    /// Makes the batch durable, then hands its frames to the client queues in order.
+    /// Makes the batch durable, then hands its frames to the outlets.
     fn commit(&mut self) {
         if let Err(e) = self.history.commit() {
             error!("history: cannot write the history file: {e}");
@@ -657,7 +658,7 @@ impl Hub {
             .store(self.history.len() as u64, Relaxed);
         // Dropping a slow client queues `left` frames for its room; deliver those too. Each pass
         // after the first removes at least one client, so this ends.
-        while !self.outbox.is_empty() {
+        while !self.touched.is_empty() {
             self.deliver();
         }
         for (reply, id) in self.acks.drain(..) {
@@ -668,28 +669,25 @@ impl Hub {
             .store(self.history.len() as u64, Relaxed);
     }
 
+    /// Hands each touched client's mailbox to its outlet, all of its frames together so they
+    /// leave in one write: by this thread (lane 0) or a courier.
     fn deliver(&mut self) {
-        let mut outbox = std::mem::take(&mut self.outbox);
-        // Recipient-major order: a client's frames go to its outlet together, so they leave in
-        // one write. The position keeps each client's frames in order.
-        outbox.sort_unstable_by_key(|&(id, position, _)| (id, position));
         let lanes = self.couriers.lanes() as u64;
-        let mut frames = outbox.drain(..).peekable();
-        while let Some((id, _, first)) = frames.next() {
-            let rest = std::iter::from_fn(|| frames.next_if(|&(next, _, _)| next == id));
-            let rest = rest.map(|(_, _, frame)| frame);
-            let Some(client) = self.clients.get(&id) else {
-                rest.for_each(drop);
-                continue;
+        let mut touched = std::mem::take(&mut self.touched);
+        for id in touched.drain(..) {
+            let Some(client) = self.clients.get_mut(&id) else {
+                continue; // gone since: its frames went with it
             };
             let parcel = match (id % lanes) as usize {
                 0 => &mut self.own,
                 lane => self.couriers.parcel(lane),
             };
-            parcel.add(id, &client.outlet, std::iter::once(first).chain(rest));
+            parcel.add(id, &client.outlet, client.mailbox.drain(..));
+            if client.mailbox.capacity() > KEEP_MAILBOX_FRAMES {
+                client.mailbox = Vec::new(); // an idle client keeps little
+            }
         }
-        drop(frames);
-        self.outbox = outbox; // keep the allocation for the next batch
+        self.touched = touched; // keep the allocation for the next batch
         self.couriers.send_all();
         let bounds = Bounds {
             frames: self.limits.client_queue,
@@ -725,5 +723,21 @@ impl Hub {
             "dispatcher stopped ({} clients told to go away)",
             self.clients.len()
         );
+    }
+}
+
+/// Puts a frame in a client's mailbox (if it is still connected), noting the client as touched
+/// the first time in a batch.
+fn post_to(
+    clients: &mut HashMap<ClientId, Client>,
+    touched: &mut Vec<ClientId>,
+    id: ClientId,
+    frame: Frame,
+) {
+    if let Some(client) = clients.get_mut(&id) {
+        if client.mailbox.is_empty() {
+            touched.push(id);
+        }
+        client.mailbox.push(frame);
     }
 }

@@ -196,10 +196,13 @@ pub fn accept_loop(listener: TcpListener, shared: Arc<WsShared>) {
 fn spawn_connection(shared: &Arc<WsShared>, stream: TcpStream) {
     let Ok(peer) = stream.peer_addr() else { return }; // reset before we looked
     if shared.metrics.handshakes_pending.load(Relaxed) >= MAX_PENDING_HANDSHAKES {
-        shared.metrics.reject(Rejection::TooManyPending);
-        warn!(
-            "refused connection from {peer}: {MAX_PENDING_HANDSHAKES} handshakes already pending"
-        );
+        let refused = shared.metrics.reject(Rejection::TooManyPending);
+        // A flood of these would flood the log too: say it the 1st, 2nd, 4th, 8th... time.
+        if refused.is_power_of_two() {
+            warn!(
+                "refused connection from {peer}: {MAX_PENDING_HANDSHAKES} handshakes already pending ({refused} refused so far)"
+            );
+        }
         return;
     }
     let id = shared.next_id.fetch_add(1, Relaxed);

@@ -65,8 +65,9 @@ impl Metrics {
         counter.fetch_add(n, Relaxed);
     }
 
-    pub fn reject(&self, why: Rejection) {
-        self.rejected[why as usize].fetch_add(1, Relaxed);
+    /// Counts a refusal; returns how many of this kind there have been, this one included.
+    pub fn reject(&self, why: Rejection) -> u64 {
+        self.rejected[why as usize].fetch_add(1, Relaxed) + 1
     }
 
     pub fn rejected(&self, why: Rejection) -> u64 {
