@@ -577,7 +577,7 @@ impl Hub {
             return Ok(());
         };
         let message = ChatMessage {
-            id: self.history.take_id(),
+            id: self.history.take_unstored_id(),
             room: sender.room.clone(),
             from: sender.name.clone(),
             to: Some(receiver.name.clone()),

@@ -132,10 +132,23 @@ impl History {
         Some(())
     }
 
-    /// The id for the next accepted message (room or private).
+    /// The id for the next accepted room message (stored, so a restart continues after it).
     pub fn take_id(&mut self) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
+        id
+    }
+
+    /// An id for a message that is not stored (a private one): the file records the counter
+    /// past it, so a restart never hands the same id to another message.
+    pub fn take_unstored_id(&mut self) -> u64 {
+        let id = self.take_id();
+        if let Some(store) = &mut self.store
+            && let Ok(line) = serde_json::to_string(&NextId { next_id: id + 1 })
+        {
+            store.pending.extend_from_slice(line.as_bytes());
+            store.pending.push(b'\n');
+        }
         id
     }
 
@@ -239,7 +252,8 @@ impl History {
     }
 }
 
-/// The first line of a compacted file: keeps ids increasing even if no message is left.
+/// The first line of a compacted file, and the line after a private message's id: keeps ids
+/// increasing even where no stored message shows them.
 #[derive(serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct NextId {

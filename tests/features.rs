@@ -384,16 +384,24 @@ fn history_and_ids_survive_a_restart() {
             c.expect("message")["id"].as_u64().unwrap()
         })
         .collect();
+    // A private message takes an id too, and is never stored: its id must not come back.
+    c.send_json(json!({"type":"message","text":"note to self","to":"c"}));
+    let private = c.expect("message")["id"].as_u64().unwrap();
+    assert!(private > sent[4]);
     drop(c);
     server.shutdown();
 
     let server = start(cfg);
     let (mut c, welcome) = Client::join(&server, &format!("/chat/keep?since={}", sent[1]));
-    assert_eq!(ids(&welcome["history"]), sent[2..]);
+    assert_eq!(
+        ids(&welcome["history"]),
+        sent[2..],
+        "private messages are not history"
+    );
     c.send("after");
     assert!(
-        c.expect("message")["id"].as_u64().unwrap() > sent[4],
-        "ids keep increasing"
+        c.expect("message")["id"].as_u64().unwrap() > private,
+        "ids keep increasing, past the private message's too"
     );
     server.shutdown();
     let _ = std::fs::remove_dir_all(dir);
