@@ -338,19 +338,27 @@ fn churn_cycles_without_errors() {
 #[test]
 fn clients_dropped_by_the_server_are_reported_as_losses() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    // A backlog of 8 frames per client cannot hold a burst of 1000 messages of 60 KB (60 MB,
-    // far more than the sockets' buffers take): the server drops the members as too slow, and
-    // the tool must say so rather than report a clean run.
+    // The server goes away in the middle of the measured run (0.7 s after the first message:
+    // past the 0.2 s warm-up, well before the end of the 3 s run, however slow the setup was).
+    // Its clients are dropped with close 1001, and the tool must say so rather than report a
+    // clean run.
     let server = Server::start(Config {
         http_port: 0,
         ws_port: Some(0),
         rate: 1_000_000.0,
         burst: 1_000_000.0,
-        client_queue: 8,
         ..Config::default()
     })
     .expect("server starts");
     let url = server.ws_url();
+    let stopper = std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while server.metrics().messages_received.load(Relaxed) == 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis(700));
+        server.shutdown();
+    });
     let r = run(&[
         "fanout",
         "--url",
@@ -358,11 +366,9 @@ fn clients_dropped_by_the_server_are_reported_as_losses() {
         "--clients",
         "3",
         "--window",
-        "1000",
-        "--size",
-        "60000",
+        "10",
         "--duration",
-        "1",
+        "3",
         "--warmup",
         "0.2",
         "--drain",
@@ -370,23 +376,21 @@ fn clients_dropped_by_the_server_are_reported_as_losses() {
         "--timeout",
         "60",
     ]);
+    stopper.join().expect("the server stops");
     let j = &r.json;
     assert_eq!(r.code, 2, "{}\n{}", r.stdout, r.stderr);
     assert_eq!(j["ok"], false);
-    let dropped = server.metrics().slow_clients_dropped.load(Relaxed);
-    assert!(dropped >= 1, "the server dropped no one: {j}");
-    // A dropped receiver reads its close frame; a dropped sender (busy sending, not reading)
-    // may only see its connection reset. Either way the tool must report it.
-    let closes = j["server_closes"]["1008 too slow"].as_u64().unwrap_or(0);
-    assert!(closes + n(&j["connections"]["ended_early"]) >= 1, "{j}");
-    assert!(n(&j["lost"]) > 0, "{j}");
+    // Each member reads its close frame, or sees its connection end; the tool reports both.
+    let closes = j["server_closes"]["1001 server shutting down"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(closes + n(&j["connections"]["ended_early"]) >= 3, "{j}");
     // Whatever was sent was either received or counted lost, by every member.
     assert_eq!(
         n(&j["deliveries"]["total"]) + n(&j["lost"]),
         n(&j["sent"]["total"]) * 3,
         "{j}"
     );
-    server.shutdown();
 }
 
 #[test]
