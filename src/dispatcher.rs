@@ -104,8 +104,8 @@ pub struct HubLimits {
     pub max_rooms: usize,
     /// Largest room with per-member presence; bigger ones are crowds.
     pub presence_limit: usize,
-    pub client_queue: usize,
-    pub client_queue_bytes: usize,
+    /// What may wait for one client before it counts as too slow.
+    pub backlog: Bounds,
 }
 
 struct Client {
@@ -689,12 +689,8 @@ impl Hub {
         }
         self.touched = touched; // keep the allocation for the next batch
         self.couriers.send_all();
-        let bounds = Bounds {
-            frames: self.limits.client_queue,
-            bytes: self.limits.client_queue_bytes,
-        };
         let mut slow = Vec::new();
-        let handed = self.own.deliver(bounds, |id| slow.push(id));
+        let handed = self.own.deliver(self.limits.backlog, |id| slow.push(id));
         Metrics::add(&self.metrics.messages_sent, handed);
         slow.extend(self.couriers.slow_clients());
         for id in slow {

@@ -139,18 +139,17 @@ impl Server {
         })?;
         let metrics = Arc::new(Metrics::default());
         let (events, inbox) = crossbeam_channel::bounded(DISPATCHER_QUEUE);
+        let backlog = courier::Bounds {
+            frames: config.client_queue,
+            bytes: config.client_queue_bytes,
+        };
         let limits = HubLimits {
             history: config.history,
             max_rooms: config.max_rooms,
             presence_limit: config.presence_limit,
-            client_queue: config.client_queue,
-            client_queue_bytes: config.client_queue_bytes,
+            backlog,
         };
-        let bounds = courier::Bounds {
-            frames: config.client_queue,
-            bytes: config.client_queue_bytes,
-        };
-        let couriers = courier::Couriers::start(bounds, &metrics).map_err(StartError::Thread)?;
+        let couriers = courier::Couriers::start(backlog, &metrics).map_err(StartError::Thread)?;
         let hub = Hub::new(history, limits, couriers, metrics.clone());
         let dispatcher_thread = spawn("dispatcher", move || hub.run(inbox))?;
 
