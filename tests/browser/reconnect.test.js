@@ -16,8 +16,10 @@ import {
 const TOKEN = 'test-token-123';
 const ROOM = 'recon';
 const HISTORY = 6; // --history: messages kept per room
-// Expected while the server is away: failed connection attempts and room-list polls.
-const OUTAGE_NOISE = [/WebSocket connection to .* failed/, /ERR_CONNECTION_REFUSED/];
+// Expected while the server is away: failed connection attempts and room-list polls, and a poll
+// that lands while the server shuts down (its dispatcher already stopped, HTTP not yet): a 503.
+const OUTAGE_NOISE = [/WebSocket connection to .* failed/, /ERR_CONNECTION_REFUSED/,
+  /the server responded with a status of 503/];
 
 let dataDir;
 let server;
