@@ -20,7 +20,7 @@ use crate::dispatcher::Event;
 use crate::handshake::{self, Policy, Refusal};
 use crate::metrics::{Metrics, Rejection};
 use crate::reactor::Reactor;
-use crate::session::{self, Env, Joining, SESSION_STACK_BYTES, Settings, WRITE_TIMEOUT};
+use crate::session::{self, Env, Joining, SESSION_STACK_BYTES, Settings};
 
 /// Handshakes in progress at once, over all addresses. Large enough that hundreds of stalled
 /// sockets do not lock out real clients; each costs one thread until its deadline.
@@ -254,7 +254,6 @@ fn connection(
     debug!("handshake response to {peer}:\n{response}");
     let setup = handshake::send(&stream, &response)
         .and_then(|()| stream.set_read_timeout(None))
-        .and_then(|()| stream.set_write_timeout(Some(WRITE_TIMEOUT)))
         .and_then(|()| stream.set_nodelay(true));
     if let Err(e) = setup {
         return debug!("connection {id} from {peer} lost during the handshake: {e}");

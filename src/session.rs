@@ -44,9 +44,10 @@ const READ_BUFFER_BYTES: usize = 512;
 const READ_BUDGET_BYTES: usize = 64 * 1024;
 /// Capacity of the buffer for the session's own frames kept between flushes.
 const KEEP_OUT_BUFFER_BYTES: usize = 1024;
-/// A write that makes no progress for this long means the peer is gone or not reading.
-pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long to wait for the peer's close frame after sending ours.
+/// A backlog the socket takes nothing of for this long means the peer is gone or not reading.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// At the end: how long each last write may make no progress, and how long to wait for the
+/// peer's close frame after sending ours.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Typing events accepted per second (and at once); the excess is dropped silently.
 const TYPING_RATE: f64 = 2.0;
