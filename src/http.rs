@@ -317,9 +317,16 @@ fn post_message(shared: &HttpShared, request: &mut Request, room: String) -> Rep
     let given = header_value(request, "Authorization")
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
-    if !constant_time_eq::constant_time_eq(given.trim().as_bytes(), token.as_bytes()) {
-        return json_error(401, "unauthorized", "send Authorization: Bearer <token>")
+    if given.trim().is_empty() {
+        return json_error(401, "missing_token", "send Authorization: Bearer <token>")
             .with_header(header("WWW-Authenticate", "Bearer"));
+    }
+    if !constant_time_eq::constant_time_eq(given.trim().as_bytes(), token.as_bytes()) {
+        let reason = "the bearer token is not this server's --api-token";
+        return json_error(401, "bad_token", reason).with_header(header(
+            "WWW-Authenticate",
+            r#"Bearer error="invalid_token""#,
+        ));
     }
     if let Err(e) = protocol::check_room(&room) {
         return chat_error(&e);
