@@ -130,6 +130,22 @@ fn an_unusable_data_dir_is_named_with_its_problem() {
 }
 
 #[test]
+fn load_test_mode_is_logged_once_at_start() {
+    let (mut child, _http, _ws) = spawn_server(&["--load-test"]);
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(wait_exit(&mut child, Duration::from_secs(5)).is_some_and(|s| s.success()));
+    let mut log = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut log).unwrap();
+    let warning =
+        "load-test mode: rate limits and per-address caps are off; do not expose this server";
+    assert_eq!(log.matches(warning).count(), 1, "{log}");
+    assert!(log.contains("WARN"), "{log}");
+}
+
+#[test]
 fn sigterm_and_sigint_close_clients_with_1001_and_exit_0() {
     for signal in ["-TERM", "-INT"] {
         let (mut child, _http, ws) = spawn_server(&[]);
