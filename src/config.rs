@@ -73,6 +73,10 @@ pub struct Config {
     pub handshake_timeout: Duration,
     /// An HTTP connection idle (not sending, not reading) this long is dropped.
     pub http_timeout: Duration,
+    /// Bytes of history kept over all rooms; the oldest messages (of any room) go first.
+    pub history_bytes: usize,
+    /// When every room slot is taken, an empty room quiet this long gives its slot up.
+    pub room_quiet: Duration,
 }
 
 impl Default for Config {
@@ -102,6 +106,11 @@ impl Default for Config {
             ping_interval: Duration::from_secs(30),
             handshake_timeout: Duration::from_secs(5),
             http_timeout: Duration::from_secs(10),
+            // 32 MiB: an eighth of the 256 MiB memory ceiling (see the README).
+            history_bytes: 32 << 20,
+            // Long enough that a room whose people stepped away keeps its history; short enough
+            // that filling every slot once locks new rooms out for minutes, not for good.
+            room_quiet: Duration::from_secs(10 * 60),
         }
     }
 }
@@ -145,6 +154,9 @@ USAGE: wschat [FLAGS]
   --ping-interval SECS   keepalive ping interval (default 30)
   --handshake-timeout SECS  total time to finish the handshake (default 5)
   --http-timeout SECS    drop an HTTP connection idle this long (default 10)
+  --history-bytes N      bytes of history kept over all rooms (default 33554432)
+  --room-quiet SECS      when all rooms are taken, an empty room quiet this long
+                         gives its slot to a new one (default 600)
   -h, --help             print this help
   -V, --version          print the version
 
@@ -193,6 +205,9 @@ pub fn parse_args(
                 cfg.handshake_timeout = parse_secs(&parser.value()?.string()?)?
             }
             Long("http-timeout") => cfg.http_timeout = parse_secs(&parser.value()?.string()?)?,
+            // History bounds.
+            Long("history-bytes") => cfg.history_bytes = parser.value()?.parse()?,
+            Long("room-quiet") => cfg.room_quiet = parse_secs(&parser.value()?.string()?)?,
             _ => return Err(arg.unexpected()),
         }
     }

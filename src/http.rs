@@ -223,10 +223,12 @@ fn ask<T>(shared: &HttpShared, event: impl FnOnce(Sender<T>) -> Event) -> Option
     rx.recv_timeout(DISPATCHER_TIMEOUT).ok()
 }
 
-/// Healthy only if the dispatcher answers a ping: a stuck or dead dispatcher is a 503.
+/// Healthy only if the dispatcher answers a ping and can save messages: a stuck or dead
+/// dispatcher, or a history file that cannot be written (a full disk), is a 503 naming it.
 fn healthz(shared: &HttpShared) -> Reply {
     match ask(shared, |reply| Event::Ping { reply }) {
-        Some(()) => text(200, "ok\n"),
+        Some(None) => text(200, "ok\n"),
+        Some(Some(problem)) => text(503, &format!("{problem}\n")),
         None => text(503, "dispatcher not responding\n"),
     }
 }
@@ -289,6 +291,7 @@ fn history(shared: &HttpShared, room: String, query: &str) -> Reply {
         room: &'a str,
         messages: Vec<&'a serde_json::value::RawValue>,
         truncated: bool,
+        more: bool,
     }
     let messages = page
         .messages
@@ -299,6 +302,7 @@ fn history(shared: &HttpShared, room: String, query: &str) -> Reply {
         room: &room_name,
         messages,
         truncated: page.truncated,
+        more: page.more,
     });
     Response::from_string(body.as_str())
         .with_status_code(200)
@@ -429,7 +433,12 @@ fn json_error(status: u16, code: &str, message: &str) -> Reply {
 }
 
 fn chat_error(e: &ChatError) -> Reply {
-    json_error(400, e.code(), &e.to_string())
+    match e {
+        ChatError::NotSaved(_) => {
+            json_error(503, e.code(), &e.to_string()).with_header(header("Retry-After", "5"))
+        }
+        _ => json_error(400, e.code(), &e.to_string()),
+    }
 }
 
 fn busy() -> Reply {

@@ -127,12 +127,14 @@ impl Server {
         let ws_listener = bind(config.bind, ws_port, None)?;
         let ws_addr = local_addr(&ws_listener, ws_port)?;
 
-        let history = history::History::open(
-            config.history,
-            config.data_dir.as_deref(),
-            config.fsync,
-            config.compact_bytes,
-        )
+        let history = history::History::open(&history::Settings {
+            per_room: config.history,
+            total_bytes: config.history_bytes,
+            data_dir: config.data_dir.as_deref(),
+            fsync: config.fsync,
+            compact_bytes: config.compact_bytes,
+            max_line_bytes: history::max_line_bytes(config.max_message_bytes),
+        })
         .map_err(|source| StartError::History {
             dir: format!("{:?}", config.data_dir),
             source,
@@ -148,6 +150,7 @@ impl Server {
             max_rooms: config.max_rooms,
             presence_limit: config.presence_limit,
             backlog,
+            room_quiet: config.room_quiet,
         };
         let couriers = courier::Couriers::start(backlog, &metrics).map_err(StartError::Thread)?;
         let hub = Hub::new(history, limits, couriers, metrics.clone());

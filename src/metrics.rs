@@ -56,6 +56,8 @@ pub struct Metrics {
     pub slow_clients_dropped: AtomicU64,
     pub rate_limited: AtomicU64,
     pub history_messages: AtomicU64,
+    pub history_bytes: AtomicU64,
+    pub history_write_failures: AtomicU64,
     pub handshakes_pending: AtomicU64,
     rejected: [AtomicU64; Rejection::ALL.len()],
 }
@@ -137,6 +139,18 @@ impl Metrics {
             "gauge",
             "Messages held in room history.",
             get(&self.history_messages),
+        );
+        metric(
+            "wschat_history_bytes",
+            "gauge",
+            "Bytes held in room history (at most --history-bytes).",
+            get(&self.history_bytes),
+        );
+        metric(
+            "wschat_history_write_failures_total",
+            "counter",
+            "Failed writes or syncs of the history file.",
+            get(&self.history_write_failures),
         );
         metric(
             "wschat_handshakes_pending",

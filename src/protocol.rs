@@ -50,6 +50,8 @@ pub enum ChatError {
     RateLimited,
     #[error("the server already holds its maximum number of rooms")]
     TooManyRooms,
+    #[error("the server cannot save messages right now ({0}); this one was not sent")]
+    NotSaved(String),
 }
 
 impl ChatError {
@@ -66,6 +68,7 @@ impl ChatError {
             ChatError::NoSuchUser(_) => "no_such_user",
             ChatError::RateLimited => "rate_limited",
             ChatError::TooManyRooms => "too_many_rooms",
+            ChatError::NotSaved(_) => "not_saved",
         }
     }
 
@@ -236,7 +239,10 @@ pub struct RoomState<'a> {
     pub users: Vec<&'a str>,
     pub count: usize,
     pub history: Vec<&'a RawValue>,
+    /// Messages after `since` are gone for good: the client missed some.
     pub truncated: bool,
+    /// Older messages after `since` are kept but did not fit: the HTTP API has them.
+    pub more: bool,
 }
 
 /// Serialises an event once; the result is shared by all its recipients.
