@@ -290,8 +290,13 @@ fn rooms_and_history_can_be_read_without_a_token() {
         .iter()
         .map(|m| m["id"].as_u64().unwrap())
         .collect();
-    assert_eq!(got, sent[3..]);
-    assert_eq!(page["messages"][0]["text"], "m3");
+    assert_eq!(got, sent[2..4], "a page goes forward from since");
+    assert_eq!(page["messages"][0]["text"], "m2");
+    assert_eq!(page["more"], true);
+    let next = format!("/api/rooms/dev/messages?since={}&limit=2", sent[3]);
+    let page = json_body(&http_get(addr, &next).2);
+    assert_eq!(page["messages"][0]["id"], sent[4]);
+    assert_eq!(page["more"], false, "{page}");
     let (status, _, _) = http_request(
         addr,
         "GET /api/rooms/dev/messages HTTP/1.0\r\nHost: x\r\nAuthorization: Bearer whatever\r\n\r\n",
