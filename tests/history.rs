@@ -83,14 +83,20 @@ fn the_byte_budget_bounds_all_rooms_together_and_evicts_the_oldest() {
     let held = metric(addr, "wschat_history_bytes");
     assert!(held <= budget as u64 && held > budget as u64 / 2, "{held}");
     let kept = metric(addr, "wschat_history_messages");
-    assert!(kept < 20, "40 messages of 4 KB do not fit in 64 KiB: {kept} kept");
+    assert!(
+        kept < 20,
+        "40 messages of 4 KB do not fit in 64 KiB: {kept} kept"
+    );
     // Both rooms lost their oldest messages, and a resume from the start says so.
     for room in ["even", "odd"] {
         let (_c, welcome) = Client::join(&server, &format!("/chat/{room}?since=0"));
         assert_eq!(welcome["truncated"], true, "{room}");
         let got = ids(&welcome["history"]);
         assert!(got.len() < 20 && got.len() > 2, "{room}: {got:?}");
-        assert_eq!(got.last(), first.iter().rev().find(|&&id| id % 2 == got[0] % 2));
+        assert_eq!(
+            got.last(),
+            first.iter().rev().find(|&&id| id % 2 == got[0] % 2)
+        );
     }
     server.shutdown();
 }
@@ -125,11 +131,17 @@ fn a_welcome_is_bounded_in_bytes_and_the_api_pages_forward() {
         let path = format!("/api/rooms/big/messages?since={since}&limit=5");
         let (status, _, body) = http_get(addr, &path);
         assert_eq!(status, 200);
-        assert!(body.len() <= (1 << 20) + (200 << 10), "page of {} bytes", body.len());
+        assert!(
+            body.len() <= (1 << 20) + (200 << 10),
+            "page of {} bytes",
+            body.len()
+        );
         let page = json_of(&body);
         let page_ids = ids(&page["messages"]);
         got.extend(&page_ids);
-        since = *page_ids.last().expect("a page is never empty while more is true");
+        since = *page_ids
+            .last()
+            .expect("a page is never empty while more is true");
         if page["more"] == false {
             break;
         }
@@ -143,17 +155,19 @@ fn a_history_file_is_checked_not_trusted() {
     let dir = temp_dir("checked");
     std::fs::create_dir_all(&dir).unwrap();
     let line = |id: u64, extra: &str| {
-        format!(r#"{{"type":"message","id":{id},"room":"lobby","from":"a","text":"m{id}","ts":1{extra}}}"#)
+        format!(
+            r#"{{"type":"message","id":{id},"room":"lobby","from":"a","text":"m{id}","ts":1{extra}}}"#
+        )
     };
     let bad = [
-        line(5, ""),                             // kept
-        line(5, ""),                             // duplicate
-        line(3, ""),                             // out of order
-        line(u64::MAX, ""),                      // would wrap the counter
-        line(6, r#","private":true,"to":"b""#),  // private
+        line(5, ""),                                            // kept
+        line(5, ""),                                            // duplicate
+        line(3, ""),                                            // out of order
+        line(u64::MAX, ""),                                     // would wrap the counter
+        line(6, r#","private":true,"to":"b""#),                 // private
         line(6, &format!(r#","x":"{}""#, "y".repeat(1 << 20))), // far too long
-        "{\"type\":\"message\",\"id\":6,\"ro\u{FFFD}".into(), // garbage
-        line(7, ""),                             // kept
+        "{\"type\":\"message\",\"id\":6,\"ro\u{FFFD}".into(),   // garbage
+        line(7, ""),                                            // kept
     ];
     let mut text = bad.join("\n");
     text.push('\n');
@@ -171,11 +185,17 @@ fn a_history_file_is_checked_not_trusted() {
     assert_eq!(c.expect("message")["id"], 8, "the counter did not wrap");
     server.shutdown();
     let rejected = std::fs::read(dir.join("history.jsonl.rejected")).unwrap();
-    let aside = rejected.split(|&b| b == b'\n').filter(|l| !l.is_empty()).count();
+    let aside = rejected
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .count();
     assert_eq!(aside, 7, "every refused line is kept aside");
     assert!(rejected.len() > 1 << 20, "the long line too, whole");
     let history = std::fs::read_to_string(dir.join("history.jsonl")).unwrap();
-    assert!(!history.contains("private") && !history.contains("yyyy"), "{history}");
+    assert!(
+        !history.contains("private") && !history.contains("yyyy"),
+        "{history}"
+    );
     // A second start finds nothing to set aside: the lines are not copied twice.
     let server = start(cfg);
     let (_c, welcome) = Client::join(&server, "/chat");
@@ -229,7 +249,10 @@ fn quiet_empty_rooms_give_back_their_slot_also_after_a_restart() {
         assert_eq!(post(addr, room, "hi").0, 201);
     }
     let (status, body) = post(addr, "r4", "hi");
-    assert_eq!((status, body["error"].as_str()), (400, Some("too_many_rooms")));
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("too_many_rooms"))
+    );
     std::thread::sleep(Duration::from_millis(1_200));
     assert_eq!(post(addr, "r4", "hi").0, 201, "r1 was quiet long enough");
     let (_, _, rooms) = http_get(addr, "/api/rooms");
@@ -257,13 +280,22 @@ struct Limited {
 impl Limited {
     fn start(dir: &Path, limit: u64) -> Limited {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_wschat"));
-        cmd.args(["--port", "0", "--ws-port", "0", "--api-token", "t", "--rate", "1000"])
-            .arg("--data-dir")
-            .arg(dir)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        cmd.args([
+            "--port",
+            "0",
+            "--ws-port",
+            "0",
+            "--api-token",
+            "t",
+            "--rate",
+            "1000",
+        ])
+        .arg("--data-dir")
+        .arg(dir)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
         // SAFETY: runs in the forked child before exec, where only async-signal-safe calls are
         // allowed: setrlimit and signal are, and nothing here allocates or takes a lock.
         unsafe {
@@ -285,7 +317,10 @@ impl Limited {
         BufReader::new(child.stdout.take().unwrap())
             .read_line(&mut line)
             .unwrap();
-        let rest = line.trim().strip_prefix("wschat listening: http://").unwrap();
+        let rest = line
+            .trim()
+            .strip_prefix("wschat listening: http://")
+            .unwrap();
         let (http, rest) = rest.split_once("/ (websocket ws://").unwrap();
         let ws = rest.strip_suffix("/chat)").unwrap();
         let log = Arc::new(Mutex::new(String::new()));
@@ -293,7 +328,9 @@ impl Limited {
         std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
             while let Ok(n @ 1..) = stderr.read(&mut buf) {
-                sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
             }
         });
         Limited {
@@ -353,11 +390,17 @@ fn a_full_disk_refuses_messages_instead_of_losing_them() {
             saved.push(got["id"].as_u64().unwrap());
         } else {
             assert_eq!(got["code"], "not_saved", "{got}");
-            assert!(got["message"].as_str().unwrap().contains("disk full"), "{got}");
+            assert!(
+                got["message"].as_str().unwrap().contains("disk full"),
+                "{got}"
+            );
             refused += 1;
         }
     }
-    assert!(!saved.is_empty() && refused > 0, "saved {saved:?}, refused {refused}");
+    assert!(
+        !saved.is_empty() && refused > 0,
+        "saved {saved:?}, refused {refused}"
+    );
     // Bob saw exactly the saved messages; the refused ones reached no one.
     let mut seen = Vec::new();
     while seen.len() < saved.len() {
@@ -366,7 +409,11 @@ fn a_full_disk_refuses_messages_instead_of_losing_them() {
     assert_eq!(seen, saved);
     bob.expect_none("message", Duration::from_millis(300));
     let (status, body) = post(server.http, "lobby", &"api ".repeat(100)); // as long as those refused
-    assert_eq!((status, body["error"].as_str()), (503, Some("not_saved")), "{body}");
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (503, Some("not_saved")),
+        "{body}"
+    );
     let (status, _, health) = http_get(server.http, "/healthz");
     assert_eq!(status, 503);
     assert!(health.contains("cannot write (disk full)"), "{health}");
@@ -379,7 +426,11 @@ fn a_full_disk_refuses_messages_instead_of_losing_them() {
     assert_eq!(bob.expect("message")["id"], back_id);
     assert!(back_id > *saved.last().unwrap());
     assert_eq!(http_get(server.http, "/healthz").0, 200);
-    assert_eq!(server.log_count("cannot write"), 1, "logged once per outage");
+    assert_eq!(
+        server.log_count("cannot write"),
+        1,
+        "logged once per outage"
+    );
     assert_eq!(server.log_count("can be written again"), 1);
     server.kill();
 
@@ -405,7 +456,10 @@ fn a_full_disk_refuses_messages_instead_of_losing_them() {
     assert_eq!(send(&mut carol, "full again")["code"], "not_saved");
     server.free_space();
     let next = send(&mut carol, "and free");
-    assert!(next["id"].as_u64().unwrap() > back_id, "no id shown twice: {next}");
+    assert!(
+        next["id"].as_u64().unwrap() > back_id,
+        "no id shown twice: {next}"
+    );
     server.kill();
     let _ = std::fs::remove_dir_all(dir);
 }
@@ -419,7 +473,10 @@ fn the_api_pages_are_checked() {
     }
     let (_, _, body) = http_get(addr, "/api/rooms/p/messages?limit=2");
     let newest = json_of(&body);
-    assert_eq!(newest["more"], true, "without since: the newest, and more before them");
+    assert_eq!(
+        newest["more"], true,
+        "without since: the newest, and more before them"
+    );
     assert_eq!(ids(&newest["messages"]).len(), 2);
     let (_, _, body) = http_get(addr, "/api/rooms/p/messages?since=0&limit=2");
     let first = json_of(&body);

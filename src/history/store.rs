@@ -201,14 +201,16 @@ impl Store {
         }
     }
 
-    /// Returns whether a sync was due and done.
+    /// Returns whether a sync was due and done. A failed one is retried an interval later,
+    /// not at once: the dispatcher must not spin on a failing disk.
     fn sync_if_due(&mut self) -> io::Result<bool> {
-        if self.sync_deadline().is_none_or(|d| d > Instant::now()) {
+        let now = Instant::now();
+        if self.sync_deadline().is_none_or(|d| d > now) {
             return Ok(false);
         }
-        self.file.sync_data()?;
-        self.unsynced_since = None;
-        Ok(true)
+        let synced = self.file.sync_data();
+        self.unsynced_since = synced.is_err().then_some(now);
+        synced.map(|()| true)
     }
 
     fn sync_deadline(&self) -> Option<Instant> {
