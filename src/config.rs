@@ -267,6 +267,19 @@ mod tests {
     }
 
     #[test]
+    fn history_bounds_are_flags() {
+        let Ok(Parsed::Run(cfg)) = parse(&["--history-bytes", "4096", "--room-quiet", "2"], None)
+        else {
+            panic!("expected a config")
+        };
+        assert_eq!(
+            (cfg.history_bytes, cfg.room_quiet),
+            (4096, Duration::from_secs(2))
+        );
+        assert!(parse(&["--room-quiet", "0"], None).is_err());
+    }
+
+    #[test]
     fn bad_values_are_errors_not_panics() {
         assert!(parse(&["--port", "seventy"], None).is_err());
         assert!(parse(&["--rate", "-1"], None).is_err());

@@ -14,6 +14,7 @@ mod store;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::config::Fsync;
@@ -89,9 +90,9 @@ pub struct Settings<'a> {
 pub struct History {
     per_room: usize,
     total_bytes: usize,
-    rooms: HashMap<String, RoomLog>,
+    rooms: HashMap<Arc<str>, RoomLog>,
     /// Every kept message's id and its room, so the globally oldest is found at once.
-    ages: BTreeMap<u64, String>,
+    ages: BTreeMap<u64, Arc<str>>,
     /// What the kept messages cost, as [`Stored::cost`] counts.
     bytes: usize,
     /// Largest id of a room forgotten whole: a resume from before it in such a room has a gap.
@@ -164,18 +165,25 @@ impl History {
         for (room, stored) in staged {
             self.push(&room, stored);
         }
+        self.compact_if_worth_it();
+        Ok(())
+    }
+
+    /// Starts a compaction in a helper thread when the file is mostly lines memory no longer
+    /// holds.
+    fn compact_if_worth_it(&mut self) {
         let live = self.live_file_bytes();
-        if self
+        if !self
             .store
             .as_ref()
             .is_some_and(|s| s.wants_compaction(live))
         {
-            let (next_id, frames) = (self.next_id, self.snapshot());
-            if let Some(store) = &mut self.store {
-                store.start_compaction(next_id, frames);
-            }
+            return;
         }
-        Ok(())
+        let (next_id, frames) = (self.next_id, self.snapshot());
+        if let Some(store) = &mut self.store {
+            store.start_compaction(next_id, frames);
+        }
     }
 
     /// Waits for a compaction in progress and puts its file in place (at shutdown).
@@ -204,8 +212,12 @@ impl History {
     /// Adds a saved message (or one loaded from the file), then evicts what is over the bounds.
     fn push(&mut self, room: &str, stored: Stored) {
         self.bytes += stored.cost();
-        self.ages.insert(stored.id, room.to_owned());
-        let log = self.rooms.entry(room.to_owned()).or_default();
+        let name = match self.rooms.get_key_value(room) {
+            Some((name, _)) => name.clone(),
+            None => Arc::from(room),
+        };
+        self.ages.insert(stored.id, name.clone());
+        let log = self.rooms.entry(name).or_default();
         log.last_ts = log.last_ts.max(stored.ts);
         log.messages.push_back(stored);
         if log.messages.len() > self.per_room {
@@ -258,7 +270,7 @@ impl History {
             .iter()
             .filter(|(name, log)| log.last_ts < quiet_before && may_forget(name))
             .min_by_key(|(_, log)| log.last_ts)?;
-        let room = room.clone();
+        let room = room.to_string();
         self.forget(&room);
         Some(room)
     }
@@ -319,7 +331,7 @@ impl History {
 
     /// Rooms that have history.
     pub fn room_names(&self) -> impl Iterator<Item = &str> {
-        self.rooms.keys().map(String::as_str)
+        self.rooms.keys().map(|r| &**r)
     }
 
     /// Messages held in memory, over all rooms (a metric).
