@@ -1,6 +1,6 @@
 //! Message history: the recent messages of every room, bounded per room and in bytes over all
 //! rooms, the message id counter, and (with `--data-dir`) the file that makes both survive a
-//! restart ([`store`], read back by [`load`]).
+//! restart (`store`, read back by `load`).
 //!
 //! A message is *staged* by [`History::append`] and becomes history only when
 //! [`History::commit`] has saved its batch: the dispatcher calls it once per batch, before it

@@ -28,11 +28,12 @@
 //! 3. A chat message becomes an [`dispatcher::Event`] for the [`dispatcher`], the one thread that
 //!    owns rooms, names and [`history`]. It gives the message an id, appends it to history (and the
 //!    file), and serialises it once.
-//! 4. After committing the batch, the dispatcher hands each member of the room the same bytes
+//! 4. Once the batch is saved, the dispatcher hands each member of the room the same bytes
 //!    through the client's [`outlet`], which writes them straight to the socket without blocking,
 //!    all of a batch's frames for that client in one `sendmsg`; [`courier`] threads do part of
 //!    the clients on the other cores. Only what a socket does not take waits in its outlet, and
-//!    the doorbell tells the session to write it when the socket has room.
+//!    the doorbell tells the session to write it when the socket has room. If the batch cannot
+//!    be saved (a full disk), its messages are shown to no one and each sender gets an error.
 //!
 //! Nothing in the dispatcher blocks on a client: a backlog past its bound means the client is too
 //! slow and is dropped. Every thread, queue, buffer and wait has a bound, named as a constant where
