@@ -129,8 +129,11 @@ pub fn policy_for(selector: u8) -> (IpAddr, Policy) {
         1 => Some(peer),
         _ => Some([198, 51, 100, 1].into()),
     };
+    let port = if selector & 4 != 0 { 80 } else { 5000 };
     let policy = Policy {
-        http_port: if selector & 4 != 0 { 80 } else { 5000 },
+        own_origins: vec![format!("http://127.0.0.1:{port}")],
+        port,
+        wildcard_bind: selector & 2 != 0,
         allow_origins: if selector & 8 != 0 {
             vec!["https://chat.example.org".into()]
         } else {
@@ -149,7 +152,7 @@ pub fn handshake_check(data: &[u8]) {
         return;
     };
     let (peer, policy) = policy_for(selector);
-    match handshake::check(head, peer, &policy) {
+    match check(head, peer, &policy) {
         Ok(upgrade) => {
             room_ok(&upgrade.room);
             assert_eq!(upgrade.accept_key.len(), 28, "base64 of a SHA-1");
@@ -167,7 +170,7 @@ pub fn handshake_check(data: &[u8]) {
             assert!(
                 !matches!(
                     refusal,
-                    Refusal::TooManyClients | Refusal::TooManyFromAddress(_)
+                    Refusal::TooManyClients(_) | Refusal::TooManyFromAddress(..)
                 ),
                 "check() knows nothing of limits"
             );
@@ -186,6 +189,18 @@ pub fn handshake_check(data: &[u8]) {
         clean_path(target.split('?').next().unwrap_or(target));
     }
     clean_path(&text);
+}
+
+/// Parses a request head and checks it as a handshake, as the front door does (a head that
+/// does not parse is a bad request).
+pub fn check(
+    head: &[u8],
+    peer: std::net::IpAddr,
+    policy: &Policy,
+) -> Result<handshake::Upgrade, Refusal> {
+    let request = wschat::request::parse(head, std::net::SocketAddr::new(peer, 40000))
+        .map_err(|_| Refusal::BadRequest("malformed HTTP request"))?;
+    handshake::check(&request, policy)
 }
 
 /// The head (ending in one blank line) has no stray CR or LF: nothing a request put into a

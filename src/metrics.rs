@@ -16,11 +16,13 @@ pub enum Rejection {
     TooManyClients,
     TooManyFromAddress,
     TooManyPending,
+    TooManyConnections,
+    ConnectionRate,
     Timeout,
 }
 
 impl Rejection {
-    const ALL: [Rejection; 8] = [
+    const ALL: [Rejection; 10] = [
         Rejection::BadRequest,
         Rejection::NotFound,
         Rejection::UpgradeRequired,
@@ -28,6 +30,8 @@ impl Rejection {
         Rejection::TooManyClients,
         Rejection::TooManyFromAddress,
         Rejection::TooManyPending,
+        Rejection::TooManyConnections,
+        Rejection::ConnectionRate,
         Rejection::Timeout,
     ];
 
@@ -40,6 +44,8 @@ impl Rejection {
             Rejection::TooManyClients => "too_many_clients",
             Rejection::TooManyFromAddress => "too_many_from_address",
             Rejection::TooManyPending => "too_many_pending",
+            Rejection::TooManyConnections => "too_many_connections",
+            Rejection::ConnectionRate => "connection_rate",
             Rejection::Timeout => "timeout",
         }
     }

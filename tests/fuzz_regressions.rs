@@ -12,7 +12,7 @@ mod invariants;
 
 use std::net::IpAddr;
 
-use wschat::handshake::{self, Refusal};
+use wschat::handshake::Refusal;
 use wschat::protocol::{self, Command};
 
 /// Inputs for `protocol_parse`: any bytes (read as lossy UTF-8).
@@ -226,10 +226,10 @@ fn pinned_protocol_outcomes() {
 fn origin_that_is_not_utf8() {
     let (peer, policy) = invariants::policy_for(0);
     let head = b"GET /chat HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nOrigin: http://evil.example\xff\r\n\r\n";
-    assert!(handshake::check(head, peer, &policy).is_ok());
+    assert!(invariants::check(head, peer, &policy).is_ok());
     let utf8 = b"GET /chat HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nOrigin: http://evil.example\r\n\r\n";
     assert!(matches!(
-        handshake::check(utf8, peer, &policy),
+        invariants::check(utf8, peer, &policy),
         Err(Refusal::Forbidden(_))
     ));
 }
@@ -246,7 +246,7 @@ fn forwarded_for_edge_cases() {
     };
     let (peer, trusted) = invariants::policy_for(0x20);
     let ip = |xff: &str| {
-        handshake::check(head(xff).as_bytes(), peer, &trusted)
+        invariants::check(head(xff).as_bytes(), peer, &trusted)
             .unwrap()
             .client_ip
     };
@@ -260,7 +260,7 @@ fn forwarded_for_edge_cases() {
     assert_eq!(ip("[::1]"), peer);
     let (peer, untrusted) = invariants::policy_for(0x40); // another address is the proxy
     assert_eq!(
-        handshake::check(head("192.0.2.7").as_bytes(), peer, &untrusted)
+        invariants::check(head("192.0.2.7").as_bytes(), peer, &untrusted)
             .unwrap()
             .client_ip,
         peer
