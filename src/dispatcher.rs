@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use log::{debug, error, info};
 
-use crate::courier::{Bounds, Couriers, Parcel};
+use crate::courier::{Couriers, Parcel};
 use crate::history::{History, Stored};
 use crate::metrics::Metrics;
 use crate::outlet::Outlet;
@@ -104,8 +104,6 @@ pub struct HubLimits {
     pub max_rooms: usize,
     /// Largest room with per-member presence; bigger ones are crowds.
     pub presence_limit: usize,
-    /// What may wait for one client before it counts as too slow.
-    pub backlog: Bounds,
 }
 
 struct Client {
@@ -690,7 +688,7 @@ impl Hub {
         self.touched = touched; // keep the allocation for the next batch
         self.couriers.send_all();
         let mut slow = Vec::new();
-        let handed = self.own.deliver(self.limits.backlog, |id| slow.push(id));
+        let handed = self.own.deliver(|id| slow.push(id));
         Metrics::add(&self.metrics.messages_sent, handed);
         slow.extend(self.couriers.slow_clients());
         for id in slow {

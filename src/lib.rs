@@ -134,17 +134,12 @@ impl Server {
         })?;
         let metrics = Arc::new(Metrics::default());
         let (events, inbox) = crossbeam_channel::bounded(DISPATCHER_QUEUE);
-        let backlog = courier::Bounds {
-            frames: config.client_queue,
-            bytes: config.client_queue_bytes,
-        };
         let limits = HubLimits {
             history: config.history,
             max_rooms: config.max_rooms,
             presence_limit: config.presence_limit,
-            backlog,
         };
-        let couriers = courier::Couriers::start(backlog, &metrics).map_err(StartError::Thread)?;
+        let couriers = courier::Couriers::start(&metrics).map_err(StartError::Thread)?;
         let hub = Hub::new(history, limits, couriers, metrics.clone());
         let dispatcher_thread = spawn("dispatcher", move || hub.run(inbox))?;
 
@@ -254,6 +249,12 @@ fn front(
         burst: config.burst,
         ping_interval: config.ping_interval,
         max_message_bytes: config.max_message_bytes,
+        backlog: outlet::Bounds {
+            frames: config.client_queue,
+            bytes: config.client_queue_bytes,
+            total_bytes: config.backlog_bytes,
+        },
+        rate_bytes: config.rate_bytes,
     };
     let http = http::HttpShared {
         events: events.clone(),
@@ -274,6 +275,10 @@ fn front(
         )),
         trusted_proxy: config.trusted_proxy,
     };
+    let bytes_per_address = ratelimit::AddressBuckets::new(
+        config.rate_bytes_per_ip,
+        settings.byte_burst(config.rate_bytes_per_ip),
+    );
     Front::new(
         policy,
         settings,
@@ -281,6 +286,7 @@ fn front(
         metrics,
         reactor,
         Arc::new(Admission::new(admission_limits(config))),
+        bytes_per_address,
         http,
         (config.handshake_timeout, config.http_timeout),
         format!("http://{host}:{port}/"),

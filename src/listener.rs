@@ -23,6 +23,7 @@ use crate::dispatcher::Event;
 use crate::handshake::{self, Policy, Refusal};
 use crate::http::{self, HttpShared};
 use crate::metrics::{Metrics, Rejection};
+use crate::ratelimit::AddressBuckets;
 use crate::reactor::Reactor;
 use crate::request::{self, HeadError, Request};
 use crate::session::{self, Env, Joining, SESSION_STACK_BYTES, Settings};
@@ -41,6 +42,8 @@ pub struct Front {
     pub metrics: Arc<Metrics>,
     pub reactor: Arc<Reactor>,
     pub admission: Arc<Admission>,
+    /// Chat bytes per address (see [`session::Env`]).
+    pub bytes_per_address: AddressBuckets,
     pub http: HttpShared,
     /// The whole first request head must arrive within this (slowloris bound).
     pub head_timeout: Duration,
@@ -64,6 +67,7 @@ impl Front {
         metrics: Arc<Metrics>,
         reactor: Arc<Reactor>,
         admission: Arc<Admission>,
+        bytes_per_address: AddressBuckets,
         http: HttpShared,
         (head_timeout, http_timeout): (Duration, Duration),
         page_url: String,
@@ -75,6 +79,7 @@ impl Front {
             metrics,
             reactor,
             admission,
+            bytes_per_address,
             http,
             head_timeout,
             http_timeout,
@@ -344,13 +349,14 @@ fn run_session(
 ) {
     let joining = Joining {
         id,
-        peer: upgrade.client_ip.to_string(),
+        ip: upgrade.client_ip,
         name: upgrade.name,
         room: upgrade.room,
         since: upgrade.since,
     };
     let env = Env {
         settings: &front.settings,
+        bytes_per_address: &front.bytes_per_address,
         events: &front.events,
         metrics: &front.metrics,
         reactor: &front.reactor,

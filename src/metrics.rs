@@ -63,6 +63,8 @@ pub struct Metrics {
     pub rate_limited: AtomicU64,
     pub history_messages: AtomicU64,
     pub handshakes_pending: AtomicU64,
+    /// Bytes waiting in every client's outlet together (see `outlet::Bounds::total_bytes`).
+    pub backlog_bytes: AtomicU64,
     rejected: [AtomicU64; Rejection::ALL.len()],
 }
 
@@ -147,8 +149,14 @@ impl Metrics {
         metric(
             "wschat_handshakes_pending",
             "gauge",
-            "WebSocket handshakes in progress.",
+            "Connections at the door: reading a request, HTTP, handshakes.",
             get(&self.handshakes_pending),
+        );
+        metric(
+            "wschat_backlog_bytes",
+            "gauge",
+            "Bytes waiting for slow clients, all together.",
+            get(&self.backlog_bytes),
         );
         metric(
             "wschat_dispatcher_queue",

@@ -252,6 +252,19 @@ pub fn raw_json(frame: &Frame) -> Option<&RawValue> {
 }
 
 /// Milliseconds since the Unix epoch, for message timestamps.
+/// The length of `text` as a JSON string (quotes included): what recipients read of it.
+pub fn encoded_len(text: &str) -> usize {
+    let escaped: usize = text
+        .bytes()
+        .map(|b| match b {
+            b'"' | b'\\' | b'\n' | b'\r' | b'\t' | 0x08 | 0x0c => 2,
+            0..=0x1f => 6,
+            _ => 1,
+        })
+        .sum();
+    escaped + 2
+}
+
 pub fn now_ms() -> u64 {
     let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
     since_epoch.map(|d| d.as_millis() as u64).unwrap_or(0)
