@@ -18,6 +18,7 @@ use tiny_http::{Header, Method, Request, Response};
 
 use crate::dispatcher::Event;
 use crate::metrics::Metrics;
+use crate::names;
 use crate::protocol::{self, ChatError};
 
 /// The page, compiled into the binary so it runs from any directory.
@@ -370,7 +371,8 @@ fn read_body(request: &mut Request, max: usize) -> Option<Vec<u8>> {
     (body.len() <= max).then_some(body)
 }
 
-/// A JSON body `{"text": "...", "from": "..."}` or plain text; `from` defaults to `server`.
+/// A JSON body `{"text": "...", "from": "..."}` or plain text; `from` defaults to `server`
+/// ([`names::check_sender`] says which names the API may use).
 fn parse_post(body: &[u8], is_json: bool) -> Result<(String, String), ChatError> {
     #[derive(serde::Deserialize)]
     struct Post {
@@ -388,7 +390,7 @@ fn parse_post(body: &[u8], is_json: bool) -> Result<(String, String), ChatError>
             from: None,
         }
     };
-    let from = protocol::check_name(post.from.as_deref().unwrap_or("server"))?;
+    let from = names::check_sender(post.from.as_deref().unwrap_or(names::SERVER))?;
     Ok((protocol::check_text(&post.text)?, from))
 }
 
