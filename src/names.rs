@@ -39,6 +39,10 @@ pub const MAX_NAME_CHARS: usize = 32;
 pub const SERVER: &str = "server";
 /// Names the server hands out are this prefix and the connection id (`guest-7`).
 pub const GUEST_PREFIX: &str = "guest-";
+/// Longest input looked at, in bytes (32 characters take at most 128; the rest is room for
+/// decomposed accents): NFKC can turn one character into 18, so a 64 KiB frame would otherwise
+/// cost a megabyte of work before the length check.
+const MAX_RAW_BYTES: usize = 1024;
 
 /// Why a name was refused. The messages are shown to the user as they are.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -79,6 +83,10 @@ pub fn check_sender(raw: &str) -> Result<String, NameError> {
 /// Rules 1 to 4 (no reservation): a name as it can be shown, or the name of a private message's
 /// receiver, who may well be a `guest-N`.
 pub fn normalise(raw: &str) -> Result<String, NameError> {
+    let raw = raw.trim();
+    if raw.len() > MAX_RAW_BYTES {
+        return Err(NameError::TooLong);
+    }
     let nfkc: String = raw.nfkc().collect();
     let words: Vec<&str> = nfkc.trim().split(' ').filter(|w| !w.is_empty()).collect();
     for word in &words {
@@ -129,19 +137,18 @@ fn is_invisible(c: char) -> bool {
 
 /// `server` or `guest-<digits>`, or a name whose key is one of theirs.
 fn is_reserved(name: &str) -> bool {
-    let key = key(name);
-    if key == self::key(SERVER) {
-        return true;
-    }
+    let name_key = key(name);
     // The key of `guest-12` is `guest-l2` (a `1` looks like an `l`): compare in key space.
-    let digit_keys = self::key("0123456789-");
-    key.strip_prefix(&self::key(GUEST_PREFIX))
+    let digit_keys = key("0123456789-");
+    let guest_like = name_key
+        .strip_prefix(&key(GUEST_PREFIX))
         .is_some_and(|tail| {
             !tail.is_empty()
                 && tail
                     .chars()
                     .all(|c| c.is_numeric() || digit_keys.contains(c))
-        })
+        });
+    guest_like || name_key == key(SERVER)
 }
 
 #[cfg(test)]
@@ -184,6 +191,10 @@ mod tests {
         assert_eq!(check(&"x".repeat(33)), Err(NameError::TooLong));
         // One compatibility character can become many.
         assert_eq!(check(&"\u{FDFA}".repeat(2)), Err(NameError::TooLong));
+        // A huge input is refused before it is normalised; surrounding whitespace is not counted.
+        assert_eq!(check(&"\u{FDFA}".repeat(20_000)), Err(NameError::TooLong));
+        let padded = format!("{}ada{}", " ".repeat(2_000), "\n".repeat(2_000));
+        assert_eq!(check(&padded).as_deref(), Ok("ada"));
     }
 
     /// Accepted, but the key makes them the same name as `alice`.

@@ -1,5 +1,6 @@
-//! The wire protocol: what clients may send, what the server sends back, and the rules for names,
-//! rooms and text (docs/PROTOCOL.md is the reader's version of this file).
+//! The wire protocol: what clients may send, what the server sends back, and the rules for rooms
+//! and text (docs/PROTOCOL.md is the reader's version of this file; names have their own module,
+//! [`crate::names`]).
 //!
 //! This module owns parsing and serialising frames and the one place where an error becomes the
 //! text a user reads ([`ChatError`]'s messages). It never touches sockets or server state.
