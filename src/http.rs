@@ -20,6 +20,7 @@ use tiny_http::{HTTPVersion, Header, Response};
 
 use crate::dispatcher::Event;
 use crate::metrics::Metrics;
+use crate::names;
 use crate::protocol::{self, ChatError};
 use crate::ratelimit::{AddressBuckets, TokenBucket};
 use crate::request::{self, Request};
@@ -405,7 +406,8 @@ fn read_body(exchange: &mut Exchange<'_>, max: usize) -> Option<Vec<u8>> {
     Some(body)
 }
 
-/// A JSON body `{"text": "...", "from": "..."}` or plain text; `from` defaults to `server`.
+/// A JSON body `{"text": "...", "from": "..."}` or plain text; `from` defaults to `server`
+/// ([`names::check_sender`] says which names the API may use).
 fn parse_post(body: &[u8], is_json: bool) -> Result<(String, String), ChatError> {
     #[derive(serde::Deserialize)]
     struct Post {
@@ -423,7 +425,7 @@ fn parse_post(body: &[u8], is_json: bool) -> Result<(String, String), ChatError>
             from: None,
         }
     };
-    let from = protocol::check_name(post.from.as_deref().unwrap_or("server"))?;
+    let from = names::check_sender(post.from.as_deref().unwrap_or(names::SERVER))?;
     Ok((protocol::check_text(&post.text)?, from))
 }
 

@@ -48,6 +48,7 @@ pub mod history;
 pub mod http;
 pub mod listener;
 pub mod metrics;
+pub mod names;
 pub mod outlet;
 pub mod protocol;
 pub mod ratelimit;
