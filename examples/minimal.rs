@@ -47,6 +47,10 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pause after a failed `accept` (e.g. out of file descriptors), instead of spinning on it.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
+/// The answer to a request that is not a WebSocket handshake.
+const NOT_WEBSOCKET: &[u8] =
+    b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\nThis is a WebSocket server.\n";
+
 /// A client as the dispatcher holds it: its queue, and its socket (to cut it off).
 type Client = (Sender<Utf8Bytes>, TcpStream);
 
@@ -115,7 +119,11 @@ fn connection(id: u64, stream: TcpStream, events: Sender<Event>) {
     let config = WebSocketConfig::default().max_message_size(Some(MAX_MESSAGE_BYTES));
     let mut ws = match tungstenite::accept_with_config(Shared(stream, lock.clone()), Some(config)) {
         Ok(ws) => ws,
-        Err(e) => return warn!("handshake failed: {e}"),
+        Err(e) => {
+            warn!("handshake failed: {e}");
+            let _ = (&socket).write_all(NOT_WEBSOCKET); // most likely a plain HTTP request
+            return;
+        }
     };
     let writer = WebSocket::from_raw_socket(Shared(writer_stream, lock), Role::Server, None);
     info!("a user connected");

@@ -3,7 +3,7 @@
 //! Also used by `tests/tutorial.rs`, which runs the tutorial's commands against it.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -311,6 +311,27 @@ fn a_dead_client_is_removed_and_the_others_are_unaffected() {
     assert!(server.saw_log("user disconnected"));
     send(&mut ada, "anyone?");
     expect_text(&mut ada, "anyone?");
+}
+
+#[test]
+fn a_plain_http_request_gets_400_and_a_reason() {
+    let server = Minimal::start();
+    let mut stream = TcpStream::connect(server.addr).unwrap();
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.1 400 Bad Request\r\n"),
+        "{answer}"
+    );
+    assert!(
+        answer.ends_with("\r\n\r\nThis is a WebSocket server.\n"),
+        "{answer}"
+    );
+    assert!(server.saw_log("handshake failed"));
 }
 
 #[test]
