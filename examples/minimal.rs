@@ -109,10 +109,7 @@ fn dispatch(inbox: Receiver<Event>) {
 
 /// One connection, from handshake to goodbye. Its writer runs in a scoped thread beside it.
 fn connection(id: u64, stream: TcpStream, events: Sender<Event>) {
-    let clones = (stream.set_read_timeout(Some(PING_INTERVAL)))
-        .and(stream.set_write_timeout(Some(WRITE_TIMEOUT)))
-        .and_then(|()| Ok((stream.try_clone()?, stream.try_clone()?)));
-    let Ok((socket, writer_stream)) = clones else {
+    let Ok((socket, writer_stream)) = prepare(&stream) else {
         return;
     };
     let lock = Arc::new(Mutex::new(()));
@@ -132,13 +129,26 @@ fn connection(id: u64, stream: TcpStream, events: Sender<Event>) {
         return;
     }
     let goodbye = thread::scope(|scope| {
-        let writing = thread::Builder::new().spawn_scoped(scope, || write_loop(writer, outbox));
-        let goodbye = writing.ok().and_then(|_| read_loop(&mut ws, &events));
+        let goodbye =
+            match thread::Builder::new().spawn_scoped(scope, || write_loop(writer, outbox)) {
+                Ok(_) => read_loop(&mut ws, &events),
+                Err(e) => {
+                    warn!("cannot start a writer: {e}");
+                    close_with(CloseCode::Again, "server busy, try again")
+                }
+            };
         let _ = events.send(Event::Left(id)); // the dispatcher drops our queue: the writer ends
         goodbye
     });
     let _ = ws.close(goodbye); // our close frame, or the reply to the client's
     info!("user disconnected");
+}
+
+/// The socket's timeouts, and two more handles on it: the dispatcher's and the writer's.
+fn prepare(stream: &TcpStream) -> io::Result<(TcpStream, TcpStream)> {
+    stream.set_read_timeout(Some(PING_INTERVAL))?;
+    stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
+    Ok((stream.try_clone()?, stream.try_clone()?))
 }
 
 /// Reads until the client closes or fails. Returns the close frame to send if we end it.
@@ -147,7 +157,7 @@ fn read_loop(ws: &mut WebSocket<Shared>, events: &Sender<Event>) -> Option<Close
     loop {
         match ws.read() {
             Ok(Message::Text(text)) => events.send(Event::Said(text)).ok()?,
-            Ok(Message::Binary(_)) => return goodbye(CloseCode::Unsupported, "text only"),
+            Ok(Message::Binary(_)) => return close_with(CloseCode::Unsupported, "text only"),
             Ok(Message::Close(_)) => return None, // tungstenite queued the reply
             Ok(_) => {}                           // a ping (tungstenite queued the pong) or a pong
             Err(Error::Io(e)) if !pinged && is_timeout(&e) => {
@@ -155,8 +165,8 @@ fn read_loop(ws: &mut WebSocket<Shared>, events: &Sender<Event>) -> Option<Close
                 pinged = true;
                 continue;
             }
-            Err(Error::Capacity(_)) => return goodbye(CloseCode::Size, "message too big"),
-            Err(Error::Protocol(_)) => return goodbye(CloseCode::Protocol, "protocol error"),
+            Err(Error::Capacity(_)) => return close_with(CloseCode::Size, "message too big"),
+            Err(Error::Protocol(_)) => return close_with(CloseCode::Protocol, "protocol error"),
             Err(e) => {
                 debug!("read ended: {e}"); // the client left, or stayed silent after a ping
                 return None;
@@ -167,7 +177,7 @@ fn read_loop(ws: &mut WebSocket<Shared>, events: &Sender<Event>) -> Option<Close
 }
 
 /// The close frame we send when we end the connection.
-fn goodbye(code: CloseCode, why: &'static str) -> Option<CloseFrame> {
+fn close_with(code: CloseCode, why: &'static str) -> Option<CloseFrame> {
     Some(CloseFrame {
         code,
         reason: Utf8Bytes::from_static(why),
