@@ -21,9 +21,10 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use log::{debug, info};
 
-use crate::courier::{Bounds, Couriers, Parcel};
+use crate::courier::{Couriers, Parcel};
 use crate::history::{History, SaveError, Stored};
 use crate::metrics::Metrics;
+use crate::names;
 use crate::outlet::Outlet;
 use crate::protocol::{self, ChatError, ChatMessage, Command, Frame, RoomState, ServerEvent};
 
@@ -119,8 +120,6 @@ pub struct HubLimits {
     pub max_rooms: usize,
     /// Largest room with per-member presence; bigger ones are crowds.
     pub presence_limit: usize,
-    /// What may wait for one client before it counts as too slow.
-    pub backlog: Bounds,
     /// An empty room whose newest message is older than this gives its slot to a new room
     /// when every slot is taken.
     pub room_quiet: Duration,
@@ -138,7 +137,7 @@ struct Client {
 
 pub struct Hub {
     clients: HashMap<ClientId, Client>,
-    /// Lower-cased name -> owner, for case-insensitive uniqueness.
+    /// Name key ([`names::key`]) -> owner: look-alike names share a key, so they cannot coexist.
     names: HashMap<String, ClientId>,
     /// Members of every room that has any.
     rooms: HashMap<String, Vec<ClientId>>,
@@ -306,7 +305,7 @@ impl Hub {
             "a user connected: id {} name {name:?} room {room:?} from {}",
             c.id, c.peer
         );
-        self.names.insert(name.to_lowercase(), c.id);
+        self.names.insert(names::key(&name), c.id);
         self.clients.insert(
             c.id,
             Client {
@@ -336,32 +335,22 @@ impl Hub {
     fn remove_client(&mut self, id: ClientId) -> Option<Client> {
         self.set_typing(id, false);
         let client = self.clients.remove(&id)?;
-        self.names.remove(&client.name.to_lowercase());
+        self.names.remove(&names::key(&client.name));
         self.leave_room(id, &client.room, &client.name);
         Some(client)
     }
 
     fn free_name(&self, name: String, id: ClientId) -> Result<String, ChatError> {
-        match self.names.get(&name.to_lowercase()) {
+        match self.names.get(&names::key(&name)) {
             Some(&owner) if owner != id => Err(ChatError::NameTaken(name)),
             _ => Ok(name),
         }
     }
 
-    /// `guest-<id>`, or with a suffix if someone chose that name already.
+    /// `guest-<id>`: always free, since ids are unique and users cannot take the pattern
+    /// ([`names::check`] reserves it).
     fn guest_name(&self, id: ClientId) -> String {
-        let base = format!("guest-{id}");
-        let taken = |n: &String| self.names.contains_key(&n.to_lowercase());
-        (1..)
-            .map(|i| {
-                if i == 1 {
-                    base.clone()
-                } else {
-                    format!("{base}-{i}")
-                }
-            })
-            .find(|n| !taken(n))
-            .unwrap_or(base)
+        format!("{}{id}", names::GUEST_PREFIX)
     }
 
     fn rename(&mut self, id: ClientId, name: String) -> Result<(), ChatError> {
@@ -371,8 +360,8 @@ impl Hub {
         };
         let old = std::mem::replace(&mut client.name, name.clone());
         let room = client.room.clone();
-        self.names.remove(&old.to_lowercase());
-        self.names.insert(name.to_lowercase(), id);
+        self.names.remove(&names::key(&old));
+        self.names.insert(names::key(&name), id);
         let count = self.members(&room).len();
         let frame = protocol::encode(&ServerEvent::Renamed {
             room: &room,
@@ -623,7 +612,7 @@ impl Hub {
     fn private_message(&mut self, id: ClientId, to: &str, text: String) -> Result<(), ChatError> {
         let target = *self
             .names
-            .get(&to.to_lowercase())
+            .get(&names::key(to))
             .ok_or_else(|| ChatError::NoSuchUser(to.to_owned()))?;
         let (Some(sender), Some(receiver)) = (self.clients.get(&id), self.clients.get(&target))
         else {
@@ -778,7 +767,7 @@ impl Hub {
         self.touched = touched; // keep the allocation for the next batch
         self.couriers.send_all();
         let mut slow = Vec::new();
-        let handed = self.own.deliver(self.limits.backlog, |id| slow.push(id));
+        let handed = self.own.deliver(|id| slow.push(id));
         Metrics::add(&self.metrics.messages_sent, handed);
         slow.extend(self.couriers.slow_clients());
         for id in slow {

@@ -21,6 +21,10 @@ fn fast_config() -> Config {
         rate: 1e6,
         burst: 1e6,
         api_token: Some("t".into()),
+        api_rate: 1e6,
+        rate_bytes: 1e9,
+        rate_bytes_per_ip: 1e9,
+        room_rate_bytes: 1e9,
         ..config()
     }
 }
@@ -280,22 +284,13 @@ struct Limited {
 impl Limited {
     fn start(dir: &Path, limit: u64) -> Limited {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_wschat"));
-        cmd.args([
-            "--port",
-            "0",
-            "--ws-port",
-            "0",
-            "--api-token",
-            "t",
-            "--rate",
-            "1000",
-        ])
-        .arg("--data-dir")
-        .arg(dir)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        cmd.args(["--port", "0", "--api-token", "t", "--rate", "1000"])
+            .arg("--data-dir")
+            .arg(dir)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         // SAFETY: runs in the forked child before exec, where only async-signal-safe calls are
         // allowed: setrlimit and signal are, and nothing here allocates or takes a lock.
         unsafe {
