@@ -25,12 +25,10 @@ pub const FSYNC_INTERVAL: Duration = Duration::from_secs(1);
 /// Everything the server needs to run. `Config::default()` is what `wschat` with no flags uses.
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// Address both listeners bind to.
+    /// Address the one public listener binds to.
     pub bind: IpAddr,
-    /// HTTP port (page, API, metrics). 0 picks a free port.
+    /// The public port: page, API, metrics and WebSockets. 0 picks a free port.
     pub http_port: u16,
-    /// WebSocket port; `None` means HTTP port + 1 (or a free port when the HTTP port is 0).
-    pub ws_port: Option<u16>,
     /// Serve the page from this directory instead of the copy embedded in the binary.
     pub www_dir: Option<PathBuf>,
     /// WebSocket URL announced in `/config.json`, for reverse proxies.
@@ -76,6 +74,24 @@ pub struct Config {
     /// `--load-test`: the per-connection rate limits and the per-address caps are off, so one
     /// machine's load generator is not refused. Logged loudly at start; never for a public server.
     pub load_test: bool,
+    // ----- what one address, connection or room may send (see the README's memory ceiling) -----
+    /// New connections per second from one address (burst: twice that); 0 = no limit.
+    pub conn_rate_per_ip: f64,
+    /// Chat bytes per second (as sent on, JSON-encoded) per connection; burst: 4 seconds' worth.
+    pub rate_bytes: f64,
+    /// The same, per address.
+    pub rate_bytes_per_ip: f64,
+    /// The same, per room: what every member of a room may have to read per second.
+    pub room_rate_bytes: f64,
+    /// Bytes waiting for all slow clients together before the one that would pass it is dropped.
+    pub backlog_bytes: usize,
+    /// HTTP API posts per second, per address and per token (burst: twice that).
+    pub api_rate: f64,
+    // ----- history bounds -----
+    /// Bytes of history kept over all rooms; the oldest messages (of any room) go first.
+    pub history_bytes: usize,
+    /// When every room slot is taken, an empty room quiet this long gives its slot up.
+    pub room_quiet: Duration,
 }
 
 impl Default for Config {
@@ -83,7 +99,6 @@ impl Default for Config {
         Config {
             bind: IpAddr::from([127, 0, 0, 1]),
             http_port: 5000,
-            ws_port: None,
             www_dir: None,
             public_ws_url: None,
             history: 100,
@@ -106,6 +121,17 @@ impl Default for Config {
             handshake_timeout: Duration::from_secs(5),
             http_timeout: Duration::from_secs(10),
             load_test: false,
+            conn_rate_per_ip: 50.0,
+            rate_bytes: 64.0 * 1024.0,
+            rate_bytes_per_ip: 128.0 * 1024.0,
+            room_rate_bytes: 256.0 * 1024.0,
+            backlog_bytes: 32 << 20,
+            api_rate: 10.0,
+            // 32 MiB: an eighth of the 256 MiB memory ceiling (see the README).
+            history_bytes: 32 << 20,
+            // Long enough that a room whose people stepped away keeps its history; short enough
+            // that filling every slot once locks new rooms out for minutes, not for good.
+            room_quiet: Duration::from_secs(10 * 60),
         }
     }
 }
@@ -124,8 +150,7 @@ wschat: a small WebSocket chat server
 
 USAGE: wschat [FLAGS]
 
-  --port N               HTTP port (env PORT; default 5000)
-  --ws-port N            WebSocket port (default HTTP port + 1)
+  --port N               the one public port: page, API, WebSockets (env PORT; default 5000)
   --bind ADDR            address to listen on (default 127.0.0.1)
   --www DIR              serve the page from DIR instead of the embedded copy
   --public-ws-url URL    WebSocket URL announced in /config.json (reverse proxies)
@@ -149,9 +174,18 @@ USAGE: wschat [FLAGS]
   --ping-interval SECS   keepalive ping interval (default 30)
   --handshake-timeout SECS  total time to finish the handshake (default 5)
   --http-timeout SECS    drop an HTTP connection idle this long (default 10)
-  --load-test            for load generators on this machine: no per-connection rate
-                         limits, no per-address caps (overrides --rate, --burst and
-                         --max-clients-per-ip; logged at start; never on a public server)
+  --conn-rate-per-ip R   new connections per second per address, 0 = no limit (default 50)
+  --rate-bytes N         chat bytes per second per connection (default 65536)
+  --rate-bytes-per-ip N  chat bytes per second per address (default 131072)
+  --room-rate-bytes N    chat bytes per second per room (default 262144)
+  --backlog-bytes N      bytes waiting for all slow clients together (default 33554432)
+  --api-rate R           HTTP API posts per second per address and per token (default 10)
+  --history-bytes N      bytes of history kept over all rooms (default 33554432)
+  --room-quiet SECS      when all rooms are taken, an empty room quiet this long
+                         gives its slot to a new one (default 600)
+  --load-test            for load generators on this machine: no chat rate limits (per
+                         connection, address or room), no per-address caps; overrides the
+                         flags of those limits; logged at start; never on a public server
   -h, --help             print this help
   -V, --version          print the version
 
@@ -172,13 +206,14 @@ pub fn parse_args(
     if let Some(port) = env("PORT") {
         cfg.http_port = parse_port("PORT", &port)?;
     }
-    cfg.api_token = env("WSCHAT_API_TOKEN").filter(|t| !t.is_empty());
+    cfg.api_token = env("WSCHAT_API_TOKEN");
     let mut parser = lexopt::Parser::from_iter(args);
     while let Some(arg) = parser.next()? {
         use lexopt::prelude::*;
         let flag = match arg {
             Short('h') | Long("help") => return Ok(Parsed::Help),
             Short('V') | Long("version") => return Ok(Parsed::Version),
+            Long("ws-port") => return Err(WS_PORT_GONE.into()),
             Long("load-test") => {
                 cfg.load_test = true;
                 continue;
@@ -190,11 +225,21 @@ pub fn parse_args(
     }
     check(&cfg)?;
     if cfg.load_test {
-        cfg.rate = LOAD_TEST_RATE;
-        cfg.burst = LOAD_TEST_RATE;
-        cfg.max_clients_per_ip = 0;
+        lift_for_load_test(&mut cfg);
     }
     Ok(Parsed::Run(Box::new(cfg)))
+}
+
+/// `--load-test`: every chat rate limit (per connection, address and room) and every
+/// per-address cap off. The total bounds (clients, rooms, queues, memory) stay.
+fn lift_for_load_test(cfg: &mut Config) {
+    cfg.rate = LOAD_TEST_RATE;
+    cfg.burst = LOAD_TEST_RATE;
+    cfg.rate_bytes = LOAD_TEST_RATE;
+    cfg.rate_bytes_per_ip = LOAD_TEST_RATE;
+    cfg.room_rate_bytes = LOAD_TEST_RATE;
+    cfg.conn_rate_per_ip = 0.0; // 0 = no limit
+    cfg.max_clients_per_ip = 0; // 0 = no limit
 }
 
 /// Applies one flag that takes a value.
@@ -202,7 +247,6 @@ fn apply(cfg: &mut Config, flag: &str, parser: &mut lexopt::Parser) -> Result<()
     let mut value = || text(flag, parser.value()?);
     match flag {
         "--port" => cfg.http_port = parse_port(flag, &value()?)?,
-        "--ws-port" => cfg.ws_port = Some(parse_port(flag, &value()?)?),
         "--bind" => cfg.bind = parse_ip(flag, &value()?)?,
         "--www" => cfg.www_dir = Some(value()?.into()),
         "--public-ws-url" => cfg.public_ws_url = Some(value()?),
@@ -225,13 +269,35 @@ fn apply(cfg: &mut Config, flag: &str, parser: &mut lexopt::Parser) -> Result<()
         "--ping-interval" => cfg.ping_interval = parse_secs(flag, &value()?)?,
         "--handshake-timeout" => cfg.handshake_timeout = parse_secs(flag, &value()?)?,
         "--http-timeout" => cfg.http_timeout = parse_secs(flag, &value()?)?,
+        "--conn-rate-per-ip" => cfg.conn_rate_per_ip = parse_rate_or_off(flag, &value()?)?,
+        "--rate-bytes" => cfg.rate_bytes = parse_positive(flag, &value()?)?,
+        "--rate-bytes-per-ip" => cfg.rate_bytes_per_ip = parse_positive(flag, &value()?)?,
+        "--room-rate-bytes" => cfg.room_rate_bytes = parse_positive(flag, &value()?)?,
+        "--backlog-bytes" => cfg.backlog_bytes = parse_count(flag, &value()?)?,
+        "--api-rate" => cfg.api_rate = parse_positive(flag, &value()?)?,
+        "--history-bytes" => cfg.history_bytes = parse_count(flag, &value()?)?,
+        "--room-quiet" => cfg.room_quiet = parse_secs(flag, &value()?)?,
         _ => return Err(lexopt::Error::UnexpectedOption(flag.to_owned())),
     }
     Ok(())
 }
 
-/// The bounds no single flag can check alone.
+/// `--ws-port` is gone: one line saying what replaced it.
+const WS_PORT_GONE: &str = "--ws-port was removed: WebSockets are served on --port now \
+                            (ws://HOST:PORT/chat), next to the page";
+/// An empty token would let anyone post.
+const EMPTY_TOKEN: &str = "the API token (--api-token or WSCHAT_API_TOKEN) is empty: \
+                           give a real token, or leave both unset to turn posting off";
+
+/// The bounds no single flag can check alone, and values that are dangerous rather than wrong.
 fn check(cfg: &Config) -> Result<(), lexopt::Error> {
+    if cfg
+        .api_token
+        .as_deref()
+        .is_some_and(|t| t.trim().is_empty())
+    {
+        return Err(EMPTY_TOKEN.into());
+    }
     if cfg.client_queue == 0 {
         return Err("--client-queue: must be at least 1".into());
     }
@@ -279,6 +345,14 @@ fn parse_positive(flag: &str, s: &str) -> Result<f64, lexopt::Error> {
     match s.trim().parse::<f64>() {
         Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
         _ => Err(format!("{flag}: {s:?} is not a number above 0").into()),
+    }
+}
+
+/// A rate where 0 turns the limit off.
+fn parse_rate_or_off(flag: &str, s: &str) -> Result<f64, lexopt::Error> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        _ => Err(format!("{flag}: {s:?} is not a number (0 or more; 0 = no limit)").into()),
     }
 }
 
@@ -340,14 +414,32 @@ mod tests {
 
     #[test]
     fn flags_and_env_fill_the_config() {
-        let Ok(Parsed::Run(cfg)) = parse(&["--ws-port", "7001", "--fsync", "never"], Some("7000"))
+        let Ok(Parsed::Run(cfg)) = parse(&["--fsync", "never"], Some("7000")) else {
+            panic!("expected a config")
+        };
+        assert_eq!((cfg.http_port, cfg.fsync), (7000, Fsync::Never));
+    }
+
+    #[test]
+    fn retired_and_dangerous_values_are_refused_with_one_line() {
+        let err = parse(&["--ws-port", "5001"], None).unwrap_err().to_string();
+        assert!(err.contains("--port"), "{err}");
+        let err = parse(&["--api-token", ""], None).unwrap_err().to_string();
+        assert!(err.contains("empty"), "{err}");
+        assert!(parse(&["--api-token", "  "], None).is_err());
+    }
+
+    #[test]
+    fn history_bounds_are_flags() {
+        let Ok(Parsed::Run(cfg)) = parse(&["--history-bytes", "4096", "--room-quiet", "2"], None)
         else {
             panic!("expected a config")
         };
         assert_eq!(
-            (cfg.http_port, cfg.ws_port, cfg.fsync),
-            (7000, Some(7001), Fsync::Never)
+            (cfg.history_bytes, cfg.room_quiet),
+            (4096, Duration::from_secs(2))
         );
+        assert!(parse(&["--room-quiet", "0"], None).is_err());
     }
 
     #[test]
@@ -392,6 +484,8 @@ mod tests {
             "--presence-limit",
             "--client-queue",
             "--client-queue-bytes",
+            "--backlog-bytes",
+            "--history-bytes",
         ];
         for flag in counts {
             let e = error_of(&[flag, "many"], None);
@@ -400,18 +494,37 @@ mod tests {
                 format!("{flag}: \"many\" is not a whole number (0 or more)")
             );
         }
-        for flag in ["--rate", "--burst"] {
+        let positives = [
+            "--rate",
+            "--burst",
+            "--rate-bytes",
+            "--rate-bytes-per-ip",
+            "--room-rate-bytes",
+            "--api-rate",
+        ];
+        for flag in positives {
             for bad in ["0", "-1", "fast", "inf"] {
                 let e = error_of(&[flag, bad], None);
                 assert_eq!(e, format!("{flag}: {bad:?} is not a number above 0"));
             }
         }
-        for flag in ["--ping-interval", "--handshake-timeout", "--http-timeout"] {
+        let times = [
+            "--ping-interval",
+            "--handshake-timeout",
+            "--http-timeout",
+            "--room-quiet",
+        ];
+        for flag in times {
             for bad in ["0", "soon", "1e12"] {
                 let e = error_of(&[flag, bad], None);
                 assert!(e.starts_with(&format!("{flag}: {bad:?} is not a number of seconds")));
             }
         }
+        let e = error_of(&["--conn-rate-per-ip", "-1"], None);
+        assert_eq!(
+            e,
+            "--conn-rate-per-ip: \"-1\" is not a number (0 or more; 0 = no limit)"
+        );
     }
 
     #[test]
@@ -476,15 +589,20 @@ mod tests {
     }
 
     #[test]
-    fn load_test_lifts_the_rate_limits_and_the_per_address_cap() {
+    fn load_test_lifts_the_rate_limits_and_the_per_address_caps() {
         let Ok(Parsed::Run(cfg)) = parse(&["--rate", "5", "--load-test"], None) else {
             panic!("expected a config")
         };
         assert!(cfg.load_test);
-        assert_eq!(
-            (cfg.rate, cfg.burst, cfg.max_clients_per_ip),
-            (LOAD_TEST_RATE, LOAD_TEST_RATE, 0)
-        );
+        let rates = [
+            cfg.rate,
+            cfg.burst,
+            cfg.rate_bytes,
+            cfg.rate_bytes_per_ip,
+            cfg.room_rate_bytes,
+        ];
+        assert_eq!(rates, [LOAD_TEST_RATE; 5]);
+        assert_eq!((cfg.conn_rate_per_ip, cfg.max_clients_per_ip), (0.0, 0));
         let Ok(Parsed::Run(cfg)) = parse(&[], None) else {
             panic!("expected a config")
         };
