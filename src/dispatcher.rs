@@ -27,6 +27,7 @@ use crate::metrics::Metrics;
 use crate::names;
 use crate::outlet::Outlet;
 use crate::protocol::{self, ChatError, ChatMessage, Command, Frame, RoomState, ServerEvent};
+use crate::ratelimit::TokenBucket;
 
 /// Connection ids, unique for the life of the process.
 pub type ClientId = u64;
@@ -38,6 +39,8 @@ const MAX_BATCH_EVENTS: usize = 512;
 pub const TYPING_TIMEOUT: Duration = Duration::from_secs(5);
 /// Mailbox capacity a client keeps between batches; a bigger one (after a burst) is released.
 const KEEP_MAILBOX_FRAMES: usize = 16;
+/// A message frame's bytes beyond its text, sender and room (type, id, time, quotes).
+const MESSAGE_FRAME_BYTES: usize = 80;
 /// A crowd (a room above the presence limit) hears its member count at most this often: telling
 /// every member of every join would cost members² frames (50 million for 10,000 people).
 pub const PRESENCE_TICK: Duration = Duration::from_secs(1);
@@ -123,6 +126,9 @@ pub struct HubLimits {
     /// An empty room whose newest message is older than this gives its slot to a new room
     /// when every slot is taken.
     pub room_quiet: Duration,
+    /// Chat bytes per second a room carries (what each member may have to read), and at once.
+    pub room_rate_bytes: f64,
+    pub room_burst_bytes: f64,
 }
 
 struct Client {
@@ -158,6 +164,8 @@ pub struct Hub {
     /// Rooms whose membership changed without per-member events, and when to tell them.
     presence_changed: Vec<String>,
     presence_due: Option<Instant>,
+    /// Each busy room's byte budget (see [`HubLimits::room_rate_bytes`]).
+    room_rates: HashMap<String, TokenBucket>,
     stopping: bool,
 }
 
@@ -183,6 +191,7 @@ impl Hub {
             typing_deadlines: BinaryHeap::new(),
             presence_changed: Vec::new(),
             presence_due: None,
+            room_rates: HashMap::new(),
             stopping: false,
         }
     }
@@ -222,6 +231,8 @@ impl Hub {
         match event {
             Event::Connect(connect) => self.connect(*connect),
             Event::Commands { id, commands } => {
+                let held: usize = commands.iter().map(Command::held_bytes).sum();
+                self.metrics.inbound_bytes.fetch_sub(held as u64, Relaxed);
                 commands.into_iter().for_each(|c| self.command(id, c))
             }
             Event::Disconnect { id, reason } => self.disconnect(id, &reason),
@@ -586,6 +597,7 @@ impl Hub {
         origin: Origin,
     ) -> Result<(), ChatError> {
         self.room_allowed(room)?;
+        self.take_room_bytes(room, from, text)?;
         let id = self.history.take_id();
         let message = ChatMessage {
             id,
@@ -612,6 +624,27 @@ impl Hub {
             origin,
         });
         Ok(())
+    }
+
+    /// Charges a message to its room's byte budget, so that however many senders a room has,
+    /// a member who reads at the room's rate never falls behind.
+    fn take_room_bytes(&mut self, room: &str, from: &str, text: &str) -> Result<(), ChatError> {
+        let now = Instant::now();
+        let cost = protocol::encoded_len(text) + from.len() + room.len() + MESSAGE_FRAME_BYTES;
+        if self.room_rates.len() > self.limits.max_rooms {
+            self.room_rates.retain(|_, bucket| !bucket.is_full(now));
+        }
+        let (rate, burst) = (self.limits.room_rate_bytes, self.limits.room_burst_bytes);
+        let bucket = self
+            .room_rates
+            .entry(room.to_owned())
+            .or_insert_with(|| TokenBucket::new(rate, burst, now));
+        if bucket.try_take_n(cost as f64, now) {
+            Ok(())
+        } else {
+            Metrics::add(&self.metrics.rate_limited, 1);
+            Err(ChatError::RoomBusy)
+        }
     }
 
     fn private_message(&mut self, id: ClientId, to: &str, text: String) -> Result<(), ChatError> {

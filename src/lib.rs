@@ -153,6 +153,11 @@ impl Server {
             max_rooms: config.max_rooms,
             presence_limit: config.presence_limit,
             room_quiet: config.room_quiet,
+            room_rate_bytes: config.room_rate_bytes,
+            room_burst_bytes: ratelimit::byte_burst(
+                config.room_rate_bytes,
+                config.max_message_bytes,
+            ),
         };
         let couriers = courier::Couriers::start(&metrics).map_err(StartError::Thread)?;
         let hub = Hub::new(history, limits, couriers, metrics.clone());
@@ -292,7 +297,7 @@ fn front(
     };
     let bytes_per_address = ratelimit::AddressBuckets::new(
         config.rate_bytes_per_ip,
-        settings.byte_burst(config.rate_bytes_per_ip),
+        ratelimit::byte_burst(config.rate_bytes_per_ip, config.max_message_bytes),
     );
     Front::new(
         policy,

@@ -67,6 +67,8 @@ pub struct Metrics {
     pub handshakes_pending: AtomicU64,
     /// Bytes waiting in every client's outlet together (see `outlet::Bounds::total_bytes`).
     pub backlog_bytes: AtomicU64,
+    /// Chat text on its way to the dispatcher (see `session::INBOUND_BUDGET_BYTES`).
+    pub inbound_bytes: AtomicU64,
     rejected: [AtomicU64; Rejection::ALL.len()],
 }
 
@@ -171,6 +173,12 @@ impl Metrics {
             "gauge",
             "Bytes waiting for slow clients, all together.",
             get(&self.backlog_bytes),
+        );
+        metric(
+            "wschat_inbound_bytes",
+            "gauge",
+            "Chat text waiting for the dispatcher.",
+            get(&self.inbound_bytes),
         );
         metric(
             "wschat_dispatcher_queue",

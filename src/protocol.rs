@@ -29,6 +29,17 @@ pub enum Command {
     Typing { active: bool },
 }
 
+impl Command {
+    /// Bytes this command holds while it waits for the dispatcher (counted in
+    /// `Metrics::inbound_bytes` by the session that sends it and the dispatcher that takes it).
+    pub fn held_bytes(&self) -> usize {
+        match self {
+            Command::Message { text, .. } => text.len(),
+            _ => 0,
+        }
+    }
+}
+
 /// Every way a request can fail, with the stable `code` clients match on.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ChatError {
@@ -50,6 +61,12 @@ pub enum ChatError {
     NoSuchUser(String),
     #[error("too many messages: this one was dropped, slow down")]
     RateLimited,
+    #[error("too much text too fast (--rate-bytes, --rate-bytes-per-ip): this one was dropped")]
+    TooManyBytes,
+    #[error("this room carries all it can (--room-rate-bytes): this one was dropped, try again")]
+    RoomBusy,
+    #[error("the server is busy: this message was dropped, try again shortly")]
+    Busy,
     #[error("the server already holds its maximum number of rooms")]
     TooManyRooms,
     #[error("the server cannot save messages right now ({0}); this one was not sent")]
@@ -68,7 +85,10 @@ impl ChatError {
             ChatError::NameTaken(_) => "name_taken",
             ChatError::BadRoom => "bad_room",
             ChatError::NoSuchUser(_) => "no_such_user",
-            ChatError::RateLimited => "rate_limited",
+            ChatError::RateLimited | ChatError::TooManyBytes | ChatError::RoomBusy => {
+                "rate_limited"
+            }
+            ChatError::Busy => "busy",
             ChatError::TooManyRooms => "too_many_rooms",
             ChatError::NotSaved(_) => "not_saved",
         }

@@ -44,7 +44,7 @@ impl TokenBucket {
     }
 
     /// Whether the bucket is full again: it then remembers nothing worth keeping.
-    fn is_full(&mut self, now: Instant) -> bool {
+    pub fn is_full(&mut self, now: Instant) -> bool {
         self.refill(now);
         self.tokens >= self.burst
     }
@@ -54,6 +54,12 @@ impl TokenBucket {
         self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
         self.last = now;
     }
+}
+
+/// A byte bucket's burst: four seconds' worth, and never less than two of the largest messages
+/// (JSON escaping can double one) with room to spare.
+pub fn byte_burst(rate: f64, largest_message: usize) -> f64 {
+    (4.0 * rate).max((2 * largest_message + 1024) as f64)
 }
 
 /// Addresses one table of [`AddressBuckets`] tracks before it forgets the full (idle) ones.

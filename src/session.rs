@@ -54,6 +54,10 @@ const TYPING_RATE: f64 = 2.0;
 /// Nick and join commands per second, and at once.
 const CONTROL_RATE: f64 = 1.0;
 const CONTROL_BURST: f64 = 5.0;
+/// Chat text on its way to the dispatcher, from all sessions together: past it, messages are
+/// refused (`busy`) instead of queued, so a dispatcher slowed by a slow disk never lets the
+/// queue between them grow past this many bytes (the queue's 4,096 events bound the count).
+pub const INBOUND_BUDGET_BYTES: u64 = 8 << 20;
 /// What a chat message costs against the byte rates beyond its text: the JSON frame around it
 /// (type, id, room, sender, time), which every recipient reads too.
 pub const MESSAGE_OVERHEAD_BYTES: usize = 160;
@@ -78,14 +82,6 @@ pub struct Settings {
     pub backlog: outlet::Bounds,
     /// Chat bytes per second (JSON-encoded, as recipients read them) per connection.
     pub rate_bytes: f64,
-}
-
-impl Settings {
-    /// A byte bucket's burst: four seconds' worth, and never less than two of the largest
-    /// messages (escaping can double one).
-    pub fn byte_burst(&self, rate: f64) -> f64 {
-        (4.0 * rate).max((2 * self.max_message_bytes + MESSAGE_OVERHEAD_BYTES) as f64)
-    }
 }
 
 /// Who is joining, from the handshake.
@@ -272,7 +268,7 @@ impl<'a> Session<'a> {
             messages: TokenBucket::new(settings.rate, settings.burst, now),
             bytes: TokenBucket::new(
                 settings.rate_bytes,
-                settings.byte_burst(settings.rate_bytes),
+                crate::ratelimit::byte_burst(settings.rate_bytes, settings.max_message_bytes),
                 now,
             ),
             bytes_per_address: env.bytes_per_address,
@@ -414,10 +410,17 @@ impl<'a> Session<'a> {
             Err(e) => return self.reject(e),
         };
         let now = Instant::now();
-        let allowed = match &command {
-            Command::Message { text, .. } => {
-                self.messages.try_take(now) && self.take_bytes(text, now)
+        if let Command::Message { text, .. } = &command {
+            if !self.take_bytes(text, now) {
+                Metrics::add(&self.metrics.rate_limited, 1);
+                return self.reject(ChatError::TooManyBytes);
             }
+            if self.metrics.inbound_bytes.load(Relaxed) > INBOUND_BUDGET_BYTES {
+                return self.reject(ChatError::Busy);
+            }
+        }
+        let allowed = match &command {
+            Command::Message { .. } => self.messages.try_take(now),
             Command::Typing { .. } => {
                 if !self.typing.try_take(now) {
                     return Ok(()); // typing indicators are best effort: drop silently
@@ -430,6 +433,8 @@ impl<'a> Session<'a> {
             Metrics::add(&self.metrics.rate_limited, 1);
             return self.reject(ChatError::RateLimited);
         }
+        let held = command.held_bytes() as u64;
+        self.metrics.inbound_bytes.fetch_add(held, Relaxed);
         self.commands.push(command);
         Ok(())
     }
