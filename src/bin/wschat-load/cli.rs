@@ -71,13 +71,15 @@ MODES:
 
 THE SERVER'S LIMITS:
     A wschat server with its defaults protects itself from what a load test does: it allows each
-    connection 10 chat messages/s (burst 30), closes a connection whose messages it refuses too
-    often (1008 \"flooding\"), and takes at most 256 connections from one address. So:
+    connection 10 chat messages/s (burst 30) and 64 KiB/s, a room 256 KiB/s, closes a connection
+    whose messages it refuses too often (1008 \"flooding\"), and takes at most 256 connections
+    (and 50 new ones a second) from one address. So:
       fanout and latency need a server without rate limits;
       idle and big fanout runs (over 256 connections) need a server without the per-address cap.
     Start the server for a load test on this machine with
         wschat --load-test        (no rate limits, no per-address caps; logged; never public)
-    or lift one limit at a time: --rate R --burst B, --max-clients-per-ip 0, --max-clients N.
+    or lift one limit at a time: --rate R --burst B, --rate-bytes N, --room-rate-bytes N,
+    --max-clients-per-ip 0, --conn-rate-per-ip 0, --max-clients N.
     A run the server refuses says so on its NOT OK line and in \"limited_by\": refused messages
     are counted as `refused`, apart from `lost`.
 

@@ -4,12 +4,13 @@
 
 use crate::stats::Tally;
 
-/// How to lift the per-connection rate limit, for every line that names it.
-const RATE_FLAGS: &str = "server flags --rate/--burst, or run the server with --load-test";
+/// How to lift the chat rate limits (messages and bytes, per connection, address and room), for
+/// every line that names them.
+const RATE_FLAGS: &str = "server flags --rate/--burst, --rate-bytes, --rate-bytes-per-ip, \
+                          --room-rate-bytes, or run the server with --load-test";
 
-/// How to lift a connection cap whose 503 body does not name its flag itself.
-const CAP_FLAGS: &str =
-    "server flags --max-clients, --max-clients-per-ip; --load-test lifts the per-address cap";
+/// Said after a 503 whose body names no flag (the server's limits on handshakes in progress).
+const DOOR_HINT: &str = "the server's own reason; a lower --concurrency opens fewer at once";
 
 /// The error code of a message refused by the server's rate limit.
 pub const RATE_LIMITED: &str = "rate_limited";
@@ -37,10 +38,13 @@ pub fn name(kind: &str) -> Option<String> {
     }
     let at = kind.find("http 503")?;
     let refusal = &kind[at..];
-    Some(if refusal.contains("--") {
+    Some(if refusal.contains("-per-ip") {
+        // A per-address limit, which --load-test lifts.
+        format!("refused at connect: {refusal} (or run the server with --load-test)")
+    } else if refusal.contains("--") {
         format!("refused at connect: {refusal}")
     } else {
-        format!("refused at connect: {refusal} ({CAP_FLAGS})")
+        format!("refused at connect: {refusal} ({DOOR_HINT})")
     })
 }
 
@@ -64,13 +68,17 @@ mod tests {
             "{rate}"
         );
         assert!(name("1008 flooding").unwrap().contains("--rate/--burst"));
-        let cap = name("handshake: http 503: too many connections").unwrap();
-        assert!(cap.contains("--max-clients-per-ip"), "{cap}");
+        let door = name("handshake: http 503: too many connections waiting at the door").unwrap();
+        assert!(door.contains("--concurrency"), "{door}");
         let named = "handshake: http 503: per-address cap (--max-clients-per-ip)";
         assert_eq!(
             name(named).unwrap(),
-            "refused at connect: http 503: per-address cap (--max-clients-per-ip)"
+            "refused at connect: http 503: per-address cap (--max-clients-per-ip) \
+             (or run the server with --load-test)"
         );
+        let total = "handshake: http 503: server full: 5 WebSocket clients (--max-clients)";
+        let total = name(total).unwrap();
+        assert!(total.ends_with("(--max-clients)"), "{total}");
         assert_eq!(name("connect: refused"), None);
         assert_eq!(name("1001 server shutting down"), None);
     }
