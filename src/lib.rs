@@ -42,6 +42,8 @@ pub mod config;
 pub mod courier;
 pub mod dispatcher;
 pub mod doorbell;
+pub mod eio_session;
+pub mod engineio;
 pub mod handshake;
 pub mod history;
 pub mod http;
