@@ -54,6 +54,7 @@ pub mod protocol;
 pub mod ratelimit;
 pub mod reactor;
 pub mod session;
+pub mod socketio;
 pub mod stack;
 
 use std::io;
