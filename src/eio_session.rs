@@ -24,6 +24,7 @@ use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
+use crate::config::Config;
 use crate::engineio::{self, EioError, OpenInfo, Packet, Transport};
 use crate::protocol::Frame;
 
@@ -44,6 +45,20 @@ pub struct Limits {
     pub max_payload: usize,
     /// Bytes queued for a client that does not fetch them before it is dropped as too slow.
     pub max_queue_bytes: usize,
+}
+
+impl Limits {
+    /// wschat's settings: a ping every `--ping-interval`, and as long again for the pong (so a
+    /// silent client goes after two intervals, as a raw one does); `--max-message-bytes` per body
+    /// or frame; `--client-queue-bytes` waiting.
+    pub fn from_config(config: &Config) -> Limits {
+        Limits {
+            ping_interval: config.ping_interval,
+            ping_timeout: config.ping_interval,
+            max_payload: config.max_message_bytes,
+            max_queue_bytes: config.client_queue_bytes,
+        }
+    }
 }
 
 /// Why a session ended, for the log and the metrics.
@@ -416,7 +431,7 @@ impl<T> Registry<T> {
 
     fn fresh_sid(&self) -> Result<String, EioError> {
         for _ in 0..SID_ATTEMPTS {
-            let sid = random_sid()?;
+            let sid = random_id()?;
             if !self.sessions.contains_key(&sid) {
                 return Ok(sid);
             }
@@ -471,8 +486,8 @@ impl<T> Registry<T> {
     }
 }
 
-/// 120 random bits from the OS, as 20 URL-safe characters.
-fn random_sid() -> Result<String, EioError> {
+/// 120 random bits from the OS, as 20 URL-safe characters: a session id, or a socket.io socket id.
+pub fn random_id() -> Result<String, EioError> {
     let mut bytes = [0u8; SID_BYTES];
     getrandom::fill(&mut bytes).map_err(|_| EioError::NoRandomness)?;
     Ok(data_encoding::BASE64URL_NOPAD.encode(&bytes))
@@ -498,6 +513,16 @@ mod tests {
 
     fn message(text: &str) -> Frame {
         engineio::message_frame(text)
+    }
+
+    #[test]
+    fn limits_follow_the_config() {
+        let config = Config::default();
+        let limits = Limits::from_config(&config);
+        assert_eq!(limits.ping_interval, config.ping_interval);
+        assert_eq!(limits.ping_timeout, config.ping_interval);
+        assert_eq!(limits.max_payload, config.max_message_bytes);
+        assert_eq!(limits.max_queue_bytes, config.client_queue_bytes);
     }
 
     #[test]
@@ -707,8 +732,8 @@ mod tests {
 
     #[test]
     fn sids_are_random_and_url_safe() {
-        let a = random_sid().unwrap();
-        let b = random_sid().unwrap();
+        let a = random_id().unwrap();
+        let b = random_id().unwrap();
         assert_ne!(a, b);
         assert_eq!(a.len(), 20);
         assert!(
