@@ -181,19 +181,19 @@ impl Session {
         if self.closed().is_some() {
             return Err(EioError::SessionClosed);
         }
+        self.enqueue(frame)
+    }
+
+    /// Queues anything, pings and pongs included (a client that posts pings and never polls
+    /// must not grow its queue without bound either).
+    fn enqueue(&mut self, frame: Frame) -> Result<(), EioError> {
         if self.queued_bytes + frame.len() > self.limits.max_queue_bytes {
             self.close(CloseReason::TooSlow);
             return Err(EioError::TooSlow);
         }
-        self.push(frame);
-        Ok(())
-    }
-
-    /// Queues a control packet: not counted against the bound, which is for what the layers
-    /// above send, and at most a few of these wait at once.
-    fn push(&mut self, frame: Frame) {
         self.queued_bytes += frame.len();
         self.queue.push_back(frame);
+        Ok(())
     }
 
     /// Ends the session. The client learns it from the next poll (`1`, or `6` when it closed
@@ -203,13 +203,14 @@ impl Session {
             return;
         }
         self.phase = Phase::Closed(reason);
-        self.queue.clear();
-        self.queued_bytes = 0;
         let last = match reason {
             CloseReason::ClientClosed => Packet::Noop,
             _ => Packet::Close,
         };
-        self.push(last.encode().into());
+        let last: Frame = last.encode().into();
+        self.queued_bytes = last.len();
+        self.queue.clear();
+        self.queue.push_back(last);
     }
 
     /// Handles one packet from the client, arriving by `via`. A packet that breaks the protocol
@@ -238,7 +239,7 @@ impl Session {
             }
             Packet::Ping { probe: true } => self.probe(via),
             Packet::Ping { probe: false } => {
-                self.push(Packet::Pong { probe: false }.encode().into());
+                self.enqueue(Packet::Pong { probe: false }.encode().into())?;
                 Ok(Inbound::Handled)
             }
             Packet::Upgrade => self.upgrade(via),
@@ -260,7 +261,7 @@ impl Session {
             ));
         }
         self.phase = Phase::Probing;
-        self.push(Packet::Noop.encode().into());
+        self.enqueue(Packet::Noop.encode().into())?;
         Ok(Inbound::Reply(Packet::Pong { probe: true }.encode()))
     }
 
@@ -366,7 +367,12 @@ impl Session {
             return self.closed();
         }
         if self.pong_due.is_none() && now >= self.next_ping {
-            self.push(Packet::Ping { probe: false }.encode().into());
+            if self
+                .enqueue(Packet::Ping { probe: false }.encode().into())
+                .is_err()
+            {
+                return self.closed();
+            }
             self.pong_due = Some(now + self.limits.ping_timeout);
             self.next_ping = now + self.limits.ping_interval;
         }
@@ -715,6 +721,17 @@ mod tests {
         assert_eq!(s.queued_bytes(), 1);
         assert_eq!(s.take_poll(), None);
         assert_eq!(s.begin_poll(), Err(EioError::SessionClosed));
+    }
+
+    #[test]
+    fn pongs_to_a_ping_flood_count_against_the_bound() {
+        let mut s = polling(Instant::now());
+        let flood = vec!["2"; 40].join("\u{1e}");
+        assert!(s.receive_payload(flood.as_bytes()).is_ok());
+        assert_eq!(s.queued_bytes(), 40);
+        assert_eq!(s.receive_payload(flood.as_bytes()), Err(EioError::TooSlow));
+        assert_eq!(s.closed(), Some(CloseReason::TooSlow));
+        assert!(s.queued_bytes() <= LIMITS.max_queue_bytes);
     }
 
     #[test]

@@ -137,10 +137,7 @@ impl Packet {
             '4' => Ok(Packet::Message(data.to_owned())),
             '5' => no_data(Packet::Upgrade),
             '6' => no_data(Packet::Noop),
-            'b' => data_encoding::BASE64
-                .decode(data.as_bytes())
-                .map(Packet::Binary)
-                .map_err(|_| EioError::BadPacket("binary packet is not base64")),
+            'b' => decode_base64(data).map(Packet::Binary),
             _ => Err(EioError::BadPacket("unknown packet type")),
         }
     }
@@ -157,6 +154,16 @@ impl Packet {
             Packet::Upgrade => "5".into(),
             Packet::Noop => "6".into(),
         }
+    }
+}
+
+/// Standard base64 in its one canonical form (the decoder alone would also take, say, two padded
+/// blocks in a row).
+fn decode_base64(data: &str) -> Result<Vec<u8>, EioError> {
+    let bytes = data_encoding::BASE64.decode(data.as_bytes()).ok();
+    match bytes {
+        Some(bytes) if data_encoding::BASE64.encode(&bytes) == data => Ok(bytes),
+        _ => Err(EioError::BadPacket("binary packet is not canonical base64")),
     }
 }
 
