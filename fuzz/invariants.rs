@@ -243,8 +243,9 @@ pub fn engineio_parse(data: &[u8]) {
         let sid = query.sid.unwrap_or_default();
         assert!(sid.len() <= engineio::MAX_SID_CHARS);
     }
-    if let Ok(options) = wschat::socketio::ConnectOptions::from_query(&text) {
-        options.room.inspect(|room| room_ok(room));
+    match wschat::socketio::ConnectOptions::from_query(&text) {
+        Ok(options) => _ = options.room.inspect(|room| room_ok(room)),
+        Err(e) => reply_ok(wschat::socketio::connect_refused(&e).as_str()),
     }
 }
 
@@ -303,8 +304,10 @@ pub fn eio_session(data: &[u8]) {
                 let _ = session.receive(packet, Transport::WebSocket);
             }
             _ => {
-                if arg & 1 == 0 {
-                    session.abandon_poll();
+                match arg % 3 {
+                    0 => session.abandon_poll(),
+                    1 => session.probe_failed(),
+                    _ => {}
                 }
                 for frame in session.take_websocket() {
                     assert!(Packet::decode(frame.as_str()).is_ok(), "{frame:?}");
@@ -347,10 +350,8 @@ pub fn socketio_parse(data: &[u8]) {
             Ok(socketio::Incoming::Command { command, .. }) => command_ok(command),
             Ok(_) => {}
             Err(e) => {
-                for connecting in [false, true] {
-                    if let Some(reply) = e.reply(connecting) {
-                        reply_ok(reply.as_str());
-                    }
+                if let Some(reply) = e.reply() {
+                    reply_ok(reply.as_str());
                 }
             }
         }

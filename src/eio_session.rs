@@ -265,6 +265,20 @@ impl Session {
         Ok(Inbound::Reply(Packet::Pong { probe: true }.encode()))
     }
 
+    /// Whether a new WebSocket may join this session to probe it: only a polling session that
+    /// is not being probed already (a second WebSocket for the same `sid` is refused).
+    pub fn accepts_probe(&self) -> bool {
+        self.phase == Phase::Polling
+    }
+
+    /// The probing WebSocket closed before `5`: the session goes on polling, and may be probed
+    /// again.
+    pub fn probe_failed(&mut self) {
+        if self.phase == Phase::Probing {
+            self.phase = Phase::Polling;
+        }
+    }
+
     fn upgrade(&mut self, via: Transport) -> Result<Inbound, EioError> {
         if via != Transport::WebSocket || self.phase != Phase::Probing {
             return Err(EioError::BadPacket(
@@ -671,6 +685,26 @@ mod tests {
         s.receive(Packet::Upgrade, Transport::WebSocket).unwrap();
         assert!(s.poll_ready());
         assert_eq!(s.take_poll().as_deref(), Some("6"));
+    }
+
+    #[test]
+    fn one_probing_websocket_at_a_time_and_a_failed_probe_keeps_polling() {
+        let mut s = polling(Instant::now());
+        assert!(s.accepts_probe());
+        let probe = Packet::Ping { probe: true };
+        s.receive(probe.clone(), Transport::WebSocket).unwrap();
+        assert!(!s.accepts_probe());
+        s.probe_failed();
+        assert!(s.accepts_probe());
+        assert_eq!(s.begin_poll(), Ok(Some("6".into())));
+        assert_eq!(
+            s.receive(probe, Transport::WebSocket),
+            Ok(Inbound::Reply("3probe".into()))
+        );
+        s.receive(Packet::Upgrade, Transport::WebSocket).unwrap();
+        s.probe_failed();
+        assert_eq!(s.transport(), Transport::WebSocket, "too late to fail");
+        assert!(!s.accepts_probe());
     }
 
     #[test]

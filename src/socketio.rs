@@ -59,12 +59,14 @@ pub enum SioError {
 impl SioError {
     /// What to send back (a `CONNECT_ERROR` or an `error` event), already an Engine.IO message;
     /// `None` when the packet breaks the protocol and the connection is to be closed instead.
-    pub fn reply(&self, while_connecting: bool) -> Option<Frame> {
+    pub fn reply(&self) -> Option<Frame> {
+        let message = self.to_string();
         match self {
             SioError::BadPacket(_) => None,
-            SioError::Namespace(namespace) => Some(connect_error(namespace, "bad_namespace", self)),
-            SioError::Chat(e) if while_connecting => Some(connect_error("/", e.code(), self)),
-            SioError::NotConnected => Some(connect_error("/", "not_connected", self)),
+            SioError::Namespace(namespace) => {
+                Some(connect_error(namespace, "bad_namespace", &message))
+            }
+            SioError::NotConnected => Some(connect_error("/", "not_connected", &message)),
             SioError::Binary => Some(error_event(&ChatError::Unsupported)),
             SioError::Chat(e) => Some(error_event(e)),
         }
@@ -343,13 +345,18 @@ pub fn connect_frame(socket_id: &str) -> Frame {
     engineio::message_frame(&format!("0{data}"))
 }
 
-/// `44{"message":"...","data":{"code":"..."}}`: a refused CONNECT.
-pub fn connect_error(namespace: &str, code: &str, error: &SioError) -> Frame {
+/// `44{"message":"...","data":{"code":"bad_room"}}`: a CONNECT refused for what it asked (see
+/// [`ConnectOptions`]).
+pub fn connect_refused(error: &ChatError) -> Frame {
+    connect_error(MAIN_NAMESPACE, error.code(), &error.to_string())
+}
+
+fn connect_error(namespace: &str, code: &str, message: &str) -> Frame {
     let packet = Packet {
         kind: Kind::ConnectError,
         namespace: namespace.to_owned(),
         ack: None,
-        data: Some(serde_json::json!({ "message": error.to_string(), "data": { "code": code } })),
+        data: Some(serde_json::json!({ "message": message, "data": { "code": code } })),
     };
     engineio::message_frame(&packet.encode())
 }
@@ -597,21 +604,23 @@ mod tests {
 
     #[test]
     fn errors_answer_with_connect_error_or_an_error_event() {
-        let namespace = SioError::Namespace("/admin".into()).reply(true).unwrap();
+        let namespace = SioError::Namespace("/admin".into()).reply().unwrap();
         assert!(namespace.as_str().starts_with("44/admin,{"), "{namespace}");
         assert!(namespace.as_str().contains("\"code\":\"bad_namespace\""));
-        let room = SioError::Chat(ChatError::BadRoom).reply(true).unwrap();
+        let room = connect_refused(&ChatError::BadRoom);
         assert!(room.as_str().starts_with("44{"), "{room}");
         assert!(room.as_str().contains("\"code\":\"bad_room\""));
-        let later = SioError::Chat(ChatError::BadRoom).reply(false).unwrap();
+        let later = SioError::Chat(ChatError::BadRoom).reply().unwrap();
         assert!(
             later
                 .as_str()
                 .starts_with("42[\"error\",{\"type\":\"error\",\"code\":\"bad_room\"")
         );
-        let binary = SioError::Binary.reply(false).unwrap();
+        let binary = SioError::Binary.reply().unwrap();
         assert!(binary.as_str().contains("\"code\":\"unsupported\""));
-        assert_eq!(SioError::BadPacket("x").reply(false), None);
+        let early = SioError::NotConnected.reply().unwrap();
+        assert!(early.as_str().contains("\"code\":\"not_connected\""));
+        assert_eq!(SioError::BadPacket("x").reply(), None);
     }
 
     #[test]

@@ -162,7 +162,7 @@ fn pinned_outcomes() {
     // A binary event is refused with `unsupported`, and the connection stays.
     let binary = socketio::decode_incoming("51-[\"x\",{\"_placeholder\":true,\"num\":0}]", true);
     assert_eq!(binary, Err(SioError::Binary));
-    let reply = SioError::Binary.reply(false).expect("an error event");
+    let reply = SioError::Binary.reply().expect("an error event");
     assert!(reply.as_str().contains("\"code\":\"unsupported\""));
     // Leading zeros in an ack id are the same id.
     let ack = socketio::decode_incoming("2007[\"nick\",\"ada\"]", true);
