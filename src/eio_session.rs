@@ -122,9 +122,9 @@ impl Session {
     /// A new session on `transport`, and its `open` packet, which the caller sends first (as the
     /// answer to the first `GET`, or as the first WebSocket frame).
     pub fn open(sid: String, transport: Transport, limits: Limits, now: Instant) -> (Self, String) {
-        let upgrades = match transport {
-            Transport::Polling => vec!["websocket"],
-            Transport::WebSocket => vec![],
+        let (phase, upgrades) = match transport {
+            Transport::Polling => (Phase::Polling, vec!["websocket"]),
+            Transport::WebSocket => (Phase::WebSocket, vec![]),
         };
         let open = OpenInfo {
             sid: sid.clone(),
@@ -132,10 +132,6 @@ impl Session {
             ping_interval: millis(limits.ping_interval),
             ping_timeout: millis(limits.ping_timeout),
             max_payload: limits.max_payload,
-        };
-        let phase = match transport {
-            Transport::Polling => Phase::Polling,
-            Transport::WebSocket => Phase::WebSocket,
         };
         let session = Session {
             sid,
@@ -196,8 +192,9 @@ impl Session {
         Ok(())
     }
 
-    /// Ends the session. The client learns it from the next poll (`1`, or `6` when it closed
-    /// the session itself); a WebSocket is closed by the caller. What was queued is dropped.
+    /// Ends the session and drops what was queued. A `GET` still waiting is answered `1` (or
+    /// `6` when the client closed the session itself), later requests get an error, and a
+    /// WebSocket is closed by the caller.
     pub fn close(&mut self, reason: CloseReason) {
         if self.closed().is_some() {
             return;
@@ -370,8 +367,9 @@ impl Session {
         self.queue.drain(..).collect()
     }
 
-    /// Runs the clock: a ping is queued every `ping_interval` after the last pong, and a
-    /// session whose pong is late is closed. Returns the reason once it closes here.
+    /// Runs the clock: a ping is queued every `ping_interval` (once the previous one has been
+    /// answered), and a session whose pong is `ping_timeout` late is closed. Returns the reason
+    /// once it closes here.
     pub fn tick(&mut self, now: Instant) -> Option<CloseReason> {
         if self.closed().is_some() {
             return None;

@@ -6,7 +6,7 @@
 //! [`crate::protocol`]'s. Only the main namespace `/` is served; binary packets are refused.
 //!
 //! A packet is `<type>[<namespace>,][<ack id>][<JSON>]`: `0` connects to `/`, `2["chat
-//! message","hi"]` is an event, `213["nick","ada"]` the same with acknowledgement id 13,
+//! message","hi"]` is an event, `213["nick","ada"]` an event the client wants acknowledged (id 13),
 //! `0/admin,` a connect to the namespace `/admin` (refused with `4/admin,{"message":...}`).
 
 use serde::Deserialize;
@@ -108,10 +108,10 @@ impl Packet {
             Kind::Ack => self.ack.is_some() && matches!(self.data, Some(Value::Array(_))),
             Kind::ConnectError => matches!(self.data, Some(Value::Object(_) | Value::String(_))),
         };
-        match ok {
-            true => Ok(()),
-            false => Err(SioError::BadPacket("wrong data for the packet type")),
+        if !ok {
+            return Err(SioError::BadPacket("wrong data for the packet type"));
         }
+        Ok(())
     }
 
     /// The packet as text (the namespace `/` is left out, as socket.io does).
