@@ -19,6 +19,23 @@
 //! ([`Session::poll_ready`]), and a second `GET` in the meantime closes the session, as the
 //! protocol says. During the probe the waiting `GET` is answered with a `noop`, so the client can
 //! pause polling and send `5`; whatever is still queued then goes out on the WebSocket.
+//!
+//! How a front door drives it (each request on its own thread, the registry behind a lock):
+//!
+//! * `GET` without `sid`: [`Registry::insert_with`] a [`Session::open`], answer its `open` packet.
+//! * `POST` with `sid`: [`Session::receive_payload`]; each [`Inbound::Message`] goes to
+//!   [`crate::socketio::decode_incoming`]; an error answers its [`EioError::http_status`].
+//! * `GET` with `sid`: [`Session::begin_poll`]; if it must wait, wait until [`Session::poll_ready`]
+//!   (wake the waiter after every call that queues) or until the caller's own bound, then
+//!   [`Session::take_poll`] or [`Session::end_poll`]; a dropped connection calls
+//!   [`Session::abandon_poll`].
+//! * WebSocket with `sid` (if [`Session::accepts_probe`]): each frame through
+//!   [`engineio::Packet::decode`] and [`Session::receive`]; write an [`Inbound::Reply`] at once;
+//!   after [`Inbound::Upgraded`], wake the waiting `GET` and write [`Session::take_websocket`]
+//!   whenever something is queued; if the socket closes before `5`, [`Session::probe_failed`].
+//!   Without `sid`: `open` as a WebSocket session, then the same.
+//! * Every session: [`Session::tick`] by [`Session::next_deadline`]; once [`Session::closed`],
+//!   remove it from the registry and tell the dispatcher the client left.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
