@@ -704,4 +704,67 @@ mod tests {
             r#"42["chat message","hello world"]"#
         );
     }
+
+    /// The tutorial's exchange over long-polling, through both layers, as the front door will
+    /// run it: open, connect with `auth`, emit `chat message`, and get it back in one poll.
+    #[test]
+    fn a_tutorial_conversation_through_both_layers() {
+        use crate::eio_session::{Inbound, Limits, Session};
+        use crate::engineio::Transport;
+        use std::time::{Duration, Instant};
+
+        let limits = Limits {
+            ping_interval: Duration::from_secs(25),
+            ping_timeout: Duration::from_secs(20),
+            max_payload: 1000,
+            max_queue_bytes: 10_000,
+        };
+        let (mut session, open) =
+            Session::open("e1".into(), Transport::Polling, limits, Instant::now());
+        assert!(open.starts_with(r#"0{"sid":"e1","upgrades":["websocket"]"#));
+        let message = |inbound: Vec<Inbound>| match inbound.as_slice() {
+            [Inbound::Message(text)] => text.clone(),
+            other => panic!("{other:?}"),
+        };
+
+        let connect = message(session.receive_payload(br#"40{"name":"ada"}"#).unwrap());
+        let Ok(Incoming::Connect(auth)) = decode_incoming(&connect, false) else {
+            panic!("{connect}");
+        };
+        let options = ConnectOptions::from_query("EIO=4&transport=polling&room=dev")
+            .and_then(|o| o.with_auth(auth.as_ref()))
+            .unwrap();
+        assert_eq!(
+            (options.room.as_deref(), options.name.as_deref()),
+            (Some("dev"), Some("ada"))
+        );
+        session.send(connect_frame("s1")).unwrap();
+
+        let event = message(
+            session
+                .receive_payload(br#"42["chat message","hello world"]"#)
+                .unwrap(),
+        );
+        let Ok(Incoming::Command { command, ack: None }) = decode_incoming(&event, true) else {
+            panic!("{event}");
+        };
+        assert_eq!(
+            command,
+            Command::Message {
+                text: "hello world".into(),
+                to: None
+            }
+        );
+
+        // What the dispatcher broadcasts comes back as the tutorial's event.
+        let frame =
+            r#"{"type":"message","id":1,"room":"dev","from":"ada","text":"hello world","ts":1}"#;
+        session
+            .send(from_server_frame(frame, false).unwrap())
+            .unwrap();
+        assert_eq!(
+            session.begin_poll().unwrap().as_deref(),
+            Some("40{\"sid\":\"s1\"}\u{1e}42[\"chat message\",\"hello world\"]")
+        );
+    }
 }
