@@ -7,6 +7,7 @@ use std::net::IpAddr;
 use std::path::{Component, Path};
 
 use wschat::handshake::{self, Policy, Refusal};
+use wschat::names;
 use wschat::protocol::{self, ChatError, ChatMessage, Command};
 
 /// `parse_command` and the checkers on `data` as (lossy) UTF-8.
@@ -46,7 +47,10 @@ fn parse_command(s: &str) {
                 serde_json::from_str(frame.as_str()).expect("an encoded message parses");
             assert_eq!(back, message);
         }
-        Ok(Command::Nick { name }) => name_ok(&name),
+        Ok(Command::Nick { name }) => {
+            name_ok(&name);
+            assert_eq!(protocol::check_name(&name).as_deref(), Ok(name.as_str()));
+        }
         Ok(Command::Join { room, .. }) => room_ok(&room),
         Ok(Command::Typing { .. }) => {}
         Err(e) => {
@@ -59,10 +63,14 @@ fn parse_command(s: &str) {
 fn checkers(s: &str) {
     match protocol::check_name(s) {
         Ok(name) => {
-            assert_eq!(name, s.trim(), "check_name only trims");
             name_ok(&name);
+            assert_eq!(
+                protocol::check_name(&name).as_deref(),
+                Ok(name.as_str()),
+                "idempotent"
+            );
         }
-        Err(e) => assert_eq!(e, ChatError::BadName),
+        Err(e) => assert!(matches!(e, ChatError::BadName(_)), "{e:?}"),
     }
     match protocol::check_room(s) {
         Ok(room) => {
@@ -83,16 +91,16 @@ fn bad_text_char(c: char) -> bool {
     c.is_control() && !matches!(c, '\t' | '\n' | '\r')
 }
 
+/// A name as shown (a nick, or a private message's receiver): normalised already, so
+/// normalising again changes nothing, and nothing invisible is left in it.
 fn name_ok(name: &str) {
     let chars = name.chars().count();
     assert!((1..=protocol::MAX_NAME_CHARS).contains(&chars), "{name:?}");
     assert!(!name.chars().any(char::is_control), "{name:?}");
+    assert!(!name.contains("  "), "{name:?}");
     assert_eq!(name, name.trim(), "{name:?}");
-    assert_eq!(
-        protocol::check_name(name).as_deref(),
-        Ok(name),
-        "idempotent"
-    );
+    assert_eq!(names::normalise(name).as_deref(), Ok(name), "idempotent");
+    assert!(!names::key(name).is_empty(), "{name:?} has a key");
 }
 
 fn room_ok(room: &str) {
@@ -129,8 +137,11 @@ pub fn policy_for(selector: u8) -> (IpAddr, Policy) {
         1 => Some(peer),
         _ => Some([198, 51, 100, 1].into()),
     };
+    let port = if selector & 4 != 0 { 80 } else { 5000 };
     let policy = Policy {
-        http_port: if selector & 4 != 0 { 80 } else { 5000 },
+        own_origins: vec![format!("http://127.0.0.1:{port}")],
+        port,
+        wildcard_bind: selector & 2 != 0,
         allow_origins: if selector & 8 != 0 {
             vec!["https://chat.example.org".into()]
         } else {
@@ -149,7 +160,7 @@ pub fn handshake_check(data: &[u8]) {
         return;
     };
     let (peer, policy) = policy_for(selector);
-    match handshake::check(head, peer, &policy) {
+    match check(head, peer, &policy) {
         Ok(upgrade) => {
             room_ok(&upgrade.room);
             assert_eq!(upgrade.accept_key.len(), 28, "base64 of a SHA-1");
@@ -167,7 +178,7 @@ pub fn handshake_check(data: &[u8]) {
             assert!(
                 !matches!(
                     refusal,
-                    Refusal::TooManyClients | Refusal::TooManyFromAddress(_)
+                    Refusal::TooManyClients(_) | Refusal::TooManyFromAddress(..)
                 ),
                 "check() knows nothing of limits"
             );
@@ -186,6 +197,18 @@ pub fn handshake_check(data: &[u8]) {
         clean_path(target.split('?').next().unwrap_or(target));
     }
     clean_path(&text);
+}
+
+/// Parses a request head and checks it as a handshake, as the front door does (a head that
+/// does not parse is a bad request).
+pub fn check(
+    head: &[u8],
+    peer: std::net::IpAddr,
+    policy: &Policy,
+) -> Result<handshake::Upgrade, Refusal> {
+    let request = wschat::request::parse(head, std::net::SocketAddr::new(peer, 40000))
+        .map_err(|_| Refusal::BadRequest("malformed HTTP request"))?;
+    handshake::check(&request, policy)
 }
 
 /// The head (ending in one blank line) has no stray CR or LF: nothing a request put into a

@@ -25,12 +25,10 @@ pub const FSYNC_INTERVAL: Duration = Duration::from_secs(1);
 /// Everything the server needs to run. `Config::default()` is what `wschat` with no flags uses.
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// Address both listeners bind to.
+    /// Address the one public listener binds to.
     pub bind: IpAddr,
-    /// HTTP port (page, API, metrics). 0 picks a free port.
+    /// The public port: page, API, metrics and WebSockets. 0 picks a free port.
     pub http_port: u16,
-    /// WebSocket port; `None` means HTTP port + 1 (or a free port when the HTTP port is 0).
-    pub ws_port: Option<u16>,
     /// Serve the page from this directory instead of the copy embedded in the binary.
     pub www_dir: Option<PathBuf>,
     /// WebSocket URL announced in `/config.json`, for reverse proxies.
@@ -73,6 +71,24 @@ pub struct Config {
     pub handshake_timeout: Duration,
     /// An HTTP connection idle (not sending, not reading) this long is dropped.
     pub http_timeout: Duration,
+    // ----- what one address, connection or room may send (see the README's memory ceiling) -----
+    /// New connections per second from one address (burst: twice that); 0 = no limit.
+    pub conn_rate_per_ip: f64,
+    /// Chat bytes per second (as sent on, JSON-encoded) per connection; burst: 4 seconds' worth.
+    pub rate_bytes: f64,
+    /// The same, per address.
+    pub rate_bytes_per_ip: f64,
+    /// The same, per room: what every member of a room may have to read per second.
+    pub room_rate_bytes: f64,
+    /// Bytes waiting for all slow clients together before the one that would pass it is dropped.
+    pub backlog_bytes: usize,
+    /// HTTP API posts per second, per address and per token (burst: twice that).
+    pub api_rate: f64,
+    // ----- history bounds -----
+    /// Bytes of history kept over all rooms; the oldest messages (of any room) go first.
+    pub history_bytes: usize,
+    /// When every room slot is taken, an empty room quiet this long gives its slot up.
+    pub room_quiet: Duration,
 }
 
 impl Default for Config {
@@ -80,7 +96,6 @@ impl Default for Config {
         Config {
             bind: IpAddr::from([127, 0, 0, 1]),
             http_port: 5000,
-            ws_port: None,
             www_dir: None,
             public_ws_url: None,
             history: 100,
@@ -102,6 +117,17 @@ impl Default for Config {
             ping_interval: Duration::from_secs(30),
             handshake_timeout: Duration::from_secs(5),
             http_timeout: Duration::from_secs(10),
+            conn_rate_per_ip: 50.0,
+            rate_bytes: 64.0 * 1024.0,
+            rate_bytes_per_ip: 128.0 * 1024.0,
+            room_rate_bytes: 256.0 * 1024.0,
+            backlog_bytes: 32 << 20,
+            api_rate: 10.0,
+            // 32 MiB: an eighth of the 256 MiB memory ceiling (see the README).
+            history_bytes: 32 << 20,
+            // Long enough that a room whose people stepped away keeps its history; short enough
+            // that filling every slot once locks new rooms out for minutes, not for good.
+            room_quiet: Duration::from_secs(10 * 60),
         }
     }
 }
@@ -120,8 +146,7 @@ wschat: a small WebSocket chat server
 
 USAGE: wschat [FLAGS]
 
-  --port N               HTTP port (env PORT; default 5000)
-  --ws-port N            WebSocket port (default HTTP port + 1)
+  --port N               the one public port: page, API, WebSockets (env PORT; default 5000)
   --bind ADDR            address to listen on (default 127.0.0.1)
   --www DIR              serve the page from DIR instead of the embedded copy
   --public-ws-url URL    WebSocket URL announced in /config.json (reverse proxies)
@@ -145,6 +170,15 @@ USAGE: wschat [FLAGS]
   --ping-interval SECS   keepalive ping interval (default 30)
   --handshake-timeout SECS  total time to finish the handshake (default 5)
   --http-timeout SECS    drop an HTTP connection idle this long (default 10)
+  --conn-rate-per-ip R   new connections per second per address, 0 = no limit (default 50)
+  --rate-bytes N         chat bytes per second per connection (default 65536)
+  --rate-bytes-per-ip N  chat bytes per second per address (default 131072)
+  --room-rate-bytes N    chat bytes per second per room (default 262144)
+  --backlog-bytes N      bytes waiting for all slow clients together (default 33554432)
+  --api-rate R           HTTP API posts per second per address and per token (default 10)
+  --history-bytes N      bytes of history kept over all rooms (default 33554432)
+  --room-quiet SECS      when all rooms are taken, an empty room quiet this long
+                         gives its slot to a new one (default 600)
   -h, --help             print this help
   -V, --version          print the version
 
@@ -161,14 +195,14 @@ pub fn parse_args(
     if let Some(port) = env("PORT") {
         cfg.http_port = port.parse().map_err(|_| bad_value("PORT", &port))?;
     }
-    cfg.api_token = env("WSCHAT_API_TOKEN").filter(|t| !t.is_empty());
+    cfg.api_token = env("WSCHAT_API_TOKEN");
     let mut parser = lexopt::Parser::from_iter(args);
     while let Some(arg) = parser.next()? {
         match arg {
             Short('h') | Long("help") => return Ok(Parsed::Help),
             Short('V') | Long("version") => return Ok(Parsed::Version),
             Long("port") => cfg.http_port = parser.value()?.parse()?,
-            Long("ws-port") => cfg.ws_port = Some(parser.value()?.parse()?),
+            Long("ws-port") => return Err(WS_PORT_GONE.into()),
             Long("bind") => cfg.bind = parser.value()?.parse()?,
             Long("www") => cfg.www_dir = Some(parser.value()?.into()),
             Long("public-ws-url") => cfg.public_ws_url = Some(parser.value()?.string()?),
@@ -193,14 +227,41 @@ pub fn parse_args(
                 cfg.handshake_timeout = parse_secs(&parser.value()?.string()?)?
             }
             Long("http-timeout") => cfg.http_timeout = parse_secs(&parser.value()?.string()?)?,
+            Long("conn-rate-per-ip") => cfg.conn_rate_per_ip = parser.value()?.parse()?,
+            Long("rate-bytes") => cfg.rate_bytes = parse_positive(&parser.value()?.string()?)?,
+            Long("rate-bytes-per-ip") => {
+                cfg.rate_bytes_per_ip = parse_positive(&parser.value()?.string()?)?
+            }
+            Long("room-rate-bytes") => {
+                cfg.room_rate_bytes = parse_positive(&parser.value()?.string()?)?
+            }
+            Long("backlog-bytes") => cfg.backlog_bytes = parser.value()?.parse()?,
+            Long("api-rate") => cfg.api_rate = parse_positive(&parser.value()?.string()?)?,
+            // History bounds.
+            Long("history-bytes") => cfg.history_bytes = parser.value()?.parse()?,
+            Long("room-quiet") => cfg.room_quiet = parse_secs(&parser.value()?.string()?)?,
             _ => return Err(arg.unexpected()),
         }
+    }
+    if cfg
+        .api_token
+        .as_deref()
+        .is_some_and(|t| t.trim().is_empty())
+    {
+        return Err(EMPTY_TOKEN.into());
     }
     if cfg.client_queue == 0 || cfg.max_message_bytes < 16 {
         return Err("--client-queue must be at least 1 and --max-message-bytes at least 16".into());
     }
     Ok(Parsed::Run(Box::new(cfg)))
 }
+
+/// `--ws-port` is gone: one line saying what replaced it.
+const WS_PORT_GONE: &str = "--ws-port was removed: WebSockets are served on --port now \
+                            (ws://HOST:PORT/chat), next to the page";
+/// An empty token would let anyone post.
+const EMPTY_TOKEN: &str = "the API token (--api-token or WSCHAT_API_TOKEN) is empty: \
+                           give a real token, or leave both unset to turn posting off";
 
 fn bad_value(name: &str, value: &str) -> lexopt::Error {
     format!("invalid value {value:?} for {name}").into()
@@ -241,14 +302,32 @@ mod tests {
 
     #[test]
     fn flags_and_env_fill_the_config() {
-        let Ok(Parsed::Run(cfg)) = parse(&["--ws-port", "7001", "--fsync", "never"], Some("7000"))
+        let Ok(Parsed::Run(cfg)) = parse(&["--fsync", "never"], Some("7000")) else {
+            panic!("expected a config")
+        };
+        assert_eq!((cfg.http_port, cfg.fsync), (7000, Fsync::Never));
+    }
+
+    #[test]
+    fn retired_and_dangerous_values_are_refused_with_one_line() {
+        let err = parse(&["--ws-port", "5001"], None).unwrap_err().to_string();
+        assert!(err.contains("--port"), "{err}");
+        let err = parse(&["--api-token", ""], None).unwrap_err().to_string();
+        assert!(err.contains("empty"), "{err}");
+        assert!(parse(&["--api-token", "  "], None).is_err());
+    }
+
+    #[test]
+    fn history_bounds_are_flags() {
+        let Ok(Parsed::Run(cfg)) = parse(&["--history-bytes", "4096", "--room-quiet", "2"], None)
         else {
             panic!("expected a config")
         };
         assert_eq!(
-            (cfg.http_port, cfg.ws_port, cfg.fsync),
-            (7000, Some(7001), Fsync::Never)
+            (cfg.history_bytes, cfg.room_quiet),
+            (4096, Duration::from_secs(2))
         );
+        assert!(parse(&["--room-quiet", "0"], None).is_err());
     }
 
     #[test]

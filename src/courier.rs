@@ -4,8 +4,8 @@
 //!
 //! Every client always goes through the same lane (its id modulo the lane count; lane 0 is the
 //! dispatcher itself), so its frames keep their order. A courier only calls [`Outlet::send`],
-//! which never blocks, and reports a client whose backlog passed its bound to the dispatcher,
-//! which alone may drop it. Couriers know nothing of rooms or history.
+//! which never blocks, and reports a client the outlet finds too slow to the dispatcher, which
+//! alone may drop it. Couriers know nothing of rooms or history.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -28,13 +28,6 @@ const PARCELS_IN_FLIGHT: usize = 4;
 /// with the client's next frames.
 const SLOW_REPORTS: usize = 1024;
 
-/// How much may wait in an outlet before its client counts as too slow.
-#[derive(Debug, Clone, Copy)]
-pub struct Bounds {
-    pub frames: usize,
-    pub bytes: usize,
-}
-
 /// One batch's frames for some clients, each client's frames together and in order.
 #[derive(Default)]
 pub struct Parcel {
@@ -50,12 +43,11 @@ impl Parcel {
             .push((id, outlet.clone(), start..self.frames.len()));
     }
 
-    /// Hands every client its frames; calls `slow` for each client over its bounds. Returns
-    /// the number of frames handed over, and leaves the parcel empty for reuse.
-    pub fn deliver(&mut self, bounds: Bounds, mut slow: impl FnMut(ClientId)) -> u64 {
+    /// Hands every client its frames; calls `slow` for each client its outlet finds too slow.
+    /// Returns the number of frames handed over, and leaves the parcel empty for reuse.
+    pub fn deliver(&mut self, mut slow: impl FnMut(ClientId)) -> u64 {
         for (id, outlet, range) in self.items.drain(..) {
-            let backlog = outlet.send(&self.frames[range]);
-            if backlog.frames > bounds.frames || backlog.bytes > bounds.bytes {
+            if outlet.send(&self.frames[range]).too_slow {
                 slow(id);
             }
         }
@@ -81,7 +73,7 @@ struct Lane {
 
 impl Couriers {
     /// One courier per core beyond the dispatcher's own, at most `MAX_COURIERS`.
-    pub fn start(bounds: Bounds, metrics: &Arc<Metrics>) -> std::io::Result<Couriers> {
+    pub fn start(metrics: &Arc<Metrics>) -> std::io::Result<Couriers> {
         let cores = thread::available_parallelism().map_or(1, |n| n.get());
         let (report, reports) = bounded(SLOW_REPORTS);
         let mut lanes = Vec::new();
@@ -93,7 +85,7 @@ impl Couriers {
                 .name(format!("courier-{n}"))
                 .spawn(move || {
                     for mut parcel in inbox {
-                        let handed = parcel.deliver(bounds, |id| {
+                        let handed = parcel.deliver(|id| {
                             let _ = report.try_send(id);
                         });
                         Metrics::add(&metrics.messages_sent, handed);

@@ -9,7 +9,8 @@
 //!
 //! Each loop turn handles a batch of events, then commits history (one write, one sync), and only
 //! then hands the batch's frames to the outlets, each client's frames together, so no one sees a
-//! message that a crash could still lose.
+//! message that a crash could still lose. Chat messages wait for that commit apart from other
+//! frames: if it fails, none of them is shown and each sender is told it was not saved.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -18,13 +19,15 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use log::{debug, error, info};
+use log::{debug, info};
 
-use crate::courier::{Bounds, Couriers, Parcel};
-use crate::history::{History, Stored};
+use crate::courier::{Couriers, Parcel};
+use crate::history::{History, SaveError, Stored};
 use crate::metrics::Metrics;
+use crate::names;
 use crate::outlet::Outlet;
 use crate::protocol::{self, ChatError, ChatMessage, Command, Frame, RoomState, ServerEvent};
+use crate::ratelimit::TokenBucket;
 
 /// Connection ids, unique for the life of the process.
 pub type ClientId = u64;
@@ -36,9 +39,22 @@ const MAX_BATCH_EVENTS: usize = 512;
 pub const TYPING_TIMEOUT: Duration = Duration::from_secs(5);
 /// Mailbox capacity a client keeps between batches; a bigger one (after a burst) is released.
 const KEEP_MAILBOX_FRAMES: usize = 16;
+/// A message frame's bytes beyond its text, sender and room (type, id, time, quotes).
+const MESSAGE_FRAME_BYTES: usize = 80;
 /// A crowd (a room above the presence limit) hears its member count at most this often: telling
 /// every member of every join would cost members² frames (50 million for 10,000 people).
 pub const PRESENCE_TICK: Duration = Duration::from_secs(1);
+/// Most bytes of history in a `welcome` or `room` frame (the newest messages that fit; older
+/// ones come from the HTTP API). Without it, a room of 100 messages of 64 KiB made every join a
+/// 13 MB frame built on this thread; 256 KiB still holds dozens of ordinary messages and any
+/// single message (a 64 KiB text of quotes is about 128 KiB as JSON).
+pub const WELCOME_HISTORY_BYTES: usize = 256 << 10;
+/// Most bytes of messages in one page of `GET /api/rooms/<room>/messages`: an HTTP worker holds
+/// the page whole while it answers.
+pub const API_PAGE_BYTES: usize = 1 << 20;
+
+/// Where an API publisher hears its message's id, or why it was refused.
+pub type PublishReply = Sender<Result<u64, ChatError>>;
 
 /// Everything the dispatcher is asked to do.
 pub enum Event {
@@ -57,7 +73,7 @@ pub enum Event {
         room: String,
         from: String,
         text: String,
-        reply: Sender<Result<u64, ChatError>>,
+        reply: PublishReply,
     },
     Rooms {
         reply: Sender<Vec<RoomSummary>>,
@@ -68,9 +84,10 @@ pub enum Event {
         limit: usize,
         reply: Sender<HistoryPage>,
     },
-    /// Answered at once: `/healthz` uses it to see that the dispatcher still turns.
+    /// Answered at once: `/healthz` uses it to see that the dispatcher still turns. The reply
+    /// names what is wrong, if anything (history that cannot be written).
     Ping {
-        reply: Sender<()>,
+        reply: Sender<Option<String>>,
     },
     /// Commit history, send close 1001 to every client, and stop.
     Shutdown,
@@ -92,10 +109,12 @@ pub struct RoomSummary {
     pub count: usize,
 }
 
-/// `GET /api/rooms/<room>/messages`: raw message frames in id order.
+/// `GET /api/rooms/<room>/messages`: raw message frames in id order. Without `since` the newest
+/// ones, with it the oldest after it (a client pages forward); `more` says a next page exists.
 pub struct HistoryPage {
     pub messages: Vec<Frame>,
     pub truncated: bool,
+    pub more: bool,
 }
 
 /// Limits the dispatcher enforces.
@@ -104,8 +123,12 @@ pub struct HubLimits {
     pub max_rooms: usize,
     /// Largest room with per-member presence; bigger ones are crowds.
     pub presence_limit: usize,
-    /// What may wait for one client before it counts as too slow.
-    pub backlog: Bounds,
+    /// An empty room whose newest message is older than this gives its slot to a new room
+    /// when every slot is taken.
+    pub room_quiet: Duration,
+    /// Chat bytes per second a room carries (what each member may have to read), and at once.
+    pub room_rate_bytes: f64,
+    pub room_burst_bytes: f64,
 }
 
 struct Client {
@@ -120,7 +143,7 @@ struct Client {
 
 pub struct Hub {
     clients: HashMap<ClientId, Client>,
-    /// Lower-cased name -> owner, for case-insensitive uniqueness.
+    /// Name key ([`names::key`]) -> owner: look-alike names share a key, so they cannot coexist.
     names: HashMap<String, ClientId>,
     /// Members of every room that has any.
     rooms: HashMap<String, Vec<ClientId>>,
@@ -133,12 +156,16 @@ pub struct Hub {
     couriers: Couriers,
     /// The frames this thread writes itself (lane 0), kept for its allocation.
     own: Parcel,
-    /// API publishers waiting for their message's id, answered after the commit.
-    acks: Vec<(Sender<Result<u64, ChatError>>, u64)>,
+    /// This batch's chat messages, shown only once the commit saved them.
+    unsaved: Vec<Unsaved>,
+    /// API publishers waiting for their answer, answered after the batch is delivered.
+    acks: Vec<(PublishReply, Result<u64, ChatError>)>,
     typing_deadlines: BinaryHeap<Reverse<(Instant, ClientId)>>,
     /// Rooms whose membership changed without per-member events, and when to tell them.
     presence_changed: Vec<String>,
     presence_due: Option<Instant>,
+    /// Each busy room's byte budget (see [`HubLimits::room_rate_bytes`]).
+    room_rates: HashMap<String, TokenBucket>,
     stopping: bool,
 }
 
@@ -159,10 +186,12 @@ impl Hub {
             touched: Vec::new(),
             couriers,
             own: Parcel::default(),
+            unsaved: Vec::new(),
             acks: Vec::new(),
             typing_deadlines: BinaryHeap::new(),
             presence_changed: Vec::new(),
             presence_due: None,
+            room_rates: HashMap::new(),
             stopping: false,
         }
     }
@@ -192,7 +221,7 @@ impl Hub {
 
     fn next_deadline(&self) -> Option<Instant> {
         let typing = self.typing_deadlines.peek().map(|Reverse((t, _))| *t);
-        [typing, self.history.sync_deadline(), self.presence_due]
+        [typing, self.history.wake_at(), self.presence_due]
             .into_iter()
             .flatten()
             .min()
@@ -202,6 +231,8 @@ impl Hub {
         match event {
             Event::Connect(connect) => self.connect(*connect),
             Event::Commands { id, commands } => {
+                let held: usize = commands.iter().map(Command::held_bytes).sum();
+                self.metrics.inbound_bytes.fetch_sub(held as u64, Relaxed);
                 commands.into_iter().for_each(|c| self.command(id, c))
             }
             Event::Disconnect { id, reason } => self.disconnect(id, &reason),
@@ -210,10 +241,11 @@ impl Hub {
                 from,
                 text,
                 reply,
-            } => match self.post(&room, &from, &text) {
-                Ok(id) => self.acks.push((reply, id)),
-                Err(e) => drop(reply.try_send(Err(e))),
-            },
+            } => {
+                if let Err(e) = self.post(&room, &from, &text, Origin::Api(reply.clone())) {
+                    drop(reply.try_send(Err(e)));
+                }
+            }
             Event::Rooms { reply } => drop(reply.try_send(self.room_summaries())),
             Event::History {
                 room,
@@ -221,14 +253,21 @@ impl Hub {
                 limit,
                 reply,
             } => {
-                let slice = self.history.slice(&room, since, limit);
+                let slice = match since {
+                    Some(since) => self.history.page(&room, since, limit, API_PAGE_BYTES),
+                    None => self.history.newest(&room, None, limit, API_PAGE_BYTES),
+                };
                 let messages = slice.messages.iter().map(|m| m.frame.clone()).collect();
                 drop(reply.try_send(HistoryPage {
                     messages,
                     truncated: slice.truncated,
+                    more: slice.more,
                 }));
             }
-            Event::Ping { reply } => drop(reply.try_send(())),
+            Event::Ping { reply } => {
+                let problem = self.history.outage();
+                drop(reply.try_send(problem.map(|p| format!("history: cannot write ({p})"))));
+            }
             Event::Shutdown => self.stopping = true,
         }
     }
@@ -277,7 +316,7 @@ impl Hub {
             "a user connected: id {} name {name:?} room {room:?} from {}",
             c.id, c.peer
         );
-        self.names.insert(name.to_lowercase(), c.id);
+        self.names.insert(names::key(&name), c.id);
         self.clients.insert(
             c.id,
             Client {
@@ -307,32 +346,22 @@ impl Hub {
     fn remove_client(&mut self, id: ClientId) -> Option<Client> {
         self.set_typing(id, false);
         let client = self.clients.remove(&id)?;
-        self.names.remove(&client.name.to_lowercase());
+        self.names.remove(&names::key(&client.name));
         self.leave_room(id, &client.room, &client.name);
         Some(client)
     }
 
     fn free_name(&self, name: String, id: ClientId) -> Result<String, ChatError> {
-        match self.names.get(&name.to_lowercase()) {
+        match self.names.get(&names::key(&name)) {
             Some(&owner) if owner != id => Err(ChatError::NameTaken(name)),
             _ => Ok(name),
         }
     }
 
-    /// `guest-<id>`, or with a suffix if someone chose that name already.
+    /// `guest-<id>`: always free, since ids are unique and users cannot take the pattern
+    /// ([`names::check`] reserves it).
     fn guest_name(&self, id: ClientId) -> String {
-        let base = format!("guest-{id}");
-        let taken = |n: &String| self.names.contains_key(&n.to_lowercase());
-        (1..)
-            .map(|i| {
-                if i == 1 {
-                    base.clone()
-                } else {
-                    format!("{base}-{i}")
-                }
-            })
-            .find(|n| !taken(n))
-            .unwrap_or(base)
+        format!("{}{id}", names::GUEST_PREFIX)
     }
 
     fn rename(&mut self, id: ClientId, name: String) -> Result<(), ChatError> {
@@ -342,8 +371,8 @@ impl Hub {
         };
         let old = std::mem::replace(&mut client.name, name.clone());
         let room = client.room.clone();
-        self.names.remove(&old.to_lowercase());
-        self.names.insert(name.to_lowercase(), id);
+        self.names.remove(&names::key(&old));
+        self.names.insert(names::key(&name), id);
         let count = self.members(&room).len();
         let frame = protocol::encode(&ServerEvent::Renamed {
             room: &room,
@@ -361,8 +390,9 @@ impl Hub {
 
     // ----- rooms -----
 
-    /// A room may be used if it exists (members or history) or if there is room for one more.
-    fn room_allowed(&self, room: &str) -> Result<(), ChatError> {
+    /// A room may be used if it exists (members or history), if there is room for one more,
+    /// or if an empty room has been quiet long enough to give its slot up.
+    fn room_allowed(&mut self, room: &str) -> Result<(), ChatError> {
         if self.rooms.contains_key(room) || self.history.has_room(room) {
             return Ok(());
         }
@@ -372,9 +402,20 @@ impl Hub {
             .filter(|r| !self.history.has_room(r))
             .count();
         if self.history.room_count() + without_history < self.limits.max_rooms {
-            Ok(())
-        } else {
-            Err(ChatError::TooManyRooms)
+            return Ok(());
+        }
+        let quiet = self.limits.room_quiet.as_millis() as u64;
+        let quiet_before = protocol::now_ms().saturating_sub(quiet);
+        let rooms = &self.rooms;
+        match self
+            .history
+            .forget_quietest(quiet_before, |r| !rooms.contains_key(r))
+        {
+            Some(old) => {
+                info!("room {old:?} was empty and quiet: its slot goes to {room:?}");
+                Ok(())
+            }
+            None => Err(ChatError::TooManyRooms),
         }
     }
 
@@ -408,7 +449,9 @@ impl Hub {
         };
         let users = self.member_names(room);
         let count = self.members(room).len();
-        let slice = self.history.slice(room, since, self.limits.history);
+        let slice = self
+            .history
+            .newest(room, since, self.limits.history, WELCOME_HISTORY_BYTES);
         let history = slice
             .messages
             .iter()
@@ -420,6 +463,7 @@ impl Hub {
             count,
             history,
             truncated: slice.truncated,
+            more: slice.more,
         };
         let frame = if welcome {
             protocol::encode(&ServerEvent::Welcome {
@@ -536,14 +580,19 @@ impl Hub {
         let (room, from) = (client.room.clone(), client.name.clone());
         debug!("got message from {from:?} in {room:?}, broadcasting to all");
         self.set_typing(id, false);
-        self.post(&room, &from, &text).map(drop)
+        self.post(&room, &from, &text, Origin::Client(id))
     }
 
-    /// Stores a room message and queues it for every member; returns its id.
-    fn post(&mut self, room: &str, from: &str, text: &str) -> Result<u64, ChatError> {
-        if !self.history.has_room(room) {
-            self.room_allowed(room)?;
-        }
+    /// Stages a room message, to be shown to every member once the commit saved it.
+    fn post(
+        &mut self,
+        room: &str,
+        from: &str,
+        text: &str,
+        origin: Origin,
+    ) -> Result<(), ChatError> {
+        self.room_allowed(room)?;
+        self.take_room_bytes(room, from, text)?;
         let id = self.history.take_id();
         let message = ChatMessage {
             id,
@@ -559,18 +608,44 @@ impl Hub {
             room,
             Stored {
                 id,
+                ts: message.ts,
                 frame: frame.clone(),
             },
         );
-        Metrics::add(&self.metrics.messages_received, 1);
-        self.broadcast(room, None, frame);
-        Ok(id)
+        self.unsaved.push(Unsaved {
+            id,
+            frame,
+            audience: Audience::Room(message.room),
+            origin,
+        });
+        Ok(())
+    }
+
+    /// Charges a message to its room's byte budget, so that however many senders a room has,
+    /// a member who reads at the room's rate never falls behind.
+    fn take_room_bytes(&mut self, room: &str, from: &str, text: &str) -> Result<(), ChatError> {
+        let now = Instant::now();
+        let cost = protocol::encoded_len(text) + from.len() + room.len() + MESSAGE_FRAME_BYTES;
+        if self.room_rates.len() > self.limits.max_rooms {
+            self.room_rates.retain(|_, bucket| !bucket.is_full(now));
+        }
+        let (rate, burst) = (self.limits.room_rate_bytes, self.limits.room_burst_bytes);
+        let bucket = self
+            .room_rates
+            .entry(room.to_owned())
+            .or_insert_with(|| TokenBucket::new(rate, burst, now));
+        if bucket.try_take_n(cost as f64, now) {
+            Ok(())
+        } else {
+            Metrics::add(&self.metrics.rate_limited, 1);
+            Err(ChatError::RoomBusy)
+        }
     }
 
     fn private_message(&mut self, id: ClientId, to: &str, text: String) -> Result<(), ChatError> {
         let target = *self
             .names
-            .get(&to.to_lowercase())
+            .get(&names::key(to))
             .ok_or_else(|| ChatError::NoSuchUser(to.to_owned()))?;
         let (Some(sender), Some(receiver)) = (self.clients.get(&id), self.clients.get(&target))
         else {
@@ -585,12 +660,12 @@ impl Hub {
             ts: protocol::now_ms(),
             private: true,
         };
-        let frame = protocol::encode(&message);
-        Metrics::add(&self.metrics.messages_received, 1);
-        self.send_to(target, frame.clone());
-        if target != id {
-            self.send_to(id, frame);
-        }
+        self.unsaved.push(Unsaved {
+            id: message.id,
+            frame: protocol::encode(&message),
+            audience: Audience::Pair(id, target),
+            origin: Origin::Client(id),
+        });
         Ok(())
     }
 
@@ -648,25 +723,60 @@ impl Hub {
         }
     }
 
-    /// Makes the batch durable, then hands its frames to the outlets.
+    /// Makes the batch durable, then hands its frames to the outlets: its chat messages if
+    /// they were saved, an error to each sender if not.
     fn commit(&mut self) {
-        if let Err(e) = self.history.commit() {
-            error!("history: cannot write the history file: {e}");
+        let saved = self.history.commit();
+        let unsaved = std::mem::take(&mut self.unsaved);
+        match saved {
+            Ok(()) => unsaved.into_iter().for_each(|m| self.show(m)),
+            Err(e) => self.refuse(unsaved, &e),
         }
-        self.metrics
-            .history_messages
-            .store(self.history.len() as u64, Relaxed);
+        self.update_history_gauges();
         // Dropping a slow client queues `left` frames for its room; deliver those too. Each pass
         // after the first removes at least one client, so this ends.
         while !self.touched.is_empty() {
             self.deliver();
         }
-        for (reply, id) in self.acks.drain(..) {
-            let _ = reply.try_send(Ok(id));
+        for (reply, answer) in self.acks.drain(..) {
+            let _ = reply.try_send(answer);
         }
-        self.metrics
-            .history_messages
-            .store(self.history.len() as u64, Relaxed);
+    }
+
+    /// Delivers a saved message and acknowledges it to an API publisher.
+    fn show(&mut self, m: Unsaved) {
+        Metrics::add(&self.metrics.messages_received, 1);
+        match m.audience {
+            Audience::Room(room) => self.broadcast(&room, None, m.frame),
+            Audience::Pair(from, to) => {
+                self.send_to(to, m.frame.clone());
+                if from != to {
+                    self.send_to(from, m.frame);
+                }
+            }
+        }
+        if let Origin::Api(reply) = m.origin {
+            self.acks.push((reply, Ok(m.id)));
+        }
+    }
+
+    /// Tells the senders of a batch that could not be saved; their ids are never used again.
+    fn refuse(&mut self, unsaved: Vec<Unsaved>, e: &SaveError) {
+        let error = ChatError::NotSaved(e.reason());
+        for m in unsaved {
+            match m.origin {
+                Origin::Client(id) => self.send_to(id, error.to_frame()),
+                Origin::Api(reply) => self.acks.push((reply, Err(error.clone()))),
+            }
+        }
+    }
+
+    fn update_history_gauges(&self) {
+        let m = &self.metrics;
+        m.history_messages.store(self.history.len() as u64, Relaxed);
+        m.history_bytes.store(self.history.bytes() as u64, Relaxed);
+        m.history_write_failures
+            .store(self.history.write_failures(), Relaxed);
     }
 
     /// Hands each touched client's mailbox to its outlet, all of its frames together so they
@@ -690,7 +800,7 @@ impl Hub {
         self.touched = touched; // keep the allocation for the next batch
         self.couriers.send_all();
         let mut slow = Vec::new();
-        let handed = self.own.deliver(self.limits.backlog, |id| slow.push(id));
+        let handed = self.own.deliver(|id| slow.push(id));
         Metrics::add(&self.metrics.messages_sent, handed);
         slow.extend(self.couriers.slow_clients());
         for id in slow {
@@ -711,6 +821,7 @@ impl Hub {
 
     fn close_everyone(&mut self) {
         self.commit();
+        self.history.finish();
         self.couriers.stop(); // what they carry goes out before the close frames
         for client in self.clients.values() {
             client.outlet.close(1001, "server shutting down");
@@ -720,6 +831,29 @@ impl Hub {
             self.clients.len()
         );
     }
+}
+
+/// A chat message waiting for its batch to be saved.
+struct Unsaved {
+    id: u64,
+    frame: Frame,
+    audience: Audience,
+    origin: Origin,
+}
+
+/// Who sees a message once it is saved.
+enum Audience {
+    /// Every member of the room.
+    Room(String),
+    /// A private message: its sender and its target.
+    Pair(ClientId, ClientId),
+}
+
+/// Who is told if a message cannot be saved.
+enum Origin {
+    Client(ClientId),
+    /// The HTTP API: answered with the id, or the error.
+    Api(PublishReply),
 }
 
 /// Puts a frame in a client's mailbox (if it is still connected), noting the client as touched

@@ -1,28 +1,57 @@
-//! Message history: the last N messages of every room, the message id counter, and (with
-//! `--data-dir`) the append-only file that makes both survive a restart.
+//! Message history: the recent messages of every room, bounded per room and in bytes over all
+//! rooms, the message id counter, and (with `--data-dir`) the file that makes both survive a
+//! restart (`store`, read back by `load`).
 //!
-//! The file is JSON lines, one message frame per line, exactly the bytes that were broadcast.
-//! Appends are buffered and written by [`History::commit`], which the dispatcher calls once per
-//! batch of events *before* it broadcasts them (group commit: one write and at most one sync for
-//! many messages). This module is owned by the dispatcher thread; it knows nothing of clients.
+//! A message is *staged* by [`History::append`] and becomes history only when
+//! [`History::commit`] has saved its batch: the dispatcher calls it once per batch, before it
+//! broadcasts, and refuses the batch's messages when it fails, so nothing that was shown can be
+//! lost and nothing that was lost was shown. This module is owned by the dispatcher thread; it
+//! knows nothing of clients.
 
-use std::collections::{HashMap, VecDeque};
-use std::fs::{File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
+mod load;
+mod store;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Instant;
 
-use crate::config::{FSYNC_INTERVAL, Fsync};
-use crate::protocol::{ChatMessage, Frame};
+use crate::config::Fsync;
+use crate::protocol::Frame;
+
+pub use store::SaveError;
 
 /// Name of the history file inside `--data-dir`.
 pub const FILE_NAME: &str = "history.jsonl";
+/// Largest message id ever accepted from the file: half of JavaScript's exact-integer range
+/// (2^53), so clients hold every id exactly and counting on from the largest one cannot reach
+/// the end of that range in any lifetime.
+pub const MAX_ID: u64 = 1 << 52;
+/// What a stored message costs besides its frame's bytes: its slot in the room's queue, the
+/// frame's shared header and allocation, its entry in the age index. Counted in the byte budget
+/// so that the budget bounds memory, not just text.
+const STORED_OVERHEAD_BYTES: usize = 160;
 
-/// One stored message: its id and the exact frame clients received.
+/// Longest line of the history file for messages of at most `max_message_bytes`: JSON escaping
+/// at most doubles the text (only `"`, `\\`, tab, newline and carriage return are escaped; other
+/// control characters are refused), plus the other fields and their names.
+pub fn max_line_bytes(max_message_bytes: usize) -> usize {
+    max_message_bytes.saturating_mul(2).saturating_add(1 << 10)
+}
+
+/// One stored message: its id, its time (ms since the epoch) and the exact frame clients got.
 #[derive(Clone, Debug)]
 pub struct Stored {
     pub id: u64,
+    pub ts: u64,
     pub frame: Frame,
+}
+
+impl Stored {
+    fn cost(&self) -> usize {
+        self.frame.len() + STORED_OVERHEAD_BYTES
+    }
 }
 
 /// A room's recent messages and what has fallen out of them.
@@ -31,163 +60,263 @@ struct RoomLog {
     messages: VecDeque<Stored>,
     /// Largest id dropped from `messages`; a resume from below it has a gap.
     evicted_up_to: u64,
+    /// Time of the newest message (ms since the epoch): how long the room has been quiet.
+    last_ts: u64,
 }
 
-/// The messages a client asked for, and whether some it asked for are gone.
+/// The messages a client asked for, in id order, and what was left out.
 pub struct Slice<'a> {
     pub messages: Vec<&'a Stored>,
+    /// Some messages after `since` are gone for good (evicted): the client missed them.
     pub truncated: bool,
+    /// Some messages after `since` are kept but did not fit this answer (count or bytes).
+    pub more: bool,
+}
+
+/// How much history is kept, and where.
+pub struct Settings<'a> {
+    /// Messages kept per room (`--history`).
+    pub per_room: usize,
+    /// Bytes kept over all rooms (`--history-bytes`); the globally oldest go first.
+    pub total_bytes: usize,
+    pub data_dir: Option<&'a Path>,
+    pub fsync: Fsync,
+    /// The file is compacted above this size, if that removes at least half of it.
+    pub compact_bytes: u64,
+    /// Longest line read from the file; longer ones are set aside unread.
+    pub max_line_bytes: usize,
 }
 
 pub struct History {
-    limit: usize,
-    rooms: HashMap<String, RoomLog>,
+    per_room: usize,
+    total_bytes: usize,
+    rooms: HashMap<Arc<str>, RoomLog>,
+    /// Every kept message's id and its room, so the globally oldest is found at once.
+    ages: BTreeMap<u64, Arc<str>>,
+    /// What the kept messages cost, as [`Stored::cost`] counts.
+    bytes: usize,
+    /// Largest id of a room forgotten whole: a resume from before it in such a room has a gap.
+    forgotten_up_to: u64,
     next_id: u64,
-    store: Option<Store>,
+    /// Messages of this batch, waiting for [`History::commit`].
+    staged: Vec<(String, Stored)>,
+    store: Option<store::Store>,
 }
 
 impl History {
-    /// In-memory history, or history loaded from (and appended to) `data_dir`.
-    pub fn open(
-        limit: usize,
-        data_dir: Option<&Path>,
-        fsync: Fsync,
-        compact_bytes: u64,
-    ) -> io::Result<Self> {
+    /// In-memory history, or history loaded from (and appended to) `settings.data_dir`.
+    pub fn open(settings: &Settings) -> io::Result<Self> {
         let mut history = History {
-            limit,
+            per_room: settings.per_room,
+            total_bytes: settings.total_bytes,
             rooms: HashMap::new(),
+            ages: BTreeMap::new(),
+            bytes: 0,
+            forgotten_up_to: 0,
             next_id: 1,
+            staged: Vec::new(),
             store: None,
         };
-        if let Some(dir) = data_dir {
+        if let Some(dir) = settings.data_dir {
             std::fs::create_dir_all(dir)?;
             let path = dir.join(FILE_NAME);
-            let file_len = history.load(&path)?;
-            history.store = Some(Store::open(path, file_len, fsync, compact_bytes)?);
-            history.compact_if_needed()?;
+            let loaded = load::load(&mut history, &path, settings.max_line_bytes)?;
+            let mut store = store::Store::open(path, settings)?;
+            if loaded.compact_now(history.live_file_bytes(), settings.compact_bytes) {
+                store.compact_now(history.next_id, &history.snapshot());
+            }
+            history.store = Some(store);
         }
         Ok(history)
     }
 
-    /// Reads the file line by line, keeping the last `limit` per room. Lines that do not parse
-    /// (a torn last line after a crash) are skipped with a warning.
-    fn load(&mut self, path: &Path) -> io::Result<u64> {
-        let file = match File::open(path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
-            Err(e) => return Err(e),
-        };
-        let file_len = file.metadata()?.len();
-        let (mut loaded, mut skipped) = (0u64, 0u64);
-        let mut reader = BufReader::new(file);
-        let mut line = String::new();
-        loop {
-            line.clear();
-            match reader.read_line(&mut line) {
-                Ok(0) => break,
-                Ok(_) => {}
-                // Not UTF-8: the line was consumed; count it and go on.
-                Err(e) if e.kind() == io::ErrorKind::InvalidData => {
-                    skipped += 1;
-                    continue;
-                }
-                Err(e) => return Err(e),
-            }
-            match self.load_line(line.trim_end()) {
-                Some(()) => loaded += 1,
-                None if line.trim().is_empty() => {}
-                None => skipped += 1,
-            }
-        }
-        if skipped > 0 {
-            log::warn!(
-                "history: skipped {skipped} unreadable line(s) in {} (a torn write from a crash?)",
-                path.display()
-            );
-        }
-        log::info!(
-            "history: loaded {loaded} messages from {}, next id {}",
-            path.display(),
-            self.next_id
-        );
-        Ok(file_len)
-    }
-
-    fn load_line(&mut self, line: &str) -> Option<()> {
-        if let Ok(meta) = serde_json::from_str::<NextId>(line) {
-            self.next_id = self.next_id.max(meta.next_id);
-            return Some(());
-        }
-        let msg: ChatMessage = serde_json::from_str(line).ok()?;
-        crate::protocol::check_room(&msg.room).ok()?;
-        self.next_id = self.next_id.max(msg.id + 1);
-        self.push(
-            &msg.room,
-            Stored {
-                id: msg.id,
-                frame: line.to_owned().into(),
-            },
-        );
-        Some(())
-    }
-
-    /// The id for the next accepted room message (stored, so a restart continues after it).
+    /// The id for the next room message; ids only move forward, even for refused messages.
     pub fn take_id(&mut self) -> u64 {
         let id = self.next_id;
-        self.next_id += 1;
+        self.next_id = self.next_id.saturating_add(1);
         id
     }
 
     /// An id for a message that is not stored (a private one): the file records the counter
-    /// past it, so a restart never hands the same id to another message.
+    /// past it in the same batch, so a restart never hands the same id to another message.
     pub fn take_unstored_id(&mut self) -> u64 {
         let id = self.take_id();
-        if let Some(store) = &mut self.store
-            && let Ok(line) = serde_json::to_string(&NextId { next_id: id + 1 })
-        {
-            store.pending.extend_from_slice(line.as_bytes());
-            store.pending.push(b'\n');
+        if let Some(store) = &mut self.store {
+            store.stage_next_id(self.next_id);
         }
         id
     }
 
-    /// Records a room message; it reaches the file at the next [`History::commit`].
+    /// Stages a room message; it becomes history when [`History::commit`] has saved it.
     pub fn append(&mut self, room: &str, stored: Stored) {
         if let Some(store) = &mut self.store {
-            store.pending.extend_from_slice(stored.frame.as_bytes());
-            store.pending.push(b'\n');
+            store.stage(&stored.frame);
         }
-        self.push(room, stored);
+        self.staged.push((room.to_owned(), stored));
     }
 
+    /// Saves the staged messages (write, and sync as `--fsync` says) and makes them history.
+    /// On failure none of them is kept: the caller must not show them to anyone.
+    pub fn commit(&mut self) -> Result<(), SaveError> {
+        let staged = std::mem::take(&mut self.staged);
+        if let Some(store) = &mut self.store {
+            store.commit()?;
+        }
+        for (room, stored) in staged {
+            self.push(&room, stored);
+        }
+        self.compact_if_worth_it();
+        Ok(())
+    }
+
+    /// Starts a compaction in a helper thread when the file is mostly lines memory no longer
+    /// holds.
+    fn compact_if_worth_it(&mut self) {
+        let live = self.live_file_bytes();
+        if !self
+            .store
+            .as_ref()
+            .is_some_and(|s| s.wants_compaction(live))
+        {
+            return;
+        }
+        let (next_id, frames) = (self.next_id, self.snapshot());
+        if let Some(store) = &mut self.store {
+            store.start_compaction(next_id, frames);
+        }
+    }
+
+    /// Waits for a compaction in progress and puts its file in place (at shutdown).
+    pub fn finish(&mut self) {
+        if let Some(store) = &mut self.store {
+            store.finish_compaction();
+        }
+    }
+
+    /// When the dispatcher must wake even without events: an `--fsync interval` sync that is
+    /// due, or a look at a compaction running in its helper thread.
+    pub fn wake_at(&self) -> Option<Instant> {
+        self.store.as_ref().and_then(store::Store::wake_at)
+    }
+
+    /// Why messages cannot be saved right now, while they cannot.
+    pub fn outage(&self) -> Option<&str> {
+        self.store.as_ref().and_then(store::Store::outage)
+    }
+
+    /// Failed writes and syncs since the start (a metric).
+    pub fn write_failures(&self) -> u64 {
+        self.store.as_ref().map_or(0, store::Store::failures)
+    }
+
+    /// Adds a saved message (or one loaded from the file), then evicts what is over the bounds.
     fn push(&mut self, room: &str, stored: Stored) {
-        let log = self.rooms.entry(room.to_owned()).or_default();
+        self.bytes += stored.cost();
+        let name = match self.rooms.get_key_value(room) {
+            Some((name, _)) => name.clone(),
+            None => Arc::from(room),
+        };
+        self.ages.insert(stored.id, name.clone());
+        let log = self.rooms.entry(name).or_default();
+        log.last_ts = log.last_ts.max(stored.ts);
         log.messages.push_back(stored);
-        while log.messages.len() > self.limit {
-            if let Some(old) = log.messages.pop_front() {
-                log.evicted_up_to = old.id;
-            }
+        if log.messages.len() > self.per_room {
+            self.evict_oldest_of(room);
+        }
+        while self.bytes > self.total_bytes {
+            let Some(oldest) = self.ages.first_key_value().map(|(_, r)| r.clone()) else {
+                break;
+            };
+            self.evict_oldest_of(&oldest);
         }
     }
 
-    /// Messages of `room` after `since` (all kept ones when `since` is `None`), at most `limit`
-    /// of the newest.
-    pub fn slice(&self, room: &str, since: Option<u64>, limit: usize) -> Slice<'_> {
-        let Some(log) = self.rooms.get(room) else {
-            return Slice {
-                messages: Vec::new(),
-                truncated: false,
-            };
+    fn evict_oldest_of(&mut self, room: &str) {
+        let Some(log) = self.rooms.get_mut(room) else {
+            return;
         };
-        let after = since.unwrap_or(0);
-        let newer: Vec<&Stored> = log.messages.iter().filter(|m| m.id > after).collect();
-        let skip = newer.len().saturating_sub(limit);
-        let truncated = since.is_some() && (after < log.evicted_up_to || skip > 0);
-        Slice {
-            messages: newer[skip..].to_vec(),
-            truncated,
+        if let Some(old) = log.messages.pop_front() {
+            log.evicted_up_to = old.id;
+            self.ages.remove(&old.id);
+            self.bytes -= old.cost();
         }
+        if log.messages.is_empty() {
+            self.forget(room);
+        }
+    }
+
+    /// Drops a room's history whole; its slot is free again.
+    fn forget(&mut self, room: &str) {
+        let Some(log) = self.rooms.remove(room) else {
+            return;
+        };
+        for m in &log.messages {
+            self.ages.remove(&m.id);
+            self.bytes -= m.cost();
+        }
+        let last = log.messages.back().map_or(log.evicted_up_to, |m| m.id);
+        self.forgotten_up_to = self.forgotten_up_to.max(last);
+    }
+
+    /// Frees the slot of the room quiet the longest among those `may_forget` allows, if its
+    /// newest message is older than `quiet_before` (ms since the epoch). Returns the room.
+    pub fn forget_quietest(
+        &mut self,
+        quiet_before: u64,
+        may_forget: impl Fn(&str) -> bool,
+    ) -> Option<String> {
+        let (room, _) = self
+            .rooms
+            .iter()
+            .filter(|(name, log)| log.last_ts < quiet_before && may_forget(name))
+            .min_by_key(|(_, log)| log.last_ts)?;
+        let room = room.to_string();
+        self.forget(&room);
+        Some(room)
+    }
+
+    /// The newest messages of `room` after `since` (all kept ones when `None`) that fit in
+    /// `max_count` and `max_bytes` (at least one, however big): what a `welcome` carries.
+    pub fn newest(
+        &self,
+        room: &str,
+        since: Option<u64>,
+        max_count: usize,
+        max_bytes: usize,
+    ) -> Slice<'_> {
+        let (after, truncated) = self.after(room, since);
+        let mut messages = fitting(after.iter().copied().rev(), max_count, max_bytes);
+        messages.reverse();
+        let more = messages.len() < after.len();
+        Slice {
+            messages,
+            truncated,
+            more,
+        }
+    }
+
+    /// The oldest messages of `room` after `since` that fit in `max_count` and `max_bytes`
+    /// (at least one): a page of the API, read forward.
+    pub fn page(&self, room: &str, since: u64, max_count: usize, max_bytes: usize) -> Slice<'_> {
+        let (after, truncated) = self.after(room, Some(since));
+        let messages = fitting(after.iter().copied(), max_count, max_bytes);
+        let more = messages.len() < after.len();
+        Slice {
+            messages,
+            truncated,
+            more,
+        }
+    }
+
+    /// The kept messages of `room` after `since`, and whether some after `since` are gone.
+    fn after(&self, room: &str, since: Option<u64>) -> (Vec<&Stored>, bool) {
+        let after = since.unwrap_or(0);
+        let Some(log) = self.rooms.get(room) else {
+            return (Vec::new(), since.is_some() && after < self.forgotten_up_to);
+        };
+        let start = log.messages.partition_point(|m| m.id <= after);
+        let kept = log.messages.range(start..).collect();
+        (kept, since.is_some() && after < log.evicted_up_to)
     }
 
     /// Whether a room has any stored history.
@@ -202,12 +331,12 @@ impl History {
 
     /// Rooms that have history.
     pub fn room_names(&self) -> impl Iterator<Item = &str> {
-        self.rooms.keys().map(String::as_str)
+        self.rooms.keys().map(|r| &**r)
     }
 
     /// Messages held in memory, over all rooms (a metric).
     pub fn len(&self) -> usize {
-        self.rooms.values().map(|r| r.messages.len()).sum()
+        self.ages.len()
     }
 
     /// Whether no room has any history.
@@ -215,184 +344,139 @@ impl History {
         self.rooms.is_empty()
     }
 
-    /// Writes appended messages to the file and syncs as `--fsync` says. Call before
-    /// broadcasting them: a message is on disk before anyone sees its id.
-    pub fn commit(&mut self) -> io::Result<()> {
-        let Some(store) = &mut self.store else {
-            return Ok(());
-        };
-        store.write_pending()?;
-        self.compact_if_needed()
+    /// Bytes the kept messages cost, overhead included (a metric; at most `--history-bytes`).
+    pub fn bytes(&self) -> usize {
+        self.bytes
     }
 
-    /// When `--fsync interval` has unsynced data, the moment it must be synced.
-    pub fn sync_deadline(&self) -> Option<Instant> {
-        self.store.as_ref().and_then(Store::sync_deadline)
+    /// The size the file would have after a compaction: what a rewrite would keep.
+    fn live_file_bytes(&self) -> u64 {
+        let per_line = STORED_OVERHEAD_BYTES - 1; // the frame and its newline
+        (self.bytes - self.ages.len() * per_line) as u64
     }
 
-    /// Rewrites the file with only what memory holds, when it has grown past its bound.
-    fn compact_if_needed(&mut self) -> io::Result<()> {
-        let Some(store) = &self.store else {
-            return Ok(());
-        };
-        if store.file_len <= store.compact_at {
-            return Ok(());
-        }
-        let mut all: Vec<&Stored> = self
-            .rooms
-            .values()
-            .flat_map(|r| r.messages.iter())
-            .collect();
+    /// Every kept message's frame, in id order, for a compaction.
+    fn snapshot(&self) -> Vec<Frame> {
+        let mut all: Vec<&Stored> = self.rooms.values().flat_map(|r| &r.messages).collect();
         all.sort_unstable_by_key(|m| m.id);
-        let next_id = self.next_id;
-        if let Some(store) = &mut self.store {
-            store.rewrite(next_id, &all)?;
-        }
-        Ok(())
+        all.into_iter().map(|m| m.frame.clone()).collect()
     }
 }
 
-/// The first line of a compacted file, and the line after a private message's id: keeps ids
-/// increasing even where no stored message shows them.
-#[derive(serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NextId {
-    next_id: u64,
-}
-
-/// The open history file.
-struct Store {
-    path: PathBuf,
-    file: File,
-    fsync: Fsync,
-    /// Lines appended since the last commit.
-    pending: Vec<u8>,
-    file_len: u64,
-    /// Compact when the file grows past this; raised after each compaction so a history that is
-    /// large by itself is not rewritten on every commit.
-    compact_at: u64,
-    compact_bytes: u64,
-    /// Under `--fsync interval`, when data was first written without a sync.
-    unsynced_since: Option<Instant>,
-}
-
-impl Store {
-    fn open(path: PathBuf, file_len: u64, fsync: Fsync, compact_bytes: u64) -> io::Result<Store> {
-        let mut file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .read(true)
-            .open(&path)?;
-        let mut file_len = file_len;
-        if file_len > 0 && !ends_with_newline(&mut file)? {
-            // A torn last line: start the next append on a line of its own.
-            file.write_all(b"\n")?;
-            file_len += 1;
+/// The messages from `candidates` that fit in `max_count` and `max_bytes`, in the order given;
+/// the first one always fits, so a single message bigger than the bound is still served.
+fn fitting<'a>(
+    candidates: impl Iterator<Item = &'a Stored>,
+    max_count: usize,
+    max_bytes: usize,
+) -> Vec<&'a Stored> {
+    let mut used = 0;
+    let mut out = Vec::new();
+    for m in candidates {
+        let len = m.frame.len() + 1; // and a comma
+        if out.len() == max_count || (!out.is_empty() && used + len > max_bytes) {
+            break;
         }
-        Ok(Store {
-            path,
-            file,
-            fsync,
-            pending: Vec::new(),
-            file_len,
-            compact_at: compact_bytes,
-            compact_bytes,
-            unsynced_since: None,
-        })
+        used += len;
+        out.push(m);
     }
-
-    fn write_pending(&mut self) -> io::Result<()> {
-        if !self.pending.is_empty() {
-            self.file.write_all(&self.pending)?;
-            self.file_len += self.pending.len() as u64;
-            self.pending.clear();
-            if self.pending.capacity() > 1 << 20 {
-                self.pending = Vec::new();
-            }
-            match self.fsync {
-                Fsync::Always => self.file.sync_data()?,
-                Fsync::Interval => {
-                    self.unsynced_since.get_or_insert_with(Instant::now);
-                }
-                Fsync::Never => {}
-            }
-        }
-        if self.sync_deadline().is_some_and(|d| d <= Instant::now()) {
-            self.file.sync_data()?;
-            self.unsynced_since = None;
-        }
-        Ok(())
-    }
-
-    fn sync_deadline(&self) -> Option<Instant> {
-        self.unsynced_since.map(|t| t + FSYNC_INTERVAL)
-    }
-
-    /// Writes `messages` to a temporary file, syncs it, and renames it over the old one, so a
-    /// crash at any point leaves either the old or the new file whole.
-    fn rewrite(&mut self, next_id: u64, messages: &[&Stored]) -> io::Result<()> {
-        let tmp = self.path.with_extension("jsonl.tmp");
-        let mut out = io::BufWriter::new(File::create(&tmp)?);
-        let header = serde_json::to_string(&NextId { next_id }).map_err(io::Error::other)?;
-        writeln!(out, "{header}")?;
-        for m in messages {
-            writeln!(out, "{}", m.frame.as_str())?;
-        }
-        let file = out.into_inner().map_err(|e| e.into_error())?;
-        file.sync_all()?;
-        let new_len = file.metadata()?.len();
-        std::fs::rename(&tmp, &self.path)?;
-        if let Some(dir) = self.path.parent() {
-            File::open(dir)?.sync_all()?;
-        }
-        self.file = OpenOptions::new()
-            .append(true)
-            .read(true)
-            .open(&self.path)?;
-        log::info!(
-            "history: compacted {} from {} to {} bytes",
-            self.path.display(),
-            self.file_len,
-            new_len
-        );
-        self.file_len = new_len;
-        self.compact_at = self.compact_bytes.max(new_len.saturating_mul(2));
-        self.unsynced_since = None;
-        Ok(())
-    }
-}
-
-fn ends_with_newline(file: &mut File) -> io::Result<bool> {
-    use std::io::{Read, Seek, SeekFrom};
-    file.seek(SeekFrom::End(-1))?;
-    let mut last = [0u8; 1];
-    file.read_exact(&mut last)?;
-    Ok(last[0] == b'\n')
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn stored(id: u64) -> Stored {
-        Stored {
+    fn memory(per_room: usize, total_bytes: usize) -> History {
+        let settings = Settings {
+            per_room,
+            total_bytes,
+            data_dir: None,
+            fsync: Fsync::Never,
+            compact_bytes: 0,
+            max_line_bytes: 1 << 10,
+        };
+        History::open(&settings).unwrap()
+    }
+
+    fn add(h: &mut History, room: &str, id: u64, text_len: usize) {
+        let frame = format!("{{\"id\":{id},\"t\":\"{}\"}}", "x".repeat(text_len));
+        let stored = Stored {
             id,
-            frame: format!("{{\"id\":{id}}}").into(),
-        }
+            ts: id,
+            frame: frame.into(),
+        };
+        h.append(room, stored);
+        h.commit().unwrap();
+    }
+
+    fn ids(s: Slice) -> Vec<u64> {
+        s.messages.iter().map(|m| m.id).collect()
     }
 
     #[test]
     fn keeps_the_last_n_and_reports_gaps() {
-        let mut h = History::open(3, None, Fsync::Never, 0).unwrap();
+        let mut h = memory(3, 1 << 20);
         for id in 1..=5 {
-            h.append("r", stored(id));
+            add(&mut h, "r", id, 1);
         }
-        let ids = |s: Slice| s.messages.iter().map(|m| m.id).collect::<Vec<_>>();
-        assert_eq!(ids(h.slice("r", None, 100)), [3, 4, 5]);
-        assert_eq!(ids(h.slice("r", Some(3), 100)), [4, 5]);
-        assert!(!h.slice("r", Some(2), 100).truncated);
-        assert!(h.slice("r", Some(1), 100).truncated);
-        assert_eq!(ids(h.slice("r", None, 2)), [4, 5]);
-        assert!(h.slice("empty", Some(0), 100).messages.is_empty());
+        assert_eq!(ids(h.newest("r", None, 100, 1 << 20)), [3, 4, 5]);
+        assert_eq!(ids(h.newest("r", Some(3), 100, 1 << 20)), [4, 5]);
+        assert!(!h.newest("r", Some(2), 100, 1 << 20).truncated);
+        assert!(h.newest("r", Some(1), 100, 1 << 20).truncated);
+        let two = h.newest("r", None, 2, 1 << 20);
+        assert!(two.more && !two.truncated);
+        assert_eq!(ids(two), [4, 5]);
+        assert!(h.newest("empty", Some(0), 100, 1 << 20).messages.is_empty());
+    }
+
+    #[test]
+    fn the_byte_budget_evicts_the_globally_oldest() {
+        let mut h = memory(100, 10 * (STORED_OVERHEAD_BYTES + 120));
+        for id in 1..=20 {
+            add(&mut h, if id % 2 == 0 { "even" } else { "odd" }, id, 100);
+        }
+        assert!(h.bytes() <= 10 * (STORED_OVERHEAD_BYTES + 120));
+        assert_eq!(
+            ids(h.newest("odd", None, 100, 1 << 20)),
+            [11, 13, 15, 17, 19]
+        );
+        assert_eq!(
+            ids(h.newest("even", None, 100, 1 << 20)),
+            [12, 14, 16, 18, 20]
+        );
+        assert!(h.newest("odd", Some(8), 100, 1 << 20).truncated);
+        assert!(!h.newest("odd", Some(9), 100, 1 << 20).truncated);
+    }
+
+    #[test]
+    fn answers_are_bounded_in_bytes_and_pages_go_forward() {
+        let mut h = memory(100, 1 << 20);
+        for id in 1..=10 {
+            add(&mut h, "r", id, 100);
+        }
+        let newest = h.newest("r", None, 100, 350);
+        assert!(newest.more);
+        assert_eq!(ids(newest), [8, 9, 10]);
+        let page = h.page("r", 2, 4, 1 << 20);
+        assert!(page.more);
+        assert_eq!(ids(page), [3, 4, 5, 6]);
+        let last = h.page("r", 8, 4, 1 << 20);
+        assert!(!last.more);
+        assert_eq!(ids(last), [9, 10]);
+        assert_eq!(ids(h.newest("r", None, 100, 1)), [10], "one always fits");
+    }
+
+    #[test]
+    fn a_quiet_room_gives_back_its_slot() {
+        let mut h = memory(100, 1 << 20);
+        add(&mut h, "old", 1, 1);
+        add(&mut h, "busy", 2, 1);
+        add(&mut h, "new", 3, 1);
+        assert_eq!(h.forget_quietest(2, |r| r != "old"), None);
+        assert_eq!(h.forget_quietest(3, |_| true).as_deref(), Some("old"));
+        assert!(!h.has_room("old"));
+        assert!(h.newest("old", Some(0), 100, 1 << 20).truncated);
+        assert_eq!(h.len(), 2);
     }
 }

@@ -1,37 +1,40 @@
-//! The HTTP side, served by `tiny_http` on its own port: the page (embedded in the binary, or a
-//! directory with `--www`), `/config.json`, the JSON API, `/healthz` and `/metrics`.
+//! The plain HTTP side of the one port: the page (embedded in the binary, or a directory with
+//! `--www`), `/config.json`, the JSON API, `/healthz` and `/metrics`.
 //!
-//! A few worker threads take requests from tiny_http and answer each one at once; anything about
+//! A request arrives here from the front door ([`crate::listener`]) already read and parsed, on
+//! its connection's own thread, which answers it at once; the answer is a `tiny_http`
+//! [`Response`], which also writes itself out (status line, headers, length). Anything about
 //! chat state is asked of the dispatcher through an [`Event`] with a reply channel and a timeout.
 //! This module never holds chat state itself.
 
-use std::io::Read;
-use std::net::{SocketAddr, TcpStream};
+use std::io::{BufWriter, Write};
+use std::net::{IpAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded};
+use crossbeam_channel::{Sender, bounded};
 use include_dir::{Dir, include_dir};
 use serde_json::json;
-use tiny_http::{Header, Method, Request, Response};
+use tiny_http::{HTTPVersion, Header, Response};
 
 use crate::dispatcher::Event;
 use crate::metrics::Metrics;
+use crate::names;
 use crate::protocol::{self, ChatError};
+use crate::ratelimit::{AddressBuckets, TokenBucket};
+use crate::request::{self, Request};
 
 /// The page, compiled into the binary so it runs from any directory.
 static WWW: Dir<'static> = include_dir!("$CARGO_MANIFEST_DIR/www");
 
-/// Threads answering HTTP requests: enough for a page load's parallel fetches.
-pub const HTTP_WORKERS: usize = 4;
 /// How long a request waits for the dispatcher before answering 503.
 const DISPATCHER_TIMEOUT: Duration = Duration::from_secs(2);
 /// Most messages `GET /api/rooms/<room>/messages` returns.
 const MAX_HISTORY_PAGE: usize = 1000;
 /// Bytes of an oversized body read and thrown away before answering 413, so the client reads a
 /// clean response instead of a connection reset.
-const DRAIN_LIMIT_BYTES: u64 = 1 << 20;
+const DRAIN_LIMIT_BYTES: usize = 1 << 20;
 /// Largest file served from `--www DIR`.
 const MAX_FILE_BYTES: u64 = 16 << 20;
 
@@ -40,67 +43,79 @@ pub struct HttpShared {
     pub events: Sender<Event>,
     pub metrics: Arc<Metrics>,
     pub www_dir: Option<PathBuf>,
-    pub ws_port: u16,
     pub public_ws_url: Option<String>,
     pub api_token: Option<String>,
     pub max_body_bytes: usize,
     /// Host for the WebSocket URL when the request has no usable `Host`.
     pub default_host: String,
+    /// API posts per address, and for the token as a whole (a leaked token is one budget).
+    pub api_posts_per_address: AddressBuckets,
+    pub api_posts: Mutex<TokenBucket>,
+    pub trusted_proxy: Option<IpAddr>,
 }
 
 type Reply = Response<std::io::Cursor<Vec<u8>>>;
 
-/// Answers requests until tiny_http is unblocked or closed.
-pub fn worker(server: Arc<tiny_http::Server>, shared: Arc<HttpShared>) {
-    while let Ok(mut request) = server.recv() {
-        let reply = route(&shared, &mut request);
-        log::debug!(
-            "{} {} -> {}",
-            request.method(),
-            request.url(),
-            reply.status_code().0
-        );
-        let _ = request.respond(reply);
-    }
+/// What one request on a connection can see besides its head: the socket, for the body.
+struct Exchange<'a> {
+    request: &'a Request,
+    stream: &'a TcpStream,
+    buffered: &'a mut Vec<u8>,
+    /// The body must have arrived by then.
+    deadline: Instant,
+    /// The body (if any) is off the connection: the next request can follow.
+    body_done: bool,
 }
 
-fn route(shared: &HttpShared, request: &mut Request) -> Reply {
-    let url = request.url().to_owned();
-    let (path, query) = url.split_once('?').unwrap_or((&url, ""));
-    let read = matches!(request.method(), Method::Get | Method::Head);
-    match path {
+/// Answers one request; returns whether the connection may serve another. The body, if the
+/// handler wants it, must arrive within `timeout`; so must the response's last byte leave.
+pub fn serve(
+    shared: &HttpShared,
+    stream: &TcpStream,
+    request: &Request,
+    buffered: &mut Vec<u8>,
+    timeout: Duration,
+) -> bool {
+    let mut exchange = Exchange {
+        request,
+        stream,
+        buffered,
+        deadline: Instant::now() + timeout,
+        body_done: request.content_length() == Ok(0),
+    };
+    let reply = route(shared, &mut exchange);
+    let status = reply.status_code().0;
+    log::debug!("{} {} -> {status}", request.method, request.target);
+    // A body left unread would be taken for the next request: close instead.
+    let keep_open = request.keep_alive() && exchange.body_done;
+    let reply = if keep_open {
+        reply
+    } else {
+        reply.with_header(header("Connection", "close"))
+    };
+    let version = HTTPVersion(1, request.minor_version);
+    let head_only = request.method == "HEAD";
+    let mut out = BufWriter::new(stream);
+    let written = stream
+        .set_write_timeout(Some(timeout))
+        .and_then(|()| reply.raw_print(&mut out, version, &[], head_only, None))
+        .and_then(|()| out.flush());
+    keep_open && written.is_ok()
+}
+
+fn route(shared: &HttpShared, exchange: &mut Exchange<'_>) -> Reply {
+    let request = exchange.request;
+    let path = request.path().to_owned();
+    let read = matches!(request.method.as_str(), "GET" | "HEAD");
+    match path.as_str() {
         "/config.json" if read => json_reply(200, &json!({ "ws_url": ws_url(shared, request) })),
         "/healthz" if read => healthz(shared),
         "/metrics" if read => text(200, &shared.metrics.render(shared.events.len()))
             .with_header(header("Content-Type", "text/plain; version=0.0.4")),
         "/api/rooms" if read => rooms(shared),
-        p if p.starts_with("/api/") => api(shared, request, p, query),
+        p if p.starts_with("/api/") => api(shared, exchange, p),
         p if read => static_file(shared, request, p),
         _ => text(405, "method not allowed\n").with_header(header("Allow", "GET, HEAD")),
-    }
-}
-
-// ----- keeping tiny_http accepting -----
-
-/// Longest pause between the keeper's connections (see [`keep_accepting`]).
-const MAX_KEEPER_INTERVAL: Duration = Duration::from_millis(500);
-
-/// How often the keeper connects: well within the listener's timeout.
-pub fn keeper_interval(http_timeout: Duration) -> Duration {
-    (http_timeout / 4).min(MAX_KEEPER_INTERVAL)
-}
-
-/// Opens (and at once closes) one connection to the HTTP port every `interval`, until `stop`
-/// is dropped. This works around two flaws of tiny_http 0.12 that a steady trickle of
-/// connections hides:
-/// * its accept loop ends at the first accept error, and the receive timeout we set on the
-///   listening socket (so that every accepted socket inherits it, bounding slow clients) also
-///   makes an `accept` that waits longer than the timeout fail;
-/// * its thread pool can leave a new connection queued behind a busy keep-alive connection
-///   until some pool thread frees up; the keeper's short connection frees one.
-pub fn keep_accepting(addr: SocketAddr, interval: Duration, stop: Receiver<()>) {
-    while let Err(RecvTimeoutError::Timeout) = stop.recv_timeout(interval) {
-        let _ = TcpStream::connect_timeout(&addr, interval);
     }
 }
 
@@ -179,27 +194,14 @@ fn content_security_policy(ws_url: &str) -> String {
     )
 }
 
-/// Where the page should connect: `--public-ws-url`, or the host the browser used with the
-/// WebSocket port (so a page opened from another machine on the LAN works too).
+/// Where the page should connect: `--public-ws-url`, or the host and port the browser used
+/// (the same port serves both), so a page opened from another machine on the LAN works too.
 fn ws_url(shared: &HttpShared, request: &Request) -> String {
     if let Some(url) = &shared.public_ws_url {
         return url.clone();
     }
-    let host = header_value(request, "Host")
-        .map(host_without_port)
-        .filter(|h| is_plain_host(h));
-    format!(
-        "ws://{}:{}/chat",
-        host.unwrap_or(&shared.default_host),
-        shared.ws_port
-    )
-}
-
-fn host_without_port(host: &str) -> &str {
-    match host.rfind(':') {
-        Some(i) if !host[i..].contains(']') => &host[..i],
-        _ => host,
-    }
+    let host = request.header("Host").filter(|h| is_plain_host(h));
+    format!("ws://{}/chat", host.unwrap_or(&shared.default_host))
 }
 
 /// A host name or address, nothing that could break out of a URL, JSON string or header.
@@ -223,10 +225,12 @@ fn ask<T>(shared: &HttpShared, event: impl FnOnce(Sender<T>) -> Event) -> Option
     rx.recv_timeout(DISPATCHER_TIMEOUT).ok()
 }
 
-/// Healthy only if the dispatcher answers a ping: a stuck or dead dispatcher is a 503.
+/// Healthy only if the dispatcher answers a ping and can save messages: a stuck or dead
+/// dispatcher, or a history file that cannot be written (a full disk), is a 503 naming it.
 fn healthz(shared: &HttpShared) -> Reply {
     match ask(shared, |reply| Event::Ping { reply }) {
-        Some(()) => text(200, "ok\n"),
+        Some(None) => text(200, "ok\n"),
+        Some(Some(problem)) => text(503, &format!("{problem}\n")),
         None => text(503, "dispatcher not responding\n"),
     }
 }
@@ -238,7 +242,7 @@ fn rooms(shared: &HttpShared) -> Reply {
     }
 }
 
-fn api(shared: &HttpShared, request: &mut Request, path: &str, query: &str) -> Reply {
+fn api(shared: &HttpShared, exchange: &mut Exchange<'_>, path: &str) -> Reply {
     let segments: Vec<&str> = path.split('/').collect();
     let ["", "api", "rooms", room, "messages"] = segments[..] else {
         return json_error(
@@ -250,9 +254,9 @@ fn api(shared: &HttpShared, request: &mut Request, path: &str, query: &str) -> R
     let room = percent_encoding::percent_decode_str(room)
         .decode_utf8_lossy()
         .into_owned();
-    match request.method() {
-        Method::Get | Method::Head => history(shared, room, query),
-        Method::Post => post_message(shared, request, room),
+    match exchange.request.method.as_str() {
+        "GET" | "HEAD" => history(shared, room, exchange.request.query()),
+        "POST" => post_message(shared, exchange, room),
         _ => json_error(405, "method_not_allowed", "use GET or POST")
             .with_header(header("Allow", "GET, HEAD, POST")),
     }
@@ -289,6 +293,7 @@ fn history(shared: &HttpShared, room: String, query: &str) -> Reply {
         room: &'a str,
         messages: Vec<&'a serde_json::value::RawValue>,
         truncated: bool,
+        more: bool,
     }
     let messages = page
         .messages
@@ -299,14 +304,17 @@ fn history(shared: &HttpShared, room: String, query: &str) -> Reply {
         room: &room_name,
         messages,
         truncated: page.truncated,
+        more: page.more,
     });
     Response::from_string(body.as_str())
         .with_status_code(200)
         .with_header(header("Content-Type", "application/json"))
 }
 
-/// `POST /api/rooms/<room>/messages`: the token is checked before the body is read.
-fn post_message(shared: &HttpShared, request: &mut Request, room: String) -> Reply {
+/// `POST /api/rooms/<room>/messages`: the token and the post rates are checked before the body
+/// is read.
+fn post_message(shared: &HttpShared, exchange: &mut Exchange<'_>, room: String) -> Reply {
+    let request = exchange.request;
     let Some(token) = &shared.api_token else {
         return json_error(
             403,
@@ -314,22 +322,30 @@ fn post_message(shared: &HttpShared, request: &mut Request, room: String) -> Rep
             "posting is disabled: start wschat with --api-token TOKEN (or WSCHAT_API_TOKEN)",
         );
     };
-    let given = header_value(request, "Authorization")
-        .and_then(|v| v.strip_prefix("Bearer "))
+    let given = request
+        .header("Authorization")
+        .and_then(bearer)
         .unwrap_or("");
-    if !constant_time_eq::constant_time_eq(given.trim().as_bytes(), token.as_bytes()) {
+    if !constant_time_eq::constant_time_eq(given.as_bytes(), token.as_bytes()) {
         return json_error(401, "unauthorized", "send Authorization: Bearer <token>")
             .with_header(header("WWW-Authenticate", "Bearer"));
+    }
+    if let Some(refused) = over_post_rate(shared, request) {
+        return refused;
     }
     if let Err(e) = protocol::check_room(&room) {
         return chat_error(&e);
     }
-    let Some(body) = read_body(request, shared.max_body_bytes) else {
+    if let Err(why) = request.content_length() {
+        return json_error(411, "length_required", why);
+    }
+    let Some(body) = read_body(exchange, shared.max_body_bytes) else {
         let limit = shared.max_body_bytes;
         return json_error(413, "too_large", &format!("the body is over {limit} bytes"));
     };
-    let is_json = header_value(request, "Content-Type")
-        .is_some_and(|t| t.trim_start().starts_with("application/json"));
+    let is_json = request
+        .header("Content-Type")
+        .is_some_and(|t| t.starts_with("application/json"));
     let (text, from) = match parse_post(&body, is_json) {
         Ok(parsed) => parsed,
         Err(e) => return chat_error(&e),
@@ -346,31 +362,56 @@ fn post_message(shared: &HttpShared, request: &mut Request, room: String) -> Rep
     }
 }
 
-/// The body, or `None` when it is over `max` bytes. A client that asked `Expect: 100-continue`
-/// is answered without being asked for the body; from others, up to [`DRAIN_LIMIT_BYTES`] are read
-/// and dropped first, so the answer is not lost in a connection reset.
-fn read_body(request: &mut Request, max: usize) -> Option<Vec<u8>> {
-    if request.body_length().is_some_and(|n| n > max) {
-        let expects_continue =
-            header_value(request, "Expect").is_some_and(|v| v.eq_ignore_ascii_case("100-continue"));
-        if !expects_continue {
-            let _ = std::io::copy(
-                &mut request.as_reader().take(DRAIN_LIMIT_BYTES),
-                &mut std::io::sink(),
-            );
+/// The token of an `Authorization: Bearer <token>` value; the scheme is case-insensitive
+/// (RFC 7235).
+fn bearer(value: &str) -> Option<&str> {
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// A 429 when this address, or the token as a whole, posts faster than `--api-rate`.
+fn over_post_rate(shared: &HttpShared, request: &Request) -> Option<Reply> {
+    let now = Instant::now();
+    let ip = request.client_ip(shared.trusted_proxy);
+    let allowed = shared.api_posts_per_address.try_take(ip, 1.0, now)
+        && shared
+            .api_posts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .try_take(now);
+    if allowed {
+        return None;
+    }
+    Metrics::add(&shared.metrics.rate_limited, 1);
+    let reply = json_error(429, "rate_limited", "too many posts; see --api-rate")
+        .with_header(header("Retry-After", "1"));
+    Some(reply)
+}
+
+/// The body, or `None` when it is over `max` bytes (or does not arrive in time). A client that
+/// asked `Expect: 100-continue` is answered without being asked for the body; from others, up to
+/// [`DRAIN_LIMIT_BYTES`] are read and dropped first, so the answer is not lost in a connection
+/// reset.
+fn read_body(exchange: &mut Exchange<'_>, max: usize) -> Option<Vec<u8>> {
+    let length = exchange.request.content_length().ok()?;
+    let (stream, deadline) = (exchange.stream, exchange.deadline);
+    if length > max {
+        let expects_continue = exchange
+            .request
+            .header("Expect")
+            .is_some_and(|v| v.eq_ignore_ascii_case("100-continue"));
+        if !expects_continue && length <= DRAIN_LIMIT_BYTES {
+            exchange.body_done = request::skip_body(stream, exchange.buffered, length, deadline);
         }
         return None;
     }
-    let mut body = Vec::new();
-    request
-        .as_reader()
-        .take(max as u64 + 1)
-        .read_to_end(&mut body)
-        .ok()?;
-    (body.len() <= max).then_some(body)
+    let body = request::read_body(stream, exchange.buffered, length, deadline).ok()?;
+    exchange.body_done = true;
+    Some(body)
 }
 
-/// A JSON body `{"text": "...", "from": "..."}` or plain text; `from` defaults to `server`.
+/// A JSON body `{"text": "...", "from": "..."}` or plain text; `from` defaults to `server`
+/// ([`names::check_sender`] says which names the API may use).
 fn parse_post(body: &[u8], is_json: bool) -> Result<(String, String), ChatError> {
     #[derive(serde::Deserialize)]
     struct Post {
@@ -388,7 +429,7 @@ fn parse_post(body: &[u8], is_json: bool) -> Result<(String, String), ChatError>
             from: None,
         }
     };
-    let from = protocol::check_name(post.from.as_deref().unwrap_or("server"))?;
+    let from = names::check_sender(post.from.as_deref().unwrap_or(names::SERVER))?;
     Ok((protocol::check_text(&post.text)?, from))
 }
 
@@ -398,14 +439,6 @@ fn header(name: &str, value: &str) -> Header {
     // Every name and value here is ASCII we wrote, or a host checked by `is_plain_host`.
     Header::from_bytes(name.as_bytes(), value.as_bytes())
         .expect("header names and values are ASCII")
-}
-
-fn header_value<'a>(request: &'a Request, name: &str) -> Option<&'a str> {
-    request
-        .headers()
-        .iter()
-        .find(|h| h.field.as_str().as_str().eq_ignore_ascii_case(name))
-        .map(|h| h.value.as_str())
 }
 
 fn text(status: u16, body: &str) -> Reply {
@@ -429,7 +462,12 @@ fn json_error(status: u16, code: &str, message: &str) -> Reply {
 }
 
 fn chat_error(e: &ChatError) -> Reply {
-    json_error(400, e.code(), &e.to_string())
+    match e {
+        ChatError::NotSaved(_) => {
+            json_error(503, e.code(), &e.to_string()).with_header(header("Retry-After", "5"))
+        }
+        _ => json_error(400, e.code(), &e.to_string()),
+    }
 }
 
 fn busy() -> Reply {

@@ -28,16 +28,18 @@
 //! 3. A chat message becomes an [`dispatcher::Event`] for the [`dispatcher`], the one thread that
 //!    owns rooms, names and [`history`]. It gives the message an id, appends it to history (and the
 //!    file), and serialises it once.
-//! 4. After committing the batch, the dispatcher hands each member of the room the same bytes
+//! 4. Once the batch is saved, the dispatcher hands each member of the room the same bytes
 //!    through the client's [`outlet`], which writes them straight to the socket without blocking,
 //!    all of a batch's frames for that client in one `sendmsg`; [`courier`] threads do part of
 //!    the clients on the other cores. Only what a socket does not take waits in its outlet, and
-//!    the doorbell tells the session to write it when the socket has room.
+//!    the doorbell tells the session to write it when the socket has room. If the batch cannot
+//!    be saved (a full disk), its messages are shown to no one and each sender gets an error.
 //!
 //! Nothing in the dispatcher blocks on a client: a backlog past its bound means the client is too
 //! slow and is dropped. Every thread, queue, buffer and wait has a bound, named as a constant where
 //! it lives. [`metrics`] counts; [`config`] holds every tunable.
 
+pub mod admission;
 pub mod config;
 pub mod courier;
 pub mod dispatcher;
@@ -49,10 +51,12 @@ pub mod history;
 pub mod http;
 pub mod listener;
 pub mod metrics;
+pub mod names;
 pub mod outlet;
 pub mod protocol;
 pub mod ratelimit;
 pub mod reactor;
+pub mod request;
 pub mod session;
 pub mod socketio;
 pub mod stack;
@@ -66,9 +70,10 @@ use std::time::Duration;
 
 use crossbeam_channel::Sender;
 
+use admission::Admission;
 pub use config::Config;
 use dispatcher::{Event, Hub, HubLimits};
-use listener::WsShared;
+use listener::Front;
 use metrics::Metrics;
 
 /// Events waiting for the dispatcher. When full, sessions wait (and so their clients, through
@@ -81,78 +86,73 @@ const SHUTDOWN_GRACE: Duration = Duration::from_millis(800);
 /// After cutting the remaining sockets, how long their threads get to end.
 const SHUTDOWN_CUT_WAIT: Duration = Duration::from_millis(500);
 
+/// Most connections at the door at once (reading a request head, an HTTP exchange, a
+/// handshake), over all addresses: each costs a thread until its deadline.
+pub const MAX_AT_DOOR: usize = 1024;
+/// Most of those from one address: one address holding silent sockets leaves the rest free.
+pub const MAX_AT_DOOR_PER_ADDRESS: usize = 64;
+
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("cannot listen on {addr} (port {port}): {source}")]
+    #[error("cannot listen on {} port {}: {source}{hint}", addr.ip(), addr.port())]
     Bind {
         addr: SocketAddr,
-        port: u16,
         source: io::Error,
+        hint: &'static str,
     },
     #[error("cannot open the history in {dir}: {source}")]
     History { dir: String, source: io::Error },
     #[error("cannot start a thread or the socket poller: {0}")]
     Thread(io::Error),
-    #[error("cannot start the HTTP server: {0}")]
-    Http(String),
 }
 
 /// Starts servers; see [`Server::start`].
 pub struct Server;
 
-/// A running server: its addresses, and the way to stop it.
+/// A running server: its address, and the way to stop it.
 pub struct Handle {
-    http_addr: SocketAddr,
-    ws_addr: SocketAddr,
+    addr: SocketAddr,
     metrics: Arc<Metrics>,
     events: Sender<Event>,
-    ws: Arc<WsShared>,
-    http: Arc<tiny_http::Server>,
+    front: Arc<Front>,
     accept_thread: JoinHandle<()>,
     reactor_thread: JoinHandle<()>,
     dispatcher_thread: JoinHandle<()>,
-    http_threads: Vec<JoinHandle<()>>,
-    /// Dropping the sender stops the keeper thread (see [`http::keep_accepting`]).
-    http_keeper: (Sender<()>, JoinHandle<()>),
 }
 
 impl Server {
-    /// Binds both ports, loads history, and starts every thread. Returns once the server accepts.
+    /// Binds the port, loads history, and starts every thread. Returns once the server accepts.
     pub fn start(config: Config) -> Result<Handle, StartError> {
-        let http_listener = bind(config.bind, config.http_port, Some(config.http_timeout))?;
-        let http_addr = local_addr(&http_listener, config.http_port)?;
-        let ws_port = config.ws_port.unwrap_or(if config.http_port == 0 {
-            0
-        } else {
-            http_addr.port().wrapping_add(1)
-        });
-        let ws_listener = bind(config.bind, ws_port, None)?;
-        let ws_addr = local_addr(&ws_listener, ws_port)?;
+        let listener = bind(config.bind, config.http_port)?;
+        let addr = local_addr(&listener, config.http_port)?;
 
-        let history = history::History::open(
-            config.history,
-            config.data_dir.as_deref(),
-            config.fsync,
-            config.compact_bytes,
-        )
+        let history = history::History::open(&history::Settings {
+            per_room: config.history,
+            total_bytes: config.history_bytes,
+            data_dir: config.data_dir.as_deref(),
+            fsync: config.fsync,
+            compact_bytes: config.compact_bytes,
+            max_line_bytes: history::max_line_bytes(config.max_message_bytes),
+        })
         .map_err(|source| StartError::History {
             dir: format!("{:?}", config.data_dir),
             source,
         })?;
         let metrics = Arc::new(Metrics::default());
         let (events, inbox) = crossbeam_channel::bounded(DISPATCHER_QUEUE);
-        let backlog = courier::Bounds {
-            frames: config.client_queue,
-            bytes: config.client_queue_bytes,
-        };
         let limits = HubLimits {
             history: config.history,
             max_rooms: config.max_rooms,
             presence_limit: config.presence_limit,
-            backlog,
+            room_quiet: config.room_quiet,
+            room_rate_bytes: config.room_rate_bytes,
+            room_burst_bytes: ratelimit::byte_burst(
+                config.room_rate_bytes,
+                config.max_message_bytes,
+            ),
         };
-        let couriers = courier::Couriers::start(backlog, &metrics).map_err(StartError::Thread)?;
+        let couriers = courier::Couriers::start(&metrics).map_err(StartError::Thread)?;
         let hub = Hub::new(history, limits, couriers, metrics.clone());
         let dispatcher_thread = spawn("dispatcher", move || hub.run(inbox))?;
 
@@ -160,141 +160,101 @@ impl Server {
         let reactor_for_thread = reactor.clone();
         let reactor_thread = spawn("reactor", move || reactor_for_thread.run())?;
 
-        let host = display_host(config.bind);
-        let ws = Arc::new(ws_shared(
+        let front = Arc::new(front(
             &config,
-            &host,
-            http_addr.port(),
+            addr,
             events.clone(),
             metrics.clone(),
             reactor,
         ));
-        let accept_ws = ws.clone();
-        let accept_thread = spawn("ws-accept", move || {
-            listener::accept_loop(ws_listener, accept_ws)
+        let accept_front = front.clone();
+        let accept_thread = spawn("accept", move || {
+            listener::accept_loop(listener, accept_front)
         })?;
-
-        let http = Arc::new(
-            tiny_http::Server::from_listener(http_listener, None)
-                .map_err(|e| StartError::Http(e.to_string()))?,
-        );
-        let http_shared = Arc::new(http::HttpShared {
-            events: events.clone(),
-            metrics: metrics.clone(),
-            www_dir: config.www_dir.clone(),
-            ws_port: ws_addr.port(),
-            public_ws_url: config.public_ws_url.clone(),
-            api_token: config.api_token.clone(),
-            max_body_bytes: config.max_message_bytes,
-            default_host: host,
-        });
-        let (keeper_stop, keeper_stopped) = crossbeam_channel::bounded(0);
-        let interval = http::keeper_interval(config.http_timeout);
-        let http_keeper = spawn("http-keeper", move || {
-            http::keep_accepting(reachable(http_addr), interval, keeper_stopped)
-        })?;
-        let http_threads = (0..http::HTTP_WORKERS)
-            .map(|_| {
-                let (server, shared) = (http.clone(), http_shared.clone());
-                spawn("http", move || http::worker(server, shared))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
         Ok(Handle {
-            http_addr,
-            ws_addr,
+            addr,
             metrics,
             events,
-            ws,
-            http,
+            front,
             accept_thread,
             reactor_thread,
             dispatcher_thread,
-            http_threads,
-            http_keeper: (keeper_stop, http_keeper),
         })
     }
 }
 
 impl Handle {
-    /// Where the page and API are served.
-    pub fn http_addr(&self) -> SocketAddr {
-        self.http_addr
+    /// The one public address: page, API and WebSockets.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
     }
 
-    /// Where WebSocket clients connect (path `/chat`).
+    /// Where the page and API are served: [`Handle::addr`].
+    pub fn http_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Where WebSocket clients connect (path `/chat`): [`Handle::addr`].
     pub fn ws_addr(&self) -> SocketAddr {
-        self.ws_addr
+        self.addr
     }
 
     /// The page's URL, as a person would open it.
     pub fn page_url(&self) -> String {
-        format!("http://{}/", reachable(self.http_addr))
+        format!("http://{}/", reachable(self.addr))
     }
 
     /// The WebSocket endpoint's URL.
     pub fn ws_url(&self) -> String {
-        format!("ws://{}/chat", reachable(self.ws_addr))
+        format!("ws://{}/chat", reachable(self.addr))
     }
 
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
     }
 
-    /// Connection threads running now, pending handshakes included.
+    /// Connection threads running now, HTTP and pending handshakes included.
     pub fn live_connections(&self) -> usize {
-        self.ws.live_connections()
+        self.front.live_connections()
     }
 
     /// Stops accepting, commits history, sends close 1001 to every client, and returns when every
-    /// thread the server started has ended (tiny_http's own connection threads end on their
-    /// socket timeout).
+    /// thread the server started has ended.
     pub fn shutdown(self) {
-        self.ws.stopping.store(true, Relaxed);
-        let _ = TcpStream::connect_timeout(&reachable(self.ws_addr), Duration::from_secs(1));
+        self.front.stopping.store(true, Relaxed);
+        let _ = TcpStream::connect_timeout(&reachable(self.addr), Duration::from_secs(1));
         let _ = self.accept_thread.join();
 
         let _ = self
             .events
             .send_timeout(Event::Shutdown, Duration::from_secs(1));
         let _ = self.dispatcher_thread.join();
-        if !self.ws.wait_all_ended(SHUTDOWN_GRACE) {
-            self.ws.cut_all();
-            self.ws.wait_all_ended(SHUTDOWN_CUT_WAIT);
+        if !self.front.wait_all_ended(SHUTDOWN_GRACE) {
+            self.front.cut_all();
+            self.front.wait_all_ended(SHUTDOWN_CUT_WAIT);
         }
-        self.ws.reactor.stop();
+        self.front.reactor.stop();
         let _ = self.reactor_thread.join();
-
-        let (keeper_stop, keeper) = self.http_keeper;
-        drop(keeper_stop);
-        let _ = keeper.join();
-        for _ in &self.http_threads {
-            self.http.unblock();
-        }
-        for thread in self.http_threads {
-            let _ = thread.join();
-        }
         log::info!("wschat stopped");
     }
 }
 
-fn ws_shared(
+/// Everything the connection threads share, from the config.
+fn front(
     config: &Config,
-    host: &str,
-    http_port: u16,
+    addr: SocketAddr,
     events: Sender<Event>,
     metrics: Arc<Metrics>,
     reactor: Arc<reactor::Reactor>,
-) -> WsShared {
-    let allow_any_origin = config.allow_origins.iter().any(|o| o == "*");
-    let allow_origins = config
-        .allow_origins
-        .iter()
-        .map(|o| o.trim().trim_end_matches('/').to_ascii_lowercase())
-        .collect();
+) -> Front {
+    let host = display_host(config.bind);
+    let port = addr.port();
     let policy = handshake::Policy {
-        http_port,
-        allow_origins,
-        allow_any_origin,
+        own_origins: own_origins(config, port),
+        port,
+        wildcard_bind: config.bind.is_unspecified(),
+        allow_origins: normalized_origins(&config.allow_origins),
+        allow_any_origin: config.allow_origins.iter().any(|o| o == "*"),
         trusted_proxy: config.trusted_proxy,
     };
     let settings = session::Settings {
@@ -302,32 +262,122 @@ fn ws_shared(
         burst: config.burst,
         ping_interval: config.ping_interval,
         max_message_bytes: config.max_message_bytes,
+        backlog: outlet::Bounds {
+            frames: config.client_queue,
+            bytes: config.client_queue_bytes,
+            total_bytes: config.backlog_bytes,
+        },
+        rate_bytes: config.rate_bytes,
     };
-    let page_url = format!("http://{host}:{http_port}/");
-    WsShared::new(
+    let http = http::HttpShared {
+        events: events.clone(),
+        metrics: metrics.clone(),
+        www_dir: config.www_dir.clone(),
+        public_ws_url: config.public_ws_url.clone(),
+        api_token: config.api_token.clone(),
+        max_body_bytes: config.max_message_bytes,
+        default_host: format!("{host}:{port}"),
+        api_posts_per_address: ratelimit::AddressBuckets::new(
+            config.api_rate,
+            2.0 * config.api_rate,
+        ),
+        api_posts: std::sync::Mutex::new(ratelimit::TokenBucket::new(
+            config.api_rate,
+            2.0 * config.api_rate,
+            std::time::Instant::now(),
+        )),
+        trusted_proxy: config.trusted_proxy,
+    };
+    let bytes_per_address = ratelimit::AddressBuckets::new(
+        config.rate_bytes_per_ip,
+        ratelimit::byte_burst(config.rate_bytes_per_ip, config.max_message_bytes),
+    );
+    Front::new(
         policy,
         settings,
         events,
         metrics,
         reactor,
-        config.handshake_timeout,
-        config.max_clients,
-        config.max_clients_per_ip,
-        page_url,
+        Arc::new(Admission::new(admission_limits(config))),
+        bytes_per_address,
+        http,
+        (config.handshake_timeout, config.http_timeout),
+        format!("http://{host}:{port}/"),
     )
 }
 
-/// A listening socket; `timeouts` are set on the listener so accepted sockets inherit them.
-fn bind(ip: IpAddr, port: u16, timeouts: Option<Duration>) -> Result<TcpListener, StartError> {
+/// The admission limits: the client caps from the flags, all within the descriptor budget.
+fn admission_limits(config: &Config) -> admission::Limits {
+    let budget = admission::fd_budget();
+    let wanted = config.max_clients.saturating_add(MAX_AT_DOOR);
+    if config.max_clients == 0 || wanted > budget {
+        log::warn!(
+            "the file-descriptor limit allows {budget} connections in all (--max-clients {} \
+             plus {MAX_AT_DOOR} at the door would need {wanted}); raise `ulimit -n` for more",
+            config.max_clients
+        );
+    }
+    admission::Limits {
+        connections: budget,
+        at_door: MAX_AT_DOOR,
+        at_door_per_address: MAX_AT_DOOR_PER_ADDRESS,
+        rate_per_address: config.conn_rate_per_ip,
+        burst_per_address: 2.0 * config.conn_rate_per_ip,
+        clients: config.max_clients,
+        clients_per_address: config.max_clients_per_ip,
+        exempt: config.trusted_proxy,
+    }
+}
+
+/// The origins of the pages this server serves: its own address (and `localhost` when it
+/// listens on loopback or everywhere), and the public URL's.
+fn own_origins(config: &Config, port: u16) -> Vec<String> {
+    let with_port = |host: &str| match port {
+        80 => format!("http://{host}"),
+        _ => format!("http://{host}:{port}"),
+    };
+    let mut origins = vec![with_port(&display_host(config.bind))];
+    if config.bind.is_loopback() || config.bind.is_unspecified() {
+        origins.extend(["localhost", "127.0.0.1", "[::1]"].map(with_port));
+    }
+    origins.extend(config.public_ws_url.as_deref().and_then(page_origin));
+    normalized_origins(&origins)
+}
+
+/// The page origin that goes with a WebSocket URL: `wss://chat.example.org/chat` ->
+/// `https://chat.example.org`.
+fn page_origin(ws_url: &str) -> Option<String> {
+    let (scheme, rest) = ws_url.split_once("://")?;
+    let scheme = match scheme.to_ascii_lowercase().as_str() {
+        "wss" | "https" => "https",
+        _ => "http",
+    };
+    let authority = rest.split('/').next()?;
+    Some(format!("{scheme}://{authority}"))
+}
+
+/// Origins as the handshake compares them: lower-case, no trailing slash.
+fn normalized_origins(origins: &[String]) -> Vec<String> {
+    origins
+        .iter()
+        .map(|o| o.trim().trim_end_matches('/').to_ascii_lowercase())
+        .collect()
+}
+
+/// The listening socket.
+fn bind(ip: IpAddr, port: u16) -> Result<TcpListener, StartError> {
     use socket2::{Domain, Socket, Type};
     let addr = SocketAddr::new(ip, port);
-    let fail = |source| StartError::Bind { addr, port, source };
+    let fail = |source: io::Error| {
+        let hint = if source.kind() == io::ErrorKind::AddrInUse {
+            " (another program uses this port: pick another with --port or PORT)"
+        } else {
+            ""
+        };
+        StartError::Bind { addr, source, hint }
+    };
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None).map_err(fail)?;
     socket.set_reuse_address(true).map_err(fail)?;
-    if let Some(t) = timeouts {
-        socket.set_read_timeout(Some(t)).map_err(fail)?;
-        socket.set_write_timeout(Some(t)).map_err(fail)?;
-    }
     socket.bind(&addr.into()).map_err(fail)?;
     socket.listen(LISTEN_BACKLOG).map_err(fail)?;
     Ok(socket.into())
@@ -336,8 +386,8 @@ fn bind(ip: IpAddr, port: u16, timeouts: Option<Duration>) -> Result<TcpListener
 fn local_addr(listener: &TcpListener, port: u16) -> Result<SocketAddr, StartError> {
     listener.local_addr().map_err(|source| StartError::Bind {
         addr: SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port),
-        port,
         source,
+        hint: "",
     })
 }
 

@@ -1,12 +1,14 @@
-//! The WebSocket listener: a blocking `std::net::TcpListener` whose accept loop gives every
-//! connection its own thread. That thread does the handshake (under a total deadline), takes a
-//! client slot (total and per-address limits), and then runs the session.
+//! The front door: one blocking `std::net::TcpListener` on the one public port, whose accept loop
+//! gives every connection its own thread. That thread reads the request head (bounded in size
+//! and time, [`crate::request`]) and then either upgrades it to a WebSocket ([`handshake`], then
+//! the [`session`]) or answers it as plain HTTP ([`http`]), keeping the connection for more
+//! requests while the client wants.
 //!
-//! This module owns the bookkeeping of connections as sockets: how many are pending or open, from
-//! where, and a handle on each so shutdown can cut them. It knows nothing of rooms or names.
+//! This module owns the bookkeeping of connections as sockets: a handle on each so shutdown can
+//! cut them, and the [`Admission`] ticket each one holds. It knows nothing of rooms or names.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -16,46 +18,47 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::Sender;
 use log::{debug, info, warn};
 
+use crate::admission::{Admission, Ticket, Turned};
 use crate::dispatcher::Event;
 use crate::handshake::{self, Policy, Refusal};
+use crate::http::{self, HttpShared};
 use crate::metrics::{Metrics, Rejection};
+use crate::ratelimit::AddressBuckets;
 use crate::reactor::Reactor;
+use crate::request::{self, HeadError, Request};
 use crate::session::{self, Env, Joining, SESSION_STACK_BYTES, Settings};
 
-/// Handshakes in progress at once, over all addresses. Large enough that hundreds of stalled
-/// sockets do not lock out real clients; each costs one thread until its deadline.
-pub const MAX_PENDING_HANDSHAKES: u64 = 2048;
 /// Pause after a failed `accept` (e.g. out of file descriptors), so the loop does not spin.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+/// Requests served on one keep-alive connection before it is closed: a page load needs a
+/// dozen; a client looping on one connection cannot keep its thread forever.
+const MAX_REQUESTS_PER_CONNECTION: usize = 1000;
 
 /// What every connection thread shares.
-pub struct WsShared {
+pub struct Front {
     pub policy: Policy,
     pub settings: Settings,
     pub events: Sender<Event>,
     pub metrics: Arc<Metrics>,
     pub reactor: Arc<Reactor>,
-    pub handshake_timeout: Duration,
-    pub max_clients: usize,
-    pub max_clients_per_ip: usize,
-    /// Shown to plain HTTP clients that knock on the WebSocket port.
+    pub admission: Arc<Admission>,
+    /// Chat bytes per address (see [`session::Env`]).
+    pub bytes_per_address: AddressBuckets,
+    pub http: HttpShared,
+    /// The whole first request head must arrive within this (slowloris bound).
+    pub head_timeout: Duration,
+    /// A keep-alive connection's next request, and any body, must arrive within this.
+    pub http_timeout: Duration,
+    /// Shown to plain HTTP clients that knock on a WebSocket path.
     pub page_url: String,
     pub stopping: AtomicBool,
     next_id: AtomicU64,
-    table: Mutex<Table>,
+    streams: Mutex<HashMap<u64, Arc<TcpStream>>>,
     /// Signalled when a connection thread ends.
     ended: Condvar,
 }
 
-/// Every socket and client slot, keyed by connection id.
-#[derive(Default)]
-struct Table {
-    streams: HashMap<u64, Arc<TcpStream>>,
-    clients: usize,
-    per_ip: HashMap<IpAddr, usize>,
-}
-
-impl WsShared {
+impl Front {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         policy: Policy,
@@ -63,41 +66,44 @@ impl WsShared {
         events: Sender<Event>,
         metrics: Arc<Metrics>,
         reactor: Arc<Reactor>,
-        handshake_timeout: Duration,
-        max_clients: usize,
-        max_clients_per_ip: usize,
+        admission: Arc<Admission>,
+        bytes_per_address: AddressBuckets,
+        http: HttpShared,
+        (head_timeout, http_timeout): (Duration, Duration),
         page_url: String,
     ) -> Self {
-        WsShared {
+        Front {
             policy,
             settings,
             events,
             metrics,
             reactor,
-            handshake_timeout,
-            max_clients,
-            max_clients_per_ip,
+            admission,
+            bytes_per_address,
+            http,
+            head_timeout,
+            http_timeout,
             page_url,
             stopping: AtomicBool::new(false),
             next_id: AtomicU64::new(1),
-            table: Mutex::new(Table::default()),
+            streams: Mutex::new(HashMap::new()),
             ended: Condvar::new(),
         }
     }
 
-    fn table(&self) -> MutexGuard<'_, Table> {
-        // A panic elsewhere cannot leave the table half-updated: every update is one statement.
-        self.table.lock().unwrap_or_else(PoisonError::into_inner)
+    fn streams(&self) -> MutexGuard<'_, HashMap<u64, Arc<TcpStream>>> {
+        // A panic elsewhere cannot leave the map half-updated: every update is one statement.
+        self.streams.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Connection threads still running (pending handshakes included).
+    /// Connection threads still running (HTTP and pending handshakes included).
     pub fn live_connections(&self) -> usize {
-        self.table().streams.len()
+        self.streams().len()
     }
 
     /// Cuts every socket: blocked reads return, blocked writes fail, threads end.
     pub fn cut_all(&self) {
-        for stream in self.table().streams.values() {
+        for stream in self.streams().values() {
             let _ = stream.shutdown(Shutdown::Both);
         }
     }
@@ -105,121 +111,89 @@ impl WsShared {
     /// Waits until every connection thread has ended, or `timeout` passes; true if all ended.
     pub fn wait_all_ended(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
-        let mut table = self.table();
-        while !table.streams.is_empty() {
+        let mut streams = self.streams();
+        while !streams.is_empty() {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return false;
             }
-            table = self
+            streams = self
                 .ended
-                .wait_timeout(table, left)
+                .wait_timeout(streams, left)
                 .unwrap_or_else(PoisonError::into_inner)
                 .0;
         }
         true
     }
-
-    fn take_slot(&self, ip: IpAddr) -> Result<ClientSlot<'_>, Refusal> {
-        let mut table = self.table();
-        if self.max_clients > 0 && table.clients >= self.max_clients {
-            return Err(Refusal::TooManyClients);
-        }
-        let from_ip = table.per_ip.entry(ip).or_default();
-        if self.max_clients_per_ip > 0 && *from_ip >= self.max_clients_per_ip {
-            return Err(Refusal::TooManyFromAddress(ip));
-        }
-        *from_ip += 1;
-        table.clients += 1;
-        Ok(ClientSlot { shared: self, ip })
-    }
 }
 
-/// A counted client; dropping it gives the slot back.
-struct ClientSlot<'a> {
-    shared: &'a WsShared,
-    ip: IpAddr,
-}
-
-impl Drop for ClientSlot<'_> {
-    fn drop(&mut self) {
-        let mut table = self.shared.table();
-        table.clients -= 1;
-        if let Some(n) = table.per_ip.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                table.per_ip.remove(&self.ip);
-            }
-        }
-    }
-}
-
-/// A registered socket; dropping it unregisters it and wakes [`WsShared::wait_all_ended`].
+/// A registered socket; dropping it unregisters it and wakes [`Front::wait_all_ended`].
 struct Registered<'a> {
-    shared: &'a WsShared,
+    front: &'a Front,
     id: u64,
 }
 
 impl Drop for Registered<'_> {
     fn drop(&mut self) {
-        self.shared.table().streams.remove(&self.id);
-        self.shared.ended.notify_all();
+        self.front.streams().remove(&self.id);
+        self.front.ended.notify_all();
     }
 }
 
-/// Counts a pending handshake until dropped.
-struct Pending<'a>(&'a Metrics);
+/// Counts a connection at the door in the metrics until dropped.
+struct AtDoor<'a>(&'a Metrics);
 
-impl Drop for Pending<'_> {
+impl Drop for AtDoor<'_> {
     fn drop(&mut self) {
         self.0.handshakes_pending.fetch_sub(1, Relaxed);
     }
 }
 
-/// Accepts until [`WsShared::stopping`] is set (and the listener is poked with a connection).
-pub fn accept_loop(listener: TcpListener, shared: Arc<WsShared>) {
+/// Accepts until [`Front::stopping`] is set (and the listener is poked with a connection).
+/// An accept error (out of descriptors, most likely) pauses the loop; it never ends it.
+pub fn accept_loop(listener: TcpListener, front: Arc<Front>) {
+    let mut failures = 0u64;
     for conn in listener.incoming() {
-        if shared.stopping.load(Relaxed) {
+        if front.stopping.load(Relaxed) {
             break;
         }
         match conn {
-            Ok(stream) => spawn_connection(&shared, stream),
+            Ok(stream) => admit(&front, stream),
             Err(e) => {
-                warn!("websocket accept failed: {e}");
+                failures += 1;
+                if failures.is_power_of_two() {
+                    warn!("accept failed ({failures} times so far): {e}");
+                }
                 thread::sleep(ACCEPT_ERROR_PAUSE);
             }
         }
     }
-    debug!("websocket listener stopped");
+    debug!("listener stopped");
 }
 
-fn spawn_connection(shared: &Arc<WsShared>, stream: TcpStream) {
+/// Gives an accepted connection a thread, or turns it away at once (on this thread, without
+/// blocking: the accept loop never waits on a client).
+fn admit(front: &Arc<Front>, stream: TcpStream) {
     let Ok(peer) = stream.peer_addr() else { return }; // reset before we looked
-    if shared.metrics.handshakes_pending.load(Relaxed) >= MAX_PENDING_HANDSHAKES {
-        let refused = shared.metrics.reject(Rejection::TooManyPending);
-        // A flood of these would flood the log too: say it the 1st, 2nd, 4th, 8th... time.
-        if refused.is_power_of_two() {
-            warn!(
-                "refused connection from {peer}: {MAX_PENDING_HANDSHAKES} handshakes already pending ({refused} refused so far)"
-            );
-        }
-        return;
-    }
-    let id = shared.next_id.fetch_add(1, Relaxed);
+    let ticket = match front.admission.admit(peer.ip(), Instant::now()) {
+        Ok(ticket) => ticket,
+        Err(turned) => return turn_away(front, &stream, peer, turned),
+    };
+    let id = front.next_id.fetch_add(1, Relaxed);
     let stream = Arc::new(stream);
     // Register before spawning, so shutdown never misses a socket.
-    shared.table().streams.insert(id, stream.clone());
-    shared.metrics.handshakes_pending.fetch_add(1, Relaxed);
-    let thread_shared = shared.clone();
+    front.streams().insert(id, stream.clone());
+    front.metrics.handshakes_pending.fetch_add(1, Relaxed);
+    let thread_front = front.clone();
     let spawned = thread::Builder::new()
-        .name(format!("ws-{id}"))
+        .name(format!("conn-{id}"))
         .stack_size(SESSION_STACK_BYTES)
         .spawn(move || {
-            let shared = &*thread_shared;
-            let registered = Registered { shared, id };
-            let pending = Pending(&shared.metrics);
+            let front = &*thread_front;
+            let registered = Registered { front, id };
+            let at_door = AtDoor(&front.metrics);
             if catch_unwind(AssertUnwindSafe(|| {
-                connection(shared, id, stream, peer, pending)
+                connection(front, id, stream, peer, ticket, at_door)
             }))
             .is_err()
             {
@@ -229,103 +203,187 @@ fn spawn_connection(shared: &Arc<WsShared>, stream: TcpStream) {
         });
     if let Err(e) = spawned {
         warn!("cannot start a thread for {peer}: {e}");
-        shared.metrics.handshakes_pending.fetch_sub(1, Relaxed);
-        shared.table().streams.remove(&id);
+        front.metrics.handshakes_pending.fetch_sub(1, Relaxed);
+        front.streams().remove(&id);
     }
 }
 
-/// One connection's whole life: handshake, slot, session.
+/// Tells a turned-away client why in one short non-blocking write (if its socket takes it),
+/// logs the 1st, 2nd, 4th, 8th... refusal of each kind, and closes.
+fn turn_away(front: &Front, stream: &TcpStream, peer: SocketAddr, turned: Turned) {
+    let refused = front.metrics.reject(match turned {
+        Turned::Connections => Rejection::TooManyConnections,
+        Turned::AtDoor | Turned::AtDoorFromAddress => Rejection::TooManyPending,
+        Turned::Rate => Rejection::ConnectionRate,
+    });
+    if refused.is_power_of_two() {
+        warn!("turned away a connection from {peer}: {turned} ({refused} turned away so far)");
+    }
+    let body = format!("{turned}; try again shortly\n");
+    let response =
+        handshake::status_response("503 Service Unavailable", "Retry-After: 1\r\n", &body);
+    let _ = stream.set_nonblocking(true);
+    let _ = handshake::send(stream, &response);
+    let _ = stream.shutdown(Shutdown::Both);
+}
+
+/// One connection's whole life: requests until it becomes a WebSocket or ends.
 fn connection(
-    shared: &WsShared,
+    front: &Front,
     id: u64,
     stream: Arc<TcpStream>,
     peer: SocketAddr,
-    pending: Pending<'_>,
+    mut ticket: Ticket,
+    at_door: AtDoor<'_>,
 ) {
-    let Some((upgrade, leftover)) = handshake(shared, &stream, peer) else {
-        return;
-    };
-    drop(pending);
-    let _slot = match shared.take_slot(upgrade.client_ip) {
-        Ok(slot) => slot,
-        Err(refusal) => return refuse(shared, &stream, peer, &refusal),
-    };
-    let response = handshake::accept_response(&upgrade);
-    debug!("handshake response to {peer}:\n{response}");
-    let setup = handshake::send(&stream, &response)
-        .and_then(|()| stream.set_read_timeout(None))
-        .and_then(|()| stream.set_nodelay(true));
-    if let Err(e) = setup {
-        return debug!("connection {id} from {peer} lost during the handshake: {e}");
+    let mut buffered = Vec::new();
+    let mut deadline = Instant::now() + front.head_timeout.min(front.http_timeout);
+    for served in 0..MAX_REQUESTS_PER_CONNECTION {
+        let request = match request::read_head(&stream, &mut buffered, deadline) {
+            Ok(request) => request,
+            Err(e) => return head_failed(front, &stream, peer, e, served),
+        };
+        debug!("request from {peer}:\n{}", request_log(&request));
+        if handshake::is_chat_path(request.path()) || handshake::is_upgrade(&request) {
+            let Some(upgrade) = check_upgrade(front, &stream, &request, &mut ticket) else {
+                return;
+            };
+            drop(at_door);
+            return run_session(front, id, stream, peer, upgrade, buffered);
+        }
+        let keep_open = http::serve(
+            &front.http,
+            &stream,
+            &request,
+            &mut buffered,
+            front.http_timeout,
+        );
+        if !keep_open || front.stopping.load(Relaxed) {
+            break;
+        }
+        deadline = Instant::now() + front.http_timeout;
     }
-    let joining = Joining {
-        id,
-        peer: upgrade.client_ip.to_string(),
-        name: upgrade.name,
-        room: upgrade.room,
-        since: upgrade.since,
-    };
-    let env = Env {
-        settings: &shared.settings,
-        events: &shared.events,
-        metrics: &shared.metrics,
-        reactor: &shared.reactor,
-    };
-    let reason = session::serve(stream, leftover, joining, env);
-    debug!("connection {id} from {peer} ended: {reason}");
+    let _ = stream.shutdown(Shutdown::Both);
 }
 
-/// Reads and checks the request; answers refusals itself. Never inlined: its buffers then leave
-/// the stack before the session starts (an idle connection's memory is mostly its stack).
-#[inline(never)]
-fn handshake(
-    shared: &WsShared,
-    stream: &TcpStream,
-    peer: SocketAddr,
-) -> Option<(handshake::Upgrade, Vec<u8>)> {
-    let deadline = Instant::now() + shared.handshake_timeout;
-    let _ = stream.set_write_timeout(Some(shared.handshake_timeout));
-    let (head, rest) = match handshake::read_request(stream, deadline) {
-        Ok(request) => request,
-        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
-            shared.metrics.reject(Rejection::Timeout);
+/// The head could not be read: answer what deserves an answer, log what deserves a line.
+fn head_failed(front: &Front, stream: &TcpStream, peer: SocketAddr, e: HeadError, served: usize) {
+    match e {
+        HeadError::Closed => {}
+        HeadError::Timeout if served > 0 => {} // an idle keep-alive connection: the usual end
+        HeadError::Timeout => {
+            front.metrics.reject(Rejection::Timeout);
             info!(
-                "rejected handshake from {peer}: not completed within {:?}",
-                shared.handshake_timeout
+                "dropped a connection from {peer}: no complete request within {:?}",
+                front.head_timeout
             );
-            return None;
         }
-        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
-            refuse(
-                shared,
-                stream,
-                peer,
-                &Refusal::BadRequest("request head too large"),
-            );
-            return None;
+        HeadError::TooLarge => {
+            front.metrics.reject(Rejection::BadRequest);
+            info!("refused a request from {peer}: {e}");
+            let body = format!("{e}\n");
+            let response =
+                handshake::status_response("431 Request Header Fields Too Large", "", &body);
+            let _ = handshake::send(stream, &response);
         }
-        Err(e) => {
-            debug!("handshake from {peer} abandoned: {e}");
-            return None;
+        HeadError::Malformed(why) => {
+            front.metrics.reject(Rejection::BadRequest);
+            info!("refused a request from {peer}: {e}");
+            let response =
+                handshake::status_response("400 Bad Request", "", &format!("bad request: {why}\n"));
+            let _ = handshake::send(stream, &response);
         }
-    };
-    debug!(
-        "handshake request from {peer}:\n{}",
-        String::from_utf8_lossy(&head)
-    );
-    match handshake::check(&head, peer.ip(), &shared.policy) {
-        Ok(upgrade) => Some((upgrade, rest)),
+        HeadError::Io(e) => debug!("connection from {peer} lost: {e}"),
+    }
+    let _ = stream.shutdown(Shutdown::Write);
+}
+
+/// A request for a WebSocket endpoint: checks it, takes a client slot, and answers 101, or
+/// answers the refusal. Never inlined: its buffers then leave the stack before the session
+/// starts (an idle connection's memory is mostly its stack).
+#[inline(never)]
+fn check_upgrade(
+    front: &Front,
+    stream: &TcpStream,
+    request: &Request,
+    ticket: &mut Ticket,
+) -> Option<handshake::Upgrade> {
+    let upgrade = handshake::check(request, &front.policy)
+        .and_then(|upgrade| ticket.become_client(upgrade.client_ip).map(|()| upgrade));
+    match upgrade {
+        Ok(upgrade) => {
+            let response = handshake::accept_response(&upgrade);
+            debug!("handshake response to {}:\n{response}", request.peer);
+            let setup = stream
+                .set_write_timeout(Some(front.head_timeout))
+                .and_then(|()| handshake::send(stream, &response))
+                .and_then(|()| stream.set_read_timeout(None))
+                .and_then(|()| stream.set_write_timeout(None))
+                .and_then(|()| stream.set_nodelay(true));
+            match setup {
+                Ok(()) => Some(upgrade),
+                Err(e) => {
+                    debug!(
+                        "connection from {} lost during the handshake: {e}",
+                        request.peer
+                    );
+                    None
+                }
+            }
+        }
         Err(refusal) => {
-            refuse(shared, stream, peer, &refusal);
+            refuse(front, stream, request.peer, &refusal);
             None
         }
     }
 }
 
-fn refuse(shared: &WsShared, stream: &TcpStream, peer: SocketAddr, refusal: &Refusal) {
-    shared.metrics.reject(refusal.kind());
-    info!("rejected handshake from {peer}: {refusal}");
-    let response = refusal.response(&shared.page_url);
+/// The connection is a WebSocket client now: hand it to its session.
+fn run_session(
+    front: &Front,
+    id: u64,
+    stream: Arc<TcpStream>,
+    peer: SocketAddr,
+    upgrade: handshake::Upgrade,
+    leftover: Vec<u8>,
+) {
+    let joining = Joining {
+        id,
+        ip: upgrade.client_ip,
+        name: upgrade.name,
+        room: upgrade.room,
+        since: upgrade.since,
+    };
+    let env = Env {
+        settings: &front.settings,
+        bytes_per_address: &front.bytes_per_address,
+        events: &front.events,
+        metrics: &front.metrics,
+        reactor: &front.reactor,
+    };
+    let reason = session::serve(stream, leftover, joining, env);
+    debug!("connection {id} from {peer} ended: {reason}");
+}
+
+/// A request head as the debug log shows it.
+fn request_log(request: &Request) -> String {
+    let mut text = format!(
+        "{} {} HTTP/1.{}",
+        request.method, request.target, request.minor_version
+    );
+    for (name, value) in &request.headers {
+        text.push_str(&format!("\n{name}: {value}"));
+    }
+    text
+}
+
+fn refuse(front: &Front, stream: &TcpStream, peer: SocketAddr, refusal: &Refusal) {
+    let refused = front.metrics.reject(refusal.kind());
+    // A flood of refusals would flood the log too: say it the 1st, 2nd, 4th, 8th... time.
+    if refused.is_power_of_two() {
+        info!("refused a WebSocket from {peer}: {refusal} ({refused} of this kind so far)");
+    }
+    let response = refusal.response(&front.page_url);
     debug!("handshake response to {peer}:\n{response}");
     let _ = handshake::send(stream, &response);
     let _ = stream.shutdown(Shutdown::Write);

@@ -16,11 +16,13 @@ pub enum Rejection {
     TooManyClients,
     TooManyFromAddress,
     TooManyPending,
+    TooManyConnections,
+    ConnectionRate,
     Timeout,
 }
 
 impl Rejection {
-    const ALL: [Rejection; 8] = [
+    const ALL: [Rejection; 10] = [
         Rejection::BadRequest,
         Rejection::NotFound,
         Rejection::UpgradeRequired,
@@ -28,6 +30,8 @@ impl Rejection {
         Rejection::TooManyClients,
         Rejection::TooManyFromAddress,
         Rejection::TooManyPending,
+        Rejection::TooManyConnections,
+        Rejection::ConnectionRate,
         Rejection::Timeout,
     ];
 
@@ -40,6 +44,8 @@ impl Rejection {
             Rejection::TooManyClients => "too_many_clients",
             Rejection::TooManyFromAddress => "too_many_from_address",
             Rejection::TooManyPending => "too_many_pending",
+            Rejection::TooManyConnections => "too_many_connections",
+            Rejection::ConnectionRate => "connection_rate",
             Rejection::Timeout => "timeout",
         }
     }
@@ -56,7 +62,13 @@ pub struct Metrics {
     pub slow_clients_dropped: AtomicU64,
     pub rate_limited: AtomicU64,
     pub history_messages: AtomicU64,
+    pub history_bytes: AtomicU64,
+    pub history_write_failures: AtomicU64,
     pub handshakes_pending: AtomicU64,
+    /// Bytes waiting in every client's outlet together (see `outlet::Bounds::total_bytes`).
+    pub backlog_bytes: AtomicU64,
+    /// Chat text on its way to the dispatcher (see `session::INBOUND_BUDGET_BYTES`).
+    pub inbound_bytes: AtomicU64,
     rejected: [AtomicU64; Rejection::ALL.len()],
 }
 
@@ -139,10 +151,34 @@ impl Metrics {
             get(&self.history_messages),
         );
         metric(
+            "wschat_history_bytes",
+            "gauge",
+            "Bytes held in room history (at most --history-bytes).",
+            get(&self.history_bytes),
+        );
+        metric(
+            "wschat_history_write_failures_total",
+            "counter",
+            "Failed writes or syncs of the history file.",
+            get(&self.history_write_failures),
+        );
+        metric(
             "wschat_handshakes_pending",
             "gauge",
-            "WebSocket handshakes in progress.",
+            "Connections at the door: reading a request, HTTP, handshakes.",
             get(&self.handshakes_pending),
+        );
+        metric(
+            "wschat_backlog_bytes",
+            "gauge",
+            "Bytes waiting for slow clients, all together.",
+            get(&self.backlog_bytes),
+        );
+        metric(
+            "wschat_inbound_bytes",
+            "gauge",
+            "Chat text waiting for the dispatcher.",
+            get(&self.inbound_bytes),
         );
         metric(
             "wschat_dispatcher_queue",

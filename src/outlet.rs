@@ -9,12 +9,16 @@
 //! backlog grows until the dispatcher drops it as too slow. One lock keeps frames whole and in
 //! order; it is held for a copy or a non-blocking write, never for a wait.
 //!
-//! The outlet frames text messages (RFC 6455, unmasked: server to client) and knows nothing of
-//! rooms or JSON. The bounds on what may wait are the dispatcher's: it reads the [`Backlog`].
+//! Everything that waits for one client counts against one bound, the dispatcher's frames and
+//! the session's own (pongs, errors, close) alike, and against a budget for all clients
+//! together ([`Bounds`]); a [`Backlog`] over either says the client is too slow. The outlet
+//! frames text messages (RFC 6455, unmasked: server to client) and knows nothing of rooms or
+//! JSON.
 
 use std::io::{self, IoSlice, Write};
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -32,14 +36,32 @@ const MAX_HEADER_BYTES: usize = 10;
 /// Buffer capacity kept once the backlog is written; a bigger burst's buffer is released.
 const KEEP_BUFFER_BYTES: usize = 16 * 1024;
 
+/// A client over the total budget is dropped only if it holds at least this much of it: a
+/// client with a small backlog is not punished for the others'.
+const FAIR_SHARE_BYTES: usize = 64 * 1024;
+
 /// A close the dispatcher asked for: code and reason.
 pub type CloseRequest = (u16, &'static str);
+
+/// How much may wait before a client counts as too slow.
+#[derive(Debug, Clone, Copy)]
+pub struct Bounds {
+    /// Frames waiting for one client (`--client-queue`).
+    pub frames: usize,
+    /// Bytes waiting for one client (`--client-queue-bytes`).
+    pub bytes: usize,
+    /// Bytes waiting for all clients together (`--backlog-bytes`), counted in
+    /// [`Metrics::backlog_bytes`].
+    pub total_bytes: usize,
+}
 
 /// What is waiting for the session to write, after a [`Outlet::send`].
 #[derive(Debug, Default, Clone, Copy, PartialEq)]
 pub struct Backlog {
     pub frames: usize,
     pub bytes: usize,
+    /// Past the client's bound, or past the total budget with more than a fair share.
+    pub too_slow: bool,
 }
 
 /// What the session learns from [`Outlet::drain`].
@@ -56,6 +78,7 @@ pub struct Outlet {
     stream: Arc<TcpStream>,
     doorbell: Arc<Doorbell>,
     metrics: Arc<Metrics>,
+    bounds: Bounds,
     state: Mutex<State>,
 }
 
@@ -78,17 +101,48 @@ impl State {
 }
 
 impl Outlet {
-    pub fn new(stream: Arc<TcpStream>, doorbell: Arc<Doorbell>, metrics: Arc<Metrics>) -> Outlet {
+    pub fn new(
+        stream: Arc<TcpStream>,
+        doorbell: Arc<Doorbell>,
+        metrics: Arc<Metrics>,
+        bounds: Bounds,
+    ) -> Outlet {
         Outlet {
             stream,
             doorbell,
             metrics,
+            bounds,
             state: Mutex::new(State::default()),
         }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Moves the all-clients gauge by what this outlet's backlog changed (from `before` bytes to
+    /// what waits now), and says where the backlog stands.
+    fn account(&self, state: &State, before: usize) -> Backlog {
+        let bytes = state.pending();
+        let total = if bytes >= before {
+            self.metrics
+                .backlog_bytes
+                .fetch_add((bytes - before) as u64, Relaxed)
+                + (bytes - before) as u64
+        } else {
+            self.metrics
+                .backlog_bytes
+                .fetch_sub((before - bytes) as u64, Relaxed)
+                - (before - bytes) as u64
+        };
+        let over_total = total as usize > self.bounds.total_bytes && bytes >= FAIR_SHARE_BYTES;
+        Backlog {
+            frames: state.waiting_frames,
+            bytes,
+            too_slow: over_total
+                || state.waiting_frames > self.bounds.frames
+                || bytes > self.bounds.bytes,
+        }
     }
 
     // ----- the dispatcher's side -----
@@ -100,18 +154,16 @@ impl Outlet {
         if state.shut {
             return Backlog::default();
         }
+        let before = state.pending();
         let mut rest = frames;
-        if state.pending() == 0 {
+        if before == 0 {
             rest = self.write_now(&mut state, frames);
         }
         for frame in rest {
             append_frame(&mut state.waiting, frame);
         }
         state.waiting_frames += rest.len();
-        let backlog = Backlog {
-            frames: state.waiting_frames,
-            bytes: state.pending(),
-        };
+        let backlog = self.account(&state, before);
         drop(state);
         if backlog.bytes > 0 {
             self.doorbell.ring(WAITING);
@@ -168,19 +220,25 @@ impl Outlet {
     // ----- the session's side -----
 
     /// Queues bytes the session framed itself (pongs, pings, errors, close) behind the
-    /// dispatcher's frames; [`Outlet::drain`] writes them.
-    pub fn append_own(&self, bytes: &[u8]) {
-        self.lock().waiting.extend_from_slice(bytes);
+    /// dispatcher's frames; [`Outlet::drain`] writes them. They count against the same bounds:
+    /// a client that sends pings and reads nothing grows its own backlog until it is too slow.
+    pub fn append_own(&self, bytes: &[u8]) -> Backlog {
+        let mut state = self.lock();
+        let before = state.pending();
+        state.waiting.extend_from_slice(bytes);
+        state.waiting_frames += 1;
+        self.account(&state, before)
     }
 
     /// Writes what the socket takes now, without blocking.
     pub fn drain(&self) -> io::Result<Drained> {
         let mut state = self.lock();
+        let before = state.pending();
         let mut drained = Drained {
             close: state.close,
             ..Drained::default()
         };
-        if state.pending() > 0 {
+        if before > 0 {
             let written =
                 self.send_without_blocking(&[IoSlice::new(&state.waiting[state.sent..])])?;
             state.sent += written;
@@ -195,6 +253,7 @@ impl Outlet {
             }
         }
         drained.pending = state.pending() > 0;
+        self.account(&state, before);
         Ok(drained)
     }
 
@@ -209,10 +268,13 @@ impl Outlet {
         let (bytes, sent) = {
             let mut state = self.lock();
             state.shut = true;
-            (
+            let before = state.pending();
+            let taken = (
                 std::mem::take(&mut state.waiting),
                 std::mem::take(&mut state.sent),
-            )
+            );
+            self.account(&state, before);
+            taken
         };
         self.stream.set_write_timeout(Some(timeout))?;
         (&*self.stream).write_all(&bytes[sent..])?;
@@ -248,6 +310,15 @@ impl Outlet {
                 _ => return Err(error),
             }
         }
+    }
+}
+
+impl Drop for Outlet {
+    /// What never went out leaves the all-clients gauge with the outlet.
+    fn drop(&mut self) {
+        let state = self.state.get_mut().unwrap_or_else(PoisonError::into_inner);
+        let pending = state.pending() as u64;
+        self.metrics.backlog_bytes.fetch_sub(pending, Relaxed);
     }
 }
 

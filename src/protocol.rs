@@ -1,5 +1,6 @@
-//! The wire protocol: what clients may send, what the server sends back, and the rules for names,
-//! rooms and text (docs/PROTOCOL.md is the reader's version of this file).
+//! The wire protocol: what clients may send, what the server sends back, and the rules for rooms
+//! and text (docs/PROTOCOL.md is the reader's version of this file; names have their own module,
+//! [`crate::names`]).
 //!
 //! This module owns parsing and serialising frames and the one place where an error becomes the
 //! text a user reads ([`ChatError`]'s messages). It never touches sockets or server state.
@@ -8,11 +9,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use tungstenite::Utf8Bytes;
 
+pub use crate::names::MAX_NAME_CHARS;
+use crate::names::{self, NameError};
+
 /// A serialised server event, shared by every recipient without copying (a reference count).
 pub type Frame = Utf8Bytes;
 
-/// Longest nickname, in characters.
-pub const MAX_NAME_CHARS: usize = 32;
 /// Longest room name, in characters.
 pub const MAX_ROOM_CHARS: usize = 64;
 /// The room a connection enters when it names none.
@@ -27,6 +29,17 @@ pub enum Command {
     Typing { active: bool },
 }
 
+impl Command {
+    /// Bytes this command holds while it waits for the dispatcher (counted in
+    /// `Metrics::inbound_bytes` by the session that sends it and the dispatcher that takes it).
+    pub fn held_bytes(&self) -> usize {
+        match self {
+            Command::Message { text, .. } => text.len(),
+            _ => 0,
+        }
+    }
+}
+
 /// Every way a request can fail, with the stable `code` clients match on.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ChatError {
@@ -38,8 +51,8 @@ pub enum ChatError {
     EmptyMessage,
     #[error("text may not contain control characters other than tab and newline")]
     BadText,
-    #[error("names are 1-32 characters without control characters")]
-    BadName,
+    #[error("{0}")]
+    BadName(#[from] NameError),
     #[error("the name {0:?} is already in use")]
     NameTaken(String),
     #[error("room names are 1-64 characters from A-Z a-z 0-9 - _ .")]
@@ -48,8 +61,16 @@ pub enum ChatError {
     NoSuchUser(String),
     #[error("too many messages: this one was dropped, slow down")]
     RateLimited,
+    #[error("too much text too fast (--rate-bytes, --rate-bytes-per-ip): this one was dropped")]
+    TooManyBytes,
+    #[error("this room carries all it can (--room-rate-bytes): this one was dropped, try again")]
+    RoomBusy,
+    #[error("the server is busy: this message was dropped, try again shortly")]
+    Busy,
     #[error("the server already holds its maximum number of rooms")]
     TooManyRooms,
+    #[error("the server cannot save messages right now ({0}); this one was not sent")]
+    NotSaved(String),
 }
 
 impl ChatError {
@@ -60,12 +81,16 @@ impl ChatError {
             ChatError::Unsupported => "unsupported",
             ChatError::EmptyMessage => "empty_message",
             ChatError::BadText => "bad_text",
-            ChatError::BadName => "bad_name",
+            ChatError::BadName(_) => "bad_name",
             ChatError::NameTaken(_) => "name_taken",
             ChatError::BadRoom => "bad_room",
             ChatError::NoSuchUser(_) => "no_such_user",
-            ChatError::RateLimited => "rate_limited",
+            ChatError::RateLimited | ChatError::TooManyBytes | ChatError::RoomBusy => {
+                "rate_limited"
+            }
+            ChatError::Busy => "busy",
             ChatError::TooManyRooms => "too_many_rooms",
+            ChatError::NotSaved(_) => "not_saved",
         }
     }
 
@@ -109,7 +134,7 @@ pub fn parse_command(frame: &str) -> Result<Command, ChatError> {
     match raw.kind.as_str() {
         "message" => {
             let text = raw.text.as_deref().ok_or_else(|| missing("text"))?;
-            let to = raw.to.as_deref().map(check_name).transpose()?;
+            let to = raw.to.as_deref().map(names::normalise).transpose()?;
             Ok(Command::Message {
                 text: check_text(text)?,
                 to,
@@ -132,14 +157,9 @@ pub fn parse_command(frame: &str) -> Result<Command, ChatError> {
     }
 }
 
-/// A nickname, trimmed; 1-32 characters, no control characters.
+/// A nickname a user asked for, normalised, or why it is refused ([`names::check`]).
 pub fn check_name(name: &str) -> Result<String, ChatError> {
-    let name = name.trim();
-    let chars = name.chars().count();
-    if chars == 0 || chars > MAX_NAME_CHARS || name.chars().any(char::is_control) {
-        return Err(ChatError::BadName);
-    }
-    Ok(name.to_owned())
+    Ok(names::check(name)?)
 }
 
 /// A room name: 1-64 of `A-Z a-z 0-9 - _ .`.
@@ -236,7 +256,10 @@ pub struct RoomState<'a> {
     pub users: Vec<&'a str>,
     pub count: usize,
     pub history: Vec<&'a RawValue>,
+    /// Messages after `since` are gone for good: the client missed some.
     pub truncated: bool,
+    /// Older messages after `since` are kept but did not fit: the HTTP API has them.
+    pub more: bool,
 }
 
 /// Serialises an event once; the result is shared by all its recipients.
@@ -252,6 +275,19 @@ pub fn raw_json(frame: &Frame) -> Option<&RawValue> {
 }
 
 /// Milliseconds since the Unix epoch, for message timestamps.
+/// The length of `text` as a JSON string (quotes included): what recipients read of it.
+pub fn encoded_len(text: &str) -> usize {
+    let escaped: usize = text
+        .bytes()
+        .map(|b| match b {
+            b'"' | b'\\' | b'\n' | b'\r' | b'\t' | 0x08 | 0x0c => 2,
+            0..=0x1f => 6,
+            _ => 1,
+        })
+        .sum();
+    escaped + 2
+}
+
 pub fn now_ms() -> u64 {
     let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
     since_epoch.map(|d| d.as_millis() as u64).unwrap_or(0)
@@ -317,6 +353,19 @@ mod tests {
         assert_eq!(check_name("  Zoë  "), Ok("Zoë".into()));
         assert_eq!(check_name(&"é".repeat(32)), Ok("é".repeat(32)));
         assert!(check_name("tab\there").is_err());
+        let refused = check_name("alice\u{200B}").unwrap_err();
+        assert_eq!(refused.code(), "bad_name");
+        assert!(refused.to_string().contains("U+200B"), "{refused}");
+        assert_eq!(check_name("server").unwrap_err().code(), "bad_name");
+        // A guest can still be written to: a receiver's name is normalised, not checked against
+        // the reserved names.
+        assert_eq!(
+            parse_command(r#"{"type":"message","text":"hi","to":"ｇuest-5"}"#),
+            Ok(Command::Message {
+                text: "hi".into(),
+                to: Some("guest-5".into())
+            })
+        );
         assert!(check_room("dev.team_1-a").is_ok());
         assert!(check_room(&"r".repeat(65)).is_err());
         assert!(check_room("ünïcode").is_err());

@@ -17,7 +17,7 @@
 //! everything else goes to the dispatcher. It knows nothing of rooms or other clients.
 
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, TcpStream};
+use std::net::{IpAddr, Shutdown, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
@@ -31,9 +31,9 @@ use tungstenite::{Error as WsError, Message, WebSocket};
 use crate::dispatcher::{ClientId, Connect, Event};
 use crate::doorbell::{Doorbell, READABLE, WAITING, WRITABLE};
 use crate::metrics::Metrics;
-use crate::outlet::Outlet;
+use crate::outlet::{self, Outlet};
 use crate::protocol::{self, ChatError, Command};
-use crate::ratelimit::{FloodDetector, TokenBucket};
+use crate::ratelimit::{AddressBuckets, FloodDetector, TokenBucket};
 use crate::reactor::{Reactor, Registration};
 
 /// tungstenite's read buffer per connection: small, since an idle connection keeps it; a large
@@ -54,6 +54,18 @@ const TYPING_RATE: f64 = 2.0;
 /// Nick and join commands per second, and at once.
 const CONTROL_RATE: f64 = 1.0;
 const CONTROL_BURST: f64 = 5.0;
+/// Chat text on its way to the dispatcher, from all sessions together: past it, messages are
+/// refused (`busy`) instead of queued, so a dispatcher slowed by a slow disk never lets the
+/// queue between them grow past this many bytes (the queue's 4,096 events bound the count).
+pub const INBOUND_BUDGET_BYTES: u64 = 8 << 20;
+/// What a chat message costs against the byte rates beyond its text: the JSON frame around it
+/// (type, id, room, sender, time), which every recipient reads too.
+pub const MESSAGE_OVERHEAD_BYTES: usize = 160;
+/// Kernel buffers of a client socket: without a cap, Linux grows each to megabytes for a slow
+/// reader, and thousands of them reach the machine's TCP memory limit (the kernel doubles
+/// these for its bookkeeping).
+const SOCKET_SEND_BUFFER_BYTES: usize = 128 * 1024;
+const SOCKET_RECEIVE_BUFFER_BYTES: usize = 64 * 1024;
 /// Stack of a connection thread: the handshake, parsing, tungstenite and logging fit well within
 /// it (tests send the deepest and largest inputs through real connections). Only the pages
 /// touched count towards memory, and a parked session gives back the deeper ones (`stack`).
@@ -66,12 +78,16 @@ pub struct Settings {
     pub burst: f64,
     pub ping_interval: Duration,
     pub max_message_bytes: usize,
+    /// What may wait for the client before it is too slow.
+    pub backlog: outlet::Bounds,
+    /// Chat bytes per second (JSON-encoded, as recipients read them) per connection.
+    pub rate_bytes: f64,
 }
 
 /// Who is joining, from the handshake.
 pub struct Joining {
     pub id: ClientId,
-    pub peer: String,
+    pub ip: IpAddr,
     pub name: Option<String>,
     pub room: String,
     pub since: Option<u64>,
@@ -91,6 +107,8 @@ enum Stop {
 /// What a session borrows from the server.
 pub struct Env<'a> {
     pub settings: &'a Settings,
+    /// Chat bytes per address, shared by every session from that address.
+    pub bytes_per_address: &'a AddressBuckets,
     pub events: &'a Sender<Event>,
     pub metrics: &'a Arc<Metrics>,
     pub reactor: &'a Arc<Reactor>,
@@ -107,14 +125,16 @@ pub fn serve(stream: Arc<TcpStream>, leftover: Vec<u8>, joining: Joining, env: E
         Err(e) => return format!("cannot watch its socket: {e}"),
     };
     let id = joining.id;
+    cap_socket_buffers(&stream);
     let outlet = Arc::new(Outlet::new(
         stream.clone(),
         doorbell.clone(),
         env.metrics.clone(),
+        env.settings.backlog,
     ));
     let connect = Connect {
         id,
-        peer: joining.peer,
+        peer: joining.ip.to_string(),
         name: joining.name,
         room: joining.room,
         since: joining.since,
@@ -138,11 +158,19 @@ pub fn serve(stream: Arc<TcpStream>, leftover: Vec<u8>, joining: Joining, env: E
             outlet,
             registration,
         };
-        Session::boxed(id, conn, leftover, wakes, &env).run()
+        Session::boxed(id, joining.ip, conn, leftover, wakes, &env).run()
     };
     leave.reason = reason.clone();
     let _ = stream.shutdown(Shutdown::Both);
     reason
+}
+
+/// Caps the kernel's buffers for this socket (see [`SOCKET_SEND_BUFFER_BYTES`]); a failure
+/// only leaves the kernel's defaults.
+fn cap_socket_buffers(stream: &TcpStream) {
+    let socket = socket2::SockRef::from(stream);
+    let _ = socket.set_send_buffer_size(SOCKET_SEND_BUFFER_BYTES);
+    let _ = socket.set_recv_buffer_size(SOCKET_RECEIVE_BUFFER_BYTES);
 }
 
 /// Tells the dispatcher the client left, however the session ends (a panic included), so no
@@ -172,8 +200,9 @@ struct Wakes {
     registration: Registration,
 }
 
-struct Session {
+struct Session<'a> {
     id: ClientId,
+    ip: IpAddr,
     ws: WebSocket<Conn>,
     wakes: Wakes,
     events: Sender<Event>,
@@ -182,6 +211,9 @@ struct Session {
     next_ping: Instant,
     last_heard: Instant,
     messages: TokenBucket,
+    /// Chat bytes, this connection's own and its address's.
+    bytes: TokenBucket,
+    bytes_per_address: &'a AddressBuckets,
     typing: TokenBucket,
     control: TokenBucket,
     flood: FloodDetector,
@@ -193,21 +225,29 @@ struct Session {
     write_armed: bool,
 }
 
-impl Session {
+impl<'a> Session<'a> {
     /// On the heap, and built in a frame of its own that is gone before the session runs: an
     /// idle connection's memory is mostly the stack its thread keeps.
     #[inline(never)]
     fn boxed(
         id: ClientId,
+        ip: IpAddr,
         conn: Conn,
         leftover: Vec<u8>,
         wakes: Wakes,
-        env: &Env<'_>,
-    ) -> Box<Session> {
-        Box::new(Session::new(id, conn, leftover, wakes, env))
+        env: &Env<'a>,
+    ) -> Box<Session<'a>> {
+        Box::new(Session::new(id, ip, conn, leftover, wakes, env))
     }
 
-    fn new(id: ClientId, conn: Conn, leftover: Vec<u8>, wakes: Wakes, env: &Env<'_>) -> Session {
+    fn new(
+        id: ClientId,
+        ip: IpAddr,
+        conn: Conn,
+        leftover: Vec<u8>,
+        wakes: Wakes,
+        env: &Env<'a>,
+    ) -> Session<'a> {
         let settings = env.settings;
         let config = WebSocketConfig::default()
             .read_buffer_size(READ_BUFFER_BYTES)
@@ -217,6 +257,7 @@ impl Session {
         let now = Instant::now();
         Session {
             id,
+            ip,
             ws: WebSocket::from_partially_read(conn, leftover, Role::Server, Some(config)),
             wakes,
             events: env.events.clone(),
@@ -225,6 +266,12 @@ impl Session {
             next_ping: now + settings.ping_interval,
             last_heard: now,
             messages: TokenBucket::new(settings.rate, settings.burst, now),
+            bytes: TokenBucket::new(
+                settings.rate_bytes,
+                crate::ratelimit::byte_burst(settings.rate_bytes, settings.max_message_bytes),
+                now,
+            ),
+            bytes_per_address: env.bytes_per_address,
             typing: TokenBucket::new(TYPING_RATE, TYPING_RATE, now),
             control: TokenBucket::new(CONTROL_RATE, CONTROL_BURST, now),
             flood: FloodDetector::default(),
@@ -363,7 +410,16 @@ impl Session {
             Err(e) => return self.reject(e),
         };
         let now = Instant::now();
-        let allowed = match command {
+        if let Command::Message { text, .. } = &command {
+            if !self.take_bytes(text, now) {
+                Metrics::add(&self.metrics.rate_limited, 1);
+                return self.reject(ChatError::TooManyBytes);
+            }
+            if self.metrics.inbound_bytes.load(Relaxed) > INBOUND_BUDGET_BYTES {
+                return self.reject(ChatError::Busy);
+            }
+        }
+        let allowed = match &command {
             Command::Message { .. } => self.messages.try_take(now),
             Command::Typing { .. } => {
                 if !self.typing.try_take(now) {
@@ -377,8 +433,18 @@ impl Session {
             Metrics::add(&self.metrics.rate_limited, 1);
             return self.reject(ChatError::RateLimited);
         }
+        let held = command.held_bytes() as u64;
+        self.metrics.inbound_bytes.fetch_add(held, Relaxed);
         self.commands.push(command);
         Ok(())
+    }
+
+    /// Charges a message's bytes, as its recipients will read them, to this connection and its
+    /// address: a sender within the message rate cannot flood readers with large (or escaped)
+    /// text.
+    fn take_bytes(&mut self, text: &str, now: Instant) -> bool {
+        let cost = (protocol::encoded_len(text) + MESSAGE_OVERHEAD_BYTES) as f64;
+        self.bytes.try_take_n(cost, now) && self.bytes_per_address.try_take(self.ip, cost, now)
     }
 
     /// Hands the commands of one read to the dispatcher as one event: it then handles them in
@@ -436,6 +502,10 @@ impl Session {
     /// Hands the session's own frames to the outlet, and writes what the socket takes.
     fn flush(&mut self) -> Result<(), Stop> {
         self.ws.flush().map_err(stop_for)?;
+        if self.ws.get_ref().too_slow {
+            Metrics::add(&self.metrics.slow_clients_dropped, 1);
+            return Err(Stop::Close(CloseCode::Policy, "too slow"));
+        }
         self.drain_outlet()
     }
 
@@ -496,6 +566,8 @@ pub struct Conn {
     stream: Arc<TcpStream>,
     outlet: Arc<Outlet>,
     out: Vec<u8>,
+    /// The outlet found the backlog over its bounds when the last frames were handed to it.
+    too_slow: bool,
     /// Bytes read since the session last asked.
     bytes_read: u64,
     /// Bytes still allowed before yielding to other work.
@@ -508,6 +580,7 @@ impl Conn {
             stream,
             outlet,
             out: Vec::new(),
+            too_slow: false,
             bytes_read: 0,
             read_budget: READ_BUDGET_BYTES,
         }
@@ -568,7 +641,7 @@ impl Write for Conn {
         if self.out.is_empty() {
             return Ok(());
         }
-        self.outlet.append_own(&self.out);
+        self.too_slow |= self.outlet.append_own(&self.out).too_slow;
         self.out.clear();
         if self.out.capacity() > KEEP_OUT_BUFFER_BYTES {
             self.out = Vec::new();

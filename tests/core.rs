@@ -166,6 +166,9 @@ fn fifty_clients_twenty_messages_each_arrive_complete_in_order() {
     let mut cfg = config();
     cfg.rate = 1e6;
     cfg.burst = 1e6;
+    cfg.rate_bytes = 1e9;
+    cfg.rate_bytes_per_ip = 1e9;
+    cfg.room_rate_bytes = 1e9;
     let server = start(cfg);
     let mut clients: Vec<Client> = (0..50)
         .map(|i| Client::join(&server, &format!("/chat?name=c{i}")).0)
@@ -233,6 +236,9 @@ fn a_client_that_stops_reading_is_dropped_while_others_chat() {
     let mut cfg = config();
     cfg.rate = 1e6;
     cfg.burst = 1e6;
+    cfg.rate_bytes = 1e9;
+    cfg.rate_bytes_per_ip = 1e9;
+    cfg.room_rate_bytes = 1e9;
     cfg.client_queue = 64;
     let server = start(cfg);
     // The staller never reads; its socket buffers fill, then its queue, then it is dropped.

@@ -12,7 +12,8 @@ mod invariants;
 
 use std::net::IpAddr;
 
-use wschat::handshake::{self, Refusal};
+use wschat::handshake::Refusal;
+use wschat::names::NameError;
 use wschat::protocol::{self, Command};
 
 /// Inputs for `protocol_parse`: any bytes (read as lossy UTF-8).
@@ -35,7 +36,14 @@ const PROTOCOL_PARSE: &[&[u8]] = &[
     b"{\"type\":\"join\",\"room\":\"dev\",\"since\":1e3}",
     b"{\"type\":\"message\",\"text\":\"x\",\"text\":\"y\"}",
     b"{\"type\":\"typing\",\"active\":1}",
-    // names: trimming of Unicode whitespace, controls, length in characters
+    // names: trimming of Unicode whitespace, controls, length in characters, invisible and
+    // compatibility characters (issue 9)
+    "{\"type\":\"nick\",\"name\":\"alice\u{200B}\"}".as_bytes(),
+    "{\"type\":\"nick\",\"name\":\"\u{FEFF}\u{202E}\u{AD}\u{3164}\"}".as_bytes(),
+    "{\"type\":\"nick\",\"name\":\"ａｌｉｃｅ  𝐚𝐥𝐢𝐜𝐞\"}".as_bytes(),
+    "{\"type\":\"nick\",\"name\":\"\u{301}x\"}".as_bytes(),
+    "{\"type\":\"nick\",\"name\":\"\u{FDFA}\u{FDFA}\"}".as_bytes(),
+    "{\"type\":\"message\",\"text\":\"hi\",\"to\":\"ｇuest-5\"}".as_bytes(),
     b"{\"type\":\"nick\",\"name\":\"\\u0085x\\u0085\"}",
     b"{\"type\":\"nick\",\"name\":\"\\u3000\\u3000\"}",
     b"{\"type\":\"nick\",\"name\":\"a\\u2028b\"}",
@@ -210,7 +218,7 @@ fn pinned_protocol_outcomes() {
     assert_eq!(protocol::check_name("\u{85}x\u{85}").as_deref(), Ok("x"));
     assert_eq!(
         protocol::check_name("\u{3000}\u{3000}"),
-        Err(protocol::ChatError::BadName)
+        Err(protocol::ChatError::BadName(NameError::Empty))
     );
     // Lengths count characters, not bytes.
     for (n, ok) in [(32, true), (33, false)] {
@@ -226,10 +234,10 @@ fn pinned_protocol_outcomes() {
 fn origin_that_is_not_utf8() {
     let (peer, policy) = invariants::policy_for(0);
     let head = b"GET /chat HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nOrigin: http://evil.example\xff\r\n\r\n";
-    assert!(handshake::check(head, peer, &policy).is_ok());
+    assert!(invariants::check(head, peer, &policy).is_ok());
     let utf8 = b"GET /chat HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nOrigin: http://evil.example\r\n\r\n";
     assert!(matches!(
-        handshake::check(utf8, peer, &policy),
+        invariants::check(utf8, peer, &policy),
         Err(Refusal::Forbidden(_))
     ));
 }
@@ -246,7 +254,7 @@ fn forwarded_for_edge_cases() {
     };
     let (peer, trusted) = invariants::policy_for(0x20);
     let ip = |xff: &str| {
-        handshake::check(head(xff).as_bytes(), peer, &trusted)
+        invariants::check(head(xff).as_bytes(), peer, &trusted)
             .unwrap()
             .client_ip
     };
@@ -260,7 +268,7 @@ fn forwarded_for_edge_cases() {
     assert_eq!(ip("[::1]"), peer);
     let (peer, untrusted) = invariants::policy_for(0x40); // another address is the proxy
     assert_eq!(
-        handshake::check(head("192.0.2.7").as_bytes(), peer, &untrusted)
+        invariants::check(head("192.0.2.7").as_bytes(), peer, &untrusted)
             .unwrap()
             .client_ip,
         peer

@@ -384,7 +384,7 @@ fn max_clients_refuses_with_503_and_retry_after_until_a_client_leaves() {
         head.to_ascii_lowercase().contains("\r\nretry-after: "),
         "a 503 says when to retry:\n{head}"
     );
-    assert!(body.contains("too many"), "{body}");
+    assert!(body.contains("--max-clients"), "names the limit: {body}");
     assert_eq!(rejected(&server, "too_many_clients"), 1);
     assert_eq!(rejected(&server, "too_many_from_address"), 0);
 
@@ -524,7 +524,9 @@ fn open_stalled(addr: SocketAddr, n: usize) -> Vec<TcpStream> {
     let request = endless_request();
     (0..n)
         .map(|i| {
-            let mut s = TcpStream::connect(addr).expect("tcp connect");
+            // Spread over addresses, within each one's share of the door (64).
+            let from = [127, 0, 0, 10 + (i / 50) as u8];
+            let mut s = common::connect_from(from, addr);
             if i % 2 == 1 {
                 s.write_all(&request[..1]).unwrap();
             }
@@ -746,8 +748,9 @@ fn a_hundred_stalled_http_connections_do_not_stop_healthz() {
     let _serial = serial();
     let server = start(config()); // http_timeout 10 s: the stalled ones stay
     let stalled: Vec<TcpStream> = (0..100)
-        .map(|_| {
-            let mut s = TcpStream::connect(server.http_addr()).unwrap();
+        .map(|i| {
+            let from = [127, 0, 0, 2 + (i % 2) as u8]; // two addresses, each within its share
+            let mut s = common::connect_from(from, server.http_addr());
             s.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
                 .unwrap();
             s
@@ -1199,7 +1202,7 @@ fn hostile_handshakes_are_refused_or_sanitised() {
     );
     let answer = String::from_utf8_lossy(&answer);
     assert!(
-        answer.is_empty() || answer.starts_with("HTTP/1.1 400"),
+        answer.is_empty() || answer.starts_with("HTTP/1.1 431"),
         "{answer}"
     );
     c.send("fine");
@@ -1214,6 +1217,9 @@ fn oversized_messages_close_with_1009_whole_or_fragmented() {
     cfg.max_message_bytes = 4096;
     cfg.rate = 1e6;
     cfg.burst = 1e6;
+    cfg.rate_bytes = 1e9;
+    cfg.rate_bytes_per_ip = 1e9;
+    cfg.room_rate_bytes = 1e9;
     let server = start(cfg);
     // Exactly the limit is fine.
     let (mut c, _) = Client::join(&server, "/chat");
@@ -1309,6 +1315,9 @@ fn a_stalled_reader_does_not_slow_its_room_and_is_dropped_as_too_slow() {
     let mut cfg = config();
     cfg.rate = 1e6;
     cfg.burst = 1e6;
+    cfg.rate_bytes = 1e9;
+    cfg.rate_bytes_per_ip = 1e9;
+    cfg.room_rate_bytes = 1e9;
     cfg.client_queue = 512;
     let server = start(cfg);
     let addr = server.ws_addr();
@@ -1351,7 +1360,9 @@ fn a_stalled_reader_does_not_slow_its_room_and_is_dropped_as_too_slow() {
     // writing while the room chats (room traffic alone would take megabytes).
     let (mut filler, _) = Client::join(&server, "/chat/elsewhere?name=filler");
     let big = "z".repeat(32 * 1024);
-    for _ in 0..160 {
+    // 1 MiB: more than the (capped) socket buffers hold. The room's own traffic then fills its
+    // queue (512 frames) within seconds.
+    for _ in 0..32 {
         filler.send_json(json!({"type":"message","text":big,"to":"staller"}));
         filler.expect("message"); // its own copy: the dispatcher has queued it for the staller
     }
@@ -1359,11 +1370,6 @@ fn a_stalled_reader_does_not_slow_its_room_and_is_dropped_as_too_slow() {
     assert!(
         backlog > 0,
         "the server's socket to the staller has nothing waiting: it is not stalled"
-    );
-    assert_eq!(
-        metric(&server, "wschat_slow_clients_dropped_total"),
-        0,
-        "the staller is dropped only once its queue is full"
     );
     let with = window("with the staller");
     eprintln!("ratio {:.2}", with / without);
@@ -1408,16 +1414,30 @@ fn origins_are_checked_before_the_upgrade() {
     assert_eq!(status, 101, "the page's own origin:\n{head}");
     let (status, head, _b) = upgrade(ws, "/chat", "");
     assert_eq!(status, 101, "no Origin (not a browser):\n{head}");
+    let localhost = format!("http://localhost:{}", ws.port());
+    let (status, head, _c) = upgrade(ws, "/chat", &origin(&localhost));
+    assert_eq!(status, 101, "localhost, on a loopback bind:\n{head}");
     for bad in [
         "http://evil.example",
-        &format!("http://127.0.0.1:{}", ws.port()),
+        &format!("http://127.0.0.1:{}", ws.port() ^ 1),
         &format!("https://127.0.0.1:{}", server.http_addr().port()),
         "null",
     ] {
         let (_, head, s) = upgrade(ws, "/chat", &origin(bad));
         assert_refused(403, &head, s);
     }
-    assert_eq!(rejected(&server, "forbidden_origin"), 4);
+    // DNS rebinding: a page on the attacker's name, whose Host header names it too.
+    let rebound = format!(
+        "Host: evil.example:{0}\r\nOrigin: http://evil.example:{0}\r\n",
+        ws.port()
+    );
+    let (_, head, s) = upgrade(ws, "/chat", &rebound);
+    assert_refused(403, &head, s);
+    assert_eq!(rejected(&server, "forbidden_origin"), 5);
+    // Two Origin headers: which one a browser meant is unknowable.
+    let two = format!("{}{}", origin(&own), origin("http://evil.example"));
+    let (_, head, s) = upgrade(ws, "/chat", &two);
+    assert_refused(400, &head, s);
     server.shutdown();
 
     let mut cfg = config();
@@ -1449,7 +1469,11 @@ fn shutdown_with_stalled_readers_returns_promptly_and_readers_get_1001() {
     let mut cfg = config();
     cfg.rate = 1e6;
     cfg.burst = 1e6;
+    cfg.rate_bytes = 1e9;
+    cfg.rate_bytes_per_ip = 1e9;
+    cfg.room_rate_bytes = 1e9;
     cfg.client_queue_bytes = 64 << 20; // the stallers are behind, but not dropped
+    cfg.backlog_bytes = 1 << 30;
     let server = start(cfg);
     let addr = server.ws_addr();
     const MESSAGES: usize = 160;
@@ -1525,7 +1549,7 @@ struct ServerProcess {
 impl ServerProcess {
     fn start(data_dir: &Path, log: &Path) -> ServerProcess {
         let mut child = Command::new(env!("CARGO_BIN_EXE_wschat"))
-            .args(["--port", "0", "--ws-port", "0", "--data-dir"])
+            .args(["--port", "0", "--data-dir"])
             .arg(data_dir)
             .args(["--fsync", "always", "--history", "5000"])
             .args(["--rate", "1000000", "--burst", "1000000"])

@@ -27,13 +27,17 @@ const RUN_LIMIT: Duration = Duration::from_secs(90);
 fn server() -> Handle {
     Server::start(Config {
         http_port: 0,
-        ws_port: Some(0),
         rate: 1_000_000.0,
         burst: 1_000_000.0,
         max_clients: 0,
         max_clients_per_ip: 0,
         client_queue: 1_000_000,
         client_queue_bytes: 1 << 30,
+        conn_rate_per_ip: 0.0,
+        rate_bytes: 1e12,
+        rate_bytes_per_ip: 1e12,
+        room_rate_bytes: 1e12,
+        backlog_bytes: 1 << 30,
         ..Config::default()
     })
     .expect("server starts")
@@ -344,7 +348,6 @@ fn clients_dropped_by_the_server_are_reported_as_losses() {
     // clean run.
     let server = Server::start(Config {
         http_port: 0,
-        ws_port: Some(0),
         rate: 1_000_000.0,
         burst: 1_000_000.0,
         ..Config::default()

@@ -85,8 +85,10 @@ async function connectUrl() {
   // with a path, like `ws://host:port/chat`, allows that exact path only, while the query is
   // never part of CSP matching, so this URL passes whichever form the server's policy uses.
   const params = new URLSearchParams({ room: state.room });
+  // `guest-N` names are the server's to hand out (asking for one is refused): a guest
+  // reconnects as a new guest.
   const name = state.wantedName || state.me;
-  if (name) params.set('name', name);
+  if (name && !/^guest-\d+$/.test(name)) params.set('name', name);
   if (state.inRoom && state.lastId > 0) params.set('since', String(state.lastId));
   return `${state.config.ws_url}?${params}`;
 }

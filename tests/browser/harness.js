@@ -20,16 +20,16 @@ const WAIT_MS = 10_000; // default for every wait on the page
 // ---- the server ----------------------------------------------------------------------------
 
 /**
- * Starts wschat with --port/--ws-port (0 = any free port) and --www <repo>/www, plus `args`.
+ * Starts wschat with --port (0 = any free port; the page and WebSockets share it) and --www <repo>/www, plus `args`.
  * Resolves once it printed its "wschat listening: ..." line.
- * @returns {Promise<{url: string, wsUrl: string, port: number, wsPort: number, args: string[],
+ * @returns {Promise<{url: string, wsUrl: string, port: number, args: string[],
  *   stop: () => Promise<void>, output: () => string}>}
  */
-export async function startServer({ port = 0, wsPort = 0, args = [] } = {}) {
+export async function startServer({ port = 0, args = [] } = {}) {
   if (!fs.existsSync(BIN)) {
     throw new Error(`wschat binary not found at ${BIN}: run \`cargo build\` in ${REPO} first (or set WSCHAT_BIN)`);
   }
-  const fullArgs = ['--port', String(port), '--ws-port', String(wsPort), '--www', path.join(REPO, 'www'), ...args];
+  const fullArgs = ['--port', String(port), '--www', path.join(REPO, 'www'), ...args];
   const child = spawn(BIN, fullArgs, {
     env: { ...process.env, RUST_LOG: process.env.RUST_LOG || 'info' },
     stdio: ['ignore', 'pipe', 'pipe'],
@@ -75,7 +75,6 @@ export async function startServer({ port = 0, wsPort = 0, args = [] } = {}) {
     url,
     wsUrl,
     port: Number(new URL(url).port),
-    wsPort: Number(new URL(wsUrl).port),
     args,
     stop,
     output,
@@ -88,7 +87,7 @@ export async function restartServer(old, { tries = 20 } = {}) {
   let lastError;
   for (let i = 0; i < tries; i += 1) {
     try {
-      return await startServer({ port: old.port, wsPort: old.wsPort, args: old.args });
+      return await startServer({ port: old.port, args: old.args });
     } catch (err) {
       lastError = err;
       await sleep(250);

@@ -18,9 +18,23 @@ pub const WAIT: Duration = Duration::from_secs(5);
 pub fn config() -> Config {
     Config {
         http_port: 0,
-        ws_port: Some(0),
+        // Tests open connections far faster than a person: the rate has tests of its own.
+        conn_rate_per_ip: 0.0,
         ..Config::default()
     }
+}
+
+/// A TCP connection to `addr` from the loopback address `from` (127.0.0.0/8 is all this host's):
+/// how a test plays a second client address.
+pub fn connect_from(from: [u8; 4], addr: SocketAddr) -> TcpStream {
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("a socket");
+    let local = SocketAddr::from((from, 0));
+    socket
+        .bind(&local.into())
+        .expect("bind a loopback source address");
+    socket.connect(&addr.into()).expect("tcp connect");
+    socket.into()
 }
 
 pub fn start(config: Config) -> Handle {
