@@ -246,3 +246,168 @@ pub fn clean_path(path: &str) {
     let root = Path::new("/srv/www");
     assert!(root.join(&rel).starts_with(root));
 }
+
+/// Engine.IO: a polling body, one packet and a query string, from the same bytes.
+pub fn engineio_parse(data: &[u8]) {
+    use wschat::engineio::{self, Packet};
+    if let Ok(packets) = engineio::decode_payload(data, ENGINEIO_MAX_PAYLOAD) {
+        let encoded: Vec<String> = packets.iter().map(Packet::encode).collect();
+        assert_eq!(
+            engineio::encode_payload(&encoded).as_bytes(),
+            data,
+            "a decoded body encodes back to the same bytes"
+        );
+    }
+    let text = String::from_utf8_lossy(data);
+    if let Ok(packet) = Packet::decode(&text) {
+        assert_eq!(Packet::decode(&packet.encode()), Ok(packet));
+    }
+    if let Ok(query) = engineio::parse_query(&text) {
+        let sid = query.sid.unwrap_or_default();
+        assert!(sid.len() <= engineio::MAX_SID_CHARS);
+    }
+    match wschat::socketio::ConnectOptions::from_query(&text) {
+        Ok(options) => _ = options.room.inspect(|room| room_ok(room)),
+        Err(e) => reply_ok(wschat::socketio::connect_refused(&e).as_str()),
+    }
+}
+
+/// Largest body the Engine.IO targets decode.
+const ENGINEIO_MAX_PAYLOAD: usize = 4096;
+
+/// Drives one Engine.IO session with operations read from the bytes (a fake clock included) and
+/// checks after each that its queue stays within its bound, a closed session stays closed, and
+/// every poll answer is a valid body.
+pub fn eio_session(data: &[u8]) {
+    use std::time::{Duration, Instant};
+    use wschat::eio_session::{Limits, Session};
+    use wschat::engineio::{Packet, Transport};
+
+    let limits = Limits {
+        ping_interval: Duration::from_secs(25),
+        ping_timeout: Duration::from_secs(20),
+        max_payload: 64,
+        max_queue_bytes: 256,
+    };
+    let mut now = Instant::now();
+    let transport = match data.first() {
+        Some(b) if b & 1 == 1 => Transport::WebSocket,
+        _ => Transport::Polling,
+    };
+    let (mut session, _open) = Session::open("fuzz".into(), transport, limits, now);
+    let mut was_closed = false;
+    for pair in data.chunks(2) {
+        let (op, arg) = (pair[0], pair.get(1).copied().unwrap_or(0));
+        match op % 8 {
+            0 => poll_answer_ok(session.begin_poll().ok().flatten()),
+            1 => poll_answer_ok(session.take_poll()),
+            2 => poll_answer_ok(Some(session.end_poll())),
+            3 => {
+                let frame = wschat::engineio::message_frame(&"m".repeat(arg as usize));
+                let _ = session.send(frame);
+            }
+            4 => {
+                now += Duration::from_secs(u64::from(arg));
+                session.tick(now);
+            }
+            5 => {
+                let body: &[u8] = &pair[1..];
+                let _ = session.receive_payload(body);
+            }
+            6 => {
+                let packets = [
+                    Packet::Ping { probe: true },
+                    Packet::Upgrade,
+                    Packet::Close,
+                    Packet::Pong { probe: false },
+                    Packet::Message("2[\"x\"]".into()),
+                    Packet::Binary(vec![arg]),
+                ];
+                let packet = packets[usize::from(arg) % packets.len()].clone();
+                let _ = session.receive(packet, Transport::WebSocket);
+            }
+            _ => {
+                match arg % 3 {
+                    0 => session.abandon_poll(),
+                    1 => session.probe_failed(),
+                    _ => {}
+                }
+                for frame in session.take_websocket() {
+                    assert!(Packet::decode(frame.as_str()).is_ok(), "{frame:?}");
+                }
+            }
+        }
+        assert!(
+            session.queued_bytes() <= limits.max_queue_bytes,
+            "queue over its bound"
+        );
+        if was_closed {
+            assert!(session.closed().is_some(), "a closed session stays closed");
+        }
+        was_closed = session.closed().is_some();
+    }
+}
+
+/// A poll answer is a non-empty body of packets the server may send.
+fn poll_answer_ok(answer: Option<String>) {
+    let Some(body) = answer else {
+        return;
+    };
+    assert!(!body.is_empty(), "an answer is never empty");
+    for packet in body.split('\u{1e}') {
+        let decoded = wschat::engineio::Packet::decode(packet);
+        assert!(decoded.is_ok(), "{packet:?} in {body:?}");
+    }
+}
+
+/// Socket.IO: a packet as the client's, a query, a server frame and an event name.
+pub fn socketio_parse(data: &[u8]) {
+    use wschat::socketio::{self, Packet};
+    let text = String::from_utf8_lossy(data);
+    if let Ok(packet) = Packet::decode(&text) {
+        let again = Packet::decode(&packet.encode()).expect("an encoded packet decodes");
+        assert_eq!(again, packet, "decode(encode(p)) == p");
+    }
+    for connected in [false, true] {
+        match socketio::decode_incoming(&text, connected) {
+            Ok(socketio::Incoming::Command { command, .. }) => command_ok(command),
+            Ok(_) => {}
+            Err(e) => {
+                if let Some(reply) = e.reply() {
+                    reply_ok(reply.as_str());
+                }
+            }
+        }
+    }
+    // A server frame is always valid JSON, of little depth: only such text must give a valid event.
+    let server_like = text.matches(['[', '{']).count() < 100
+        && serde_json::from_str::<serde_json::Value>(&text).is_ok();
+    let event = socketio::from_server_frame(&text, data.first() == Some(&b'{'));
+    if let Some(event) = event.filter(|_| server_like) {
+        reply_ok(event.as_str());
+    }
+    let named = socketio::event_frame(&text, &["1"]);
+    let packet = Packet::decode(&named.as_str()[1..]).expect("an event frame decodes");
+    let args = packet.data.expect("an event has data");
+    assert_eq!(args[0].as_str(), Some(text.as_ref()), "the name survives");
+}
+
+fn command_ok(command: Command) {
+    match command {
+        Command::Message { text, to } => {
+            assert_eq!(protocol::check_text(&text).as_deref(), Ok(text.as_str()));
+            if let Some(to) = to {
+                name_ok(&to);
+            }
+        }
+        Command::Nick { name } => name_ok(&name),
+        Command::Join { room, .. } => room_ok(&room),
+        Command::Typing { .. } => {}
+    }
+}
+
+/// What the server sends back is an Engine.IO message holding a packet our own parser reads.
+fn reply_ok(frame: &str) {
+    let sio = frame.strip_prefix('4').expect("an Engine.IO message");
+    wschat::socketio::Packet::decode(sio).expect("the server's packet decodes");
+}

@@ -77,9 +77,11 @@ pub struct Config {
     // ----- what one address, connection or room may send (see the README's memory ceiling) -----
     /// New connections per second from one address (burst: twice that); 0 = no limit.
     pub conn_rate_per_ip: f64,
-    /// Chat bytes per second (as sent on, JSON-encoded) per connection; burst: 4 seconds' worth.
+    /// Bytes per second the server reads from one connection (burst: 4 seconds' worth); past
+    /// it, the server stops reading that connection until time pays the debt.
     pub rate_bytes: f64,
-    /// The same, per address.
+    /// Chat bytes per second from one address, as recipients read them (JSON-escaped); past it,
+    /// messages are refused.
     pub rate_bytes_per_ip: f64,
     /// The same, per room: what every member of a room may have to read per second.
     pub room_rate_bytes: f64,
@@ -175,8 +177,8 @@ USAGE: wschat [FLAGS]
   --handshake-timeout SECS  total time to finish the handshake (default 5)
   --http-timeout SECS    drop an HTTP connection idle this long (default 10)
   --conn-rate-per-ip R   new connections per second per address, 0 = no limit (default 50)
-  --rate-bytes N         chat bytes per second per connection (default 65536)
-  --rate-bytes-per-ip N  chat bytes per second per address (default 131072)
+  --rate-bytes N         bytes per second read from one connection (default 65536)
+  --rate-bytes-per-ip N  chat bytes per second per address, escaped (default 131072)
   --room-rate-bytes N    chat bytes per second per room (default 262144)
   --backlog-bytes N      bytes waiting for all slow clients together (default 33554432)
   --api-rate R           HTTP API posts per second per address and per token (default 10)

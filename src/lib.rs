@@ -44,6 +44,8 @@ pub mod config;
 pub mod courier;
 pub mod dispatcher;
 pub mod doorbell;
+pub mod eio_session;
+pub mod engineio;
 pub mod handshake;
 pub mod history;
 pub mod http;
@@ -56,6 +58,7 @@ pub mod ratelimit;
 pub mod reactor;
 pub mod request;
 pub mod session;
+pub mod socketio;
 pub mod stack;
 
 use std::io;

@@ -30,6 +30,10 @@ use crate::session::{self, Env, Joining, SESSION_STACK_BYTES, Settings};
 
 /// Pause after a failed `accept` (e.g. out of file descriptors), so the loop does not spin.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+/// Kernel receive buffer of every connection (the kernel doubles it): without a cap, Linux grows
+/// it to megabytes for a client that sends faster than we read, which costs memory the process
+/// does not even see.
+const RECEIVE_BUFFER_BYTES: usize = 64 * 1024;
 /// Requests served on one keep-alive connection before it is closed: a page load needs a
 /// dozen; a client looping on one connection cannot keep its thread forever.
 const MAX_REQUESTS_PER_CONNECTION: usize = 1000;
@@ -175,6 +179,8 @@ pub fn accept_loop(listener: TcpListener, front: Arc<Front>) {
 /// blocking: the accept loop never waits on a client).
 fn admit(front: &Arc<Front>, stream: TcpStream) {
     let Ok(peer) = stream.peer_addr() else { return }; // reset before we looked
+    // Before anything is read: what a client may push into the kernel for this socket.
+    let _ = socket2::SockRef::from(&stream).set_recv_buffer_size(RECEIVE_BUFFER_BYTES);
     let ticket = match front.admission.admit(peer.ip(), Instant::now()) {
         Ok(ticket) => ticket,
         Err(turned) => return turn_away(front, &stream, peer, turned),

@@ -43,6 +43,18 @@ impl TokenBucket {
         }
     }
 
+    /// Takes `n` tokens whatever the balance, down to a debt of at most one burst: for a cost
+    /// already incurred (bytes already read). See [`TokenBucket::debt_paid_at`].
+    pub fn charge(&mut self, n: f64, now: Instant) {
+        self.refill(now);
+        self.tokens = (self.tokens - n).max(-self.burst);
+    }
+
+    /// When a bucket in debt is back at zero; `None` when it is not in debt.
+    pub fn debt_paid_at(&self) -> Option<Instant> {
+        (self.tokens < 0.0).then(|| self.last + Duration::from_secs_f64(-self.tokens / self.rate))
+    }
+
     /// Whether the bucket is full again: it then remembers nothing worth keeping.
     pub fn is_full(&mut self, now: Instant) -> bool {
         self.refill(now);
@@ -164,6 +176,23 @@ mod tests {
         assert!(!b.try_take_n(100.0, t0));
         assert!(b.try_take_n(100.0, t0 + Duration::from_millis(500)));
         assert!(!TokenBucket::new(1.0, 10.0, t0).try_take_n(11.0, t0 + Duration::from_secs(60)));
+    }
+
+    #[test]
+    fn a_charge_can_leave_a_debt_that_time_pays() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(1000.0, 1000.0, t0);
+        b.charge(1500.0, t0);
+        let paid = b.debt_paid_at().expect("in debt");
+        assert_eq!(paid, t0 + Duration::from_millis(500));
+        assert!(!b.try_take_n(1.0, t0 + Duration::from_millis(400)));
+        assert!(b.try_take_n(1.0, t0 + Duration::from_millis(600)));
+        b.charge(1e9, t0);
+        assert!(
+            b.debt_paid_at()
+                .is_some_and(|t| t <= t0 + Duration::from_secs(2)),
+            "capped"
+        );
     }
 
     #[test]

@@ -98,8 +98,8 @@ pub struct Registration {
 impl Registration {
     /// Asks for the next wake: when the socket is readable, and if `writable`, also when it has
     /// room to write. One-shot: whichever comes first ends the watch until the next rearm.
-    pub fn rearm(&self, writable: bool) -> io::Result<()> {
-        let interest = Event::new(self.key, true, writable);
+    pub fn rearm(&self, readable: bool, writable: bool) -> io::Result<()> {
+        let interest = Event::new(self.key, readable, writable);
         self.reactor.poller.modify(&*self.stream, interest)
     }
 }

@@ -61,11 +61,10 @@ pub const INBOUND_BUDGET_BYTES: u64 = 8 << 20;
 /// What a chat message costs against the byte rates beyond its text: the JSON frame around it
 /// (type, id, room, sender, time), which every recipient reads too.
 pub const MESSAGE_OVERHEAD_BYTES: usize = 160;
-/// Kernel buffers of a client socket: without a cap, Linux grows each to megabytes for a slow
-/// reader, and thousands of them reach the machine's TCP memory limit (the kernel doubles
-/// these for its bookkeeping).
+/// Kernel send buffer of a client socket: without a cap, Linux grows it to megabytes for a slow
+/// reader, and thousands of them reach the machine's TCP memory limit (the kernel doubles it
+/// for its bookkeeping). The receive side is capped at accept (`listener`).
 const SOCKET_SEND_BUFFER_BYTES: usize = 128 * 1024;
-const SOCKET_RECEIVE_BUFFER_BYTES: usize = 64 * 1024;
 /// Stack of a connection thread: the handshake, parsing, tungstenite and logging fit well within
 /// it (tests send the deepest and largest inputs through real connections). Only the pages
 /// touched count towards memory, and a parked session gives back the deeper ones (`stack`).
@@ -165,12 +164,10 @@ pub fn serve(stream: Arc<TcpStream>, leftover: Vec<u8>, joining: Joining, env: E
     reason
 }
 
-/// Caps the kernel's buffers for this socket (see [`SOCKET_SEND_BUFFER_BYTES`]); a failure
-/// only leaves the kernel's defaults.
+/// Caps the kernel's send buffer for this socket (see [`SOCKET_SEND_BUFFER_BYTES`]); a failure
+/// only leaves the kernel's default.
 fn cap_socket_buffers(stream: &TcpStream) {
-    let socket = socket2::SockRef::from(stream);
-    let _ = socket.set_send_buffer_size(SOCKET_SEND_BUFFER_BYTES);
-    let _ = socket.set_recv_buffer_size(SOCKET_RECEIVE_BUFFER_BYTES);
+    let _ = socket2::SockRef::from(stream).set_send_buffer_size(SOCKET_SEND_BUFFER_BYTES);
 }
 
 /// Tells the dispatcher the client left, however the session ends (a panic included), so no
@@ -211,9 +208,13 @@ struct Session<'a> {
     next_ping: Instant,
     last_heard: Instant,
     messages: TokenBucket,
-    /// Chat bytes, this connection's own and its address's.
+    /// Bytes read from the socket: in debt, the session stops reading until time pays it, and
+    /// TCP makes the client wait (it costs the server nothing while it waits).
     bytes: TokenBucket,
+    /// Chat bytes per address, as recipients read them (JSON-escaped).
     bytes_per_address: &'a AddressBuckets,
+    /// Reading is paused until then (see `bytes`).
+    read_paused_until: Option<Instant>,
     typing: TokenBucket,
     control: TokenBucket,
     flood: FloodDetector,
@@ -272,6 +273,7 @@ impl<'a> Session<'a> {
                 now,
             ),
             bytes_per_address: env.bytes_per_address,
+            read_paused_until: None,
             typing: TokenBucket::new(TYPING_RATE, TYPING_RATE, now),
             control: TokenBucket::new(CONTROL_RATE, CONTROL_BURST, now),
             flood: FloodDetector::default(),
@@ -321,28 +323,38 @@ impl<'a> Session<'a> {
     /// Waits for whichever comes first: bytes from the client, frames waiting for it, or a
     /// ping due.
     fn wait_once(&mut self) -> Result<(), Stop> {
-        let deadline = match self.stalled_since {
-            Some(since) => self.next_ping.min(since + WRITE_TIMEOUT),
-            None => self.next_ping,
-        };
+        let deadline = [
+            Some(self.next_ping),
+            self.stalled_since.map(|since| since + WRITE_TIMEOUT),
+            self.read_paused_until,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(self.next_ping);
         let reasons = self.wakes.doorbell.wait_until(deadline);
         if reasons & READABLE != 0 {
             self.read_frames()?; // flushes, which also drains the outlet
         } else if reasons & (WRITABLE | WAITING) != 0 {
             self.drain_outlet()?;
         }
-        // The reactor's watch is one-shot: renew it after it fired, and ask for room to write
-        // while bytes wait.
+        let resumed = self.read_paused_until.is_some_and(|t| Instant::now() >= t);
+        if resumed {
+            self.read_paused_until = None;
+        }
+        // The reactor's watch is one-shot: renew it after it fired (or reading resumed), and
+        // ask for room to write while bytes wait.
         let fired = reasons & (READABLE | WRITABLE) != 0;
+        let want_read = self.read_paused_until.is_none();
         let want_write = self.stalled_since.is_some();
-        if fired || (want_write && !self.write_armed) {
+        if fired || resumed || (want_write && !self.write_armed) {
             self.wakes
                 .registration
-                .rearm(want_write)
+                .rearm(want_read, want_write)
                 .map_err(|e| Stop::Gone(format!("cannot watch the socket: {e}")))?;
             self.write_armed = want_write;
         }
-        if reasons == 0 {
+        if reasons == 0 && !resumed {
             self.on_timer()?;
         }
         Ok(())
@@ -384,8 +396,11 @@ impl<'a> Session<'a> {
         let result = self.read_available();
         let got = self.ws.get_mut().take_bytes_read();
         if got > 0 {
-            self.last_heard = Instant::now();
+            let now = Instant::now();
+            self.last_heard = now;
             Metrics::add(&self.metrics.bytes_in, got);
+            self.bytes.charge(got as f64, now);
+            self.read_paused_until = self.bytes.debt_paid_at();
         }
         self.send_commands()?; // what was accepted before an error still counts
         result?;
@@ -405,19 +420,22 @@ impl<'a> Session<'a> {
     }
 
     fn on_text(&mut self, text: &str) -> Result<(), Stop> {
+        // Charged before parsing, as recipients would read it: text over the address's budget
+        // costs a byte scan, not a parse.
+        let now = Instant::now();
+        let cost = (protocol::encoded_len(text) + MESSAGE_OVERHEAD_BYTES) as f64;
+        if !self.bytes_per_address.try_take(self.ip, cost, now) {
+            Metrics::add(&self.metrics.rate_limited, 1);
+            return self.reject(ChatError::TooManyBytes);
+        }
         let command = match protocol::parse_command(text) {
             Ok(command) => command,
             Err(e) => return self.reject(e),
         };
-        let now = Instant::now();
-        if let Command::Message { text, .. } = &command {
-            if !self.take_bytes(text, now) {
-                Metrics::add(&self.metrics.rate_limited, 1);
-                return self.reject(ChatError::TooManyBytes);
-            }
-            if self.metrics.inbound_bytes.load(Relaxed) > INBOUND_BUDGET_BYTES {
-                return self.reject(ChatError::Busy);
-            }
+        if matches!(command, Command::Message { .. })
+            && self.metrics.inbound_bytes.load(Relaxed) > INBOUND_BUDGET_BYTES
+        {
+            return self.reject(ChatError::Busy);
         }
         let allowed = match &command {
             Command::Message { .. } => self.messages.try_take(now),
@@ -437,14 +455,6 @@ impl<'a> Session<'a> {
         self.metrics.inbound_bytes.fetch_add(held, Relaxed);
         self.commands.push(command);
         Ok(())
-    }
-
-    /// Charges a message's bytes, as its recipients will read them, to this connection and its
-    /// address: a sender within the message rate cannot flood readers with large (or escaped)
-    /// text.
-    fn take_bytes(&mut self, text: &str, now: Instant) -> bool {
-        let cost = (protocol::encoded_len(text) + MESSAGE_OVERHEAD_BYTES) as f64;
-        self.bytes.try_take_n(cost, now) && self.bytes_per_address.try_take(self.ip, cost, now)
     }
 
     /// Hands the commands of one read to the dispatcher as one event: it then handles them in
@@ -527,7 +537,7 @@ impl<'a> Session<'a> {
                 Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(_) => return, // the peer's close arrived (or the connection broke)
             }
-            if self.wakes.registration.rearm(false).is_err() {
+            if self.wakes.registration.rearm(true, false).is_err() {
                 return;
             }
             while self.wakes.doorbell.wait_until(deadline) & READABLE == 0 {

@@ -326,7 +326,9 @@ fn new_connections_are_rate_limited_per_address() {
 
 #[test]
 fn text_is_charged_as_it_is_sent_on_escaped() {
-    let server = start(config()); // --rate-bytes 64 KiB/s: a burst of 256 KiB
+    let mut cfg = config();
+    cfg.rate_bytes_per_ip = 64.0 * 1024.0; // a burst of 256 KiB
+    let server = start(cfg);
     let (mut sender, _) = Client::join(&server, "/chat?name=quoter");
     let quotes = "\"".repeat(60 * 1024); // 120 KiB once escaped
     let mut refused = None;
