@@ -146,7 +146,10 @@ fn every_attack_in_a_row_stays_under_the_memory_ceiling() {
     for line in &lines {
         let peak = line["peak_rss_kib"].as_u64().expect("peak RSS");
         assert!(peak <= ceiling_kib(clients), "{line}");
-        assert!(line["honest"]["round_trips"].as_u64() > Some(0), "honest clients chatted: {line}");
+        assert!(
+            line["honest"]["round_trips"].as_u64() > Some(0),
+            "honest clients chatted: {line}"
+        );
     }
 }
 
