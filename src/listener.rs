@@ -242,24 +242,42 @@ fn connection(
     mut ticket: Ticket,
     at_door: AtDoor<'_>,
 ) {
+    if let Some((upgrade, leftover)) = at_the_door(front, &stream, peer, &mut ticket) {
+        drop(at_door);
+        run_session(front, id, stream, peer, upgrade, leftover);
+    }
+}
+
+/// Serves requests until one asks for a WebSocket (checked, answered `101`, and returned with the
+/// bytes read past it) or the connection ends. Never inlined: the requests, their buffers and the
+/// HTTP answers' frames are gone before the session starts (an idle connection's memory is
+/// mostly what its thread keeps).
+#[inline(never)]
+fn at_the_door(
+    front: &Front,
+    stream: &TcpStream,
+    peer: SocketAddr,
+    ticket: &mut Ticket,
+) -> Option<(handshake::Upgrade, Vec<u8>)> {
     let mut buffered = Vec::new();
     let mut deadline = Instant::now() + front.head_timeout.min(front.http_timeout);
     for served in 0..MAX_REQUESTS_PER_CONNECTION {
-        let request = match request::read_head(&stream, &mut buffered, deadline) {
+        let request = match request::read_head(stream, &mut buffered, deadline) {
             Ok(request) => request,
-            Err(e) => return head_failed(front, &stream, peer, e, served),
+            Err(e) => {
+                head_failed(front, stream, peer, e, served);
+                return None;
+            }
         };
         debug!("request from {peer}:\n{}", request_log(&request));
         if handshake::is_chat_path(request.path()) || handshake::is_upgrade(&request) {
-            let Some(upgrade) = check_upgrade(front, &stream, &request, &mut ticket) else {
-                return;
-            };
-            drop(at_door);
-            return run_session(front, id, stream, peer, upgrade, buffered);
+            let upgrade = check_upgrade(front, stream, &request, ticket)?;
+            buffered.shrink_to_fit();
+            return Some((upgrade, buffered));
         }
         let keep_open = http::serve(
             &front.http,
-            &stream,
+            stream,
             &request,
             &mut buffered,
             front.http_timeout,
@@ -270,6 +288,7 @@ fn connection(
         deadline = Instant::now() + front.http_timeout;
     }
     let _ = stream.shutdown(Shutdown::Both);
+    None
 }
 
 /// The head could not be read: answer what deserves an answer, log what deserves a line.
