@@ -149,6 +149,7 @@ pub fn policy_for(selector: u8) -> (IpAddr, Policy) {
         },
         allow_any_origin: selector & 16 != 0,
         trusted_proxy,
+        echo: selector & 128 != 0,
     };
     (peer, policy)
 }

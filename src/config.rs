@@ -74,6 +74,9 @@ pub struct Config {
     /// `--load-test`: the per-connection rate limits and the per-address caps are off, so one
     /// machine's load generator is not refused. Logged loudly at start; never for a public server.
     pub load_test: bool,
+    /// `--echo`: serve `/echo`, a WebSocket that sends every message back (for conformance
+    /// suites such as Autobahn). Off by default: it is no use to a chat.
+    pub echo: bool,
     // ----- what one address, connection or room may send (see the README's memory ceiling) -----
     /// New connections per second from one address (burst: twice that); 0 = no limit.
     pub conn_rate_per_ip: f64,
@@ -123,6 +126,7 @@ impl Default for Config {
             handshake_timeout: Duration::from_secs(5),
             http_timeout: Duration::from_secs(10),
             load_test: false,
+            echo: false,
             conn_rate_per_ip: 50.0,
             rate_bytes: 64.0 * 1024.0,
             rate_bytes_per_ip: 128.0 * 1024.0,
@@ -188,6 +192,9 @@ USAGE: wschat [FLAGS]
   --load-test            for load generators on this machine: no chat rate limits (per
                          connection, address or room), no per-address caps; overrides the
                          flags of those limits; logged at start; never on a public server
+  --echo                 also serve ws://.../echo, which sends every message back (text as
+                         text, binary as binary) through the chat's session code, for
+                         conformance suites (scripts/autobahn); off by default
   -h, --help             print this help
   -V, --version          print the version
 
@@ -218,6 +225,10 @@ pub fn parse_args(
             Long("ws-port") => return Err(WS_PORT_GONE.into()),
             Long("load-test") => {
                 cfg.load_test = true;
+                continue;
+            }
+            Long("echo") => {
+                cfg.echo = true;
                 continue;
             }
             Long(name) => format!("--{name}"),
@@ -609,5 +620,17 @@ mod tests {
             panic!("expected a config")
         };
         assert!(!cfg.load_test && cfg.rate < LOAD_TEST_RATE && cfg.max_clients_per_ip > 0);
+    }
+
+    #[test]
+    fn echo_is_off_unless_asked_for() {
+        let Ok(Parsed::Run(cfg)) = parse(&[], None) else {
+            panic!("expected a config")
+        };
+        assert!(!cfg.echo);
+        let Ok(Parsed::Run(cfg)) = parse(&["--echo"], None) else {
+            panic!("expected a config")
+        };
+        assert!(cfg.echo);
     }
 }

@@ -29,11 +29,23 @@ pub struct Policy {
     pub allow_any_origin: bool,
     /// Connections from this address may name the client in `X-Forwarded-For`.
     pub trusted_proxy: Option<IpAddr>,
+    /// `/echo` is served (`--echo`); otherwise it is a path like any other: 404.
+    pub echo: bool,
+}
+
+/// Which WebSocket endpoint a handshake opens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `/chat`, `/chat/<room>`: a chat client, joined to the dispatcher.
+    Chat,
+    /// `/echo` (with `--echo`): every message comes back as it was sent.
+    Echo,
 }
 
 /// An accepted handshake: what the session needs to know.
 #[derive(Debug, PartialEq)]
 pub struct Upgrade {
+    pub endpoint: Endpoint,
     pub room: String,
     pub name: Option<String>,
     pub since: Option<u64>,
@@ -132,9 +144,12 @@ pub fn is_chat_path(path: &str) -> bool {
 /// Checks a request for a chat endpoint.
 pub fn check(request: &Request, policy: &Policy) -> Result<Upgrade, Refusal> {
     let path = request.path();
-    let room = match path.strip_prefix("/chat") {
-        Some("") | Some("/") => None,
-        Some(rest) if rest.starts_with('/') => Some(crate::request::decode(&rest[1..])),
+    let (endpoint, room) = match path.strip_prefix("/chat") {
+        Some("") | Some("/") => (Endpoint::Chat, None),
+        Some(rest) if rest.starts_with('/') => {
+            (Endpoint::Chat, Some(crate::request::decode(&rest[1..])))
+        }
+        _ if path == "/echo" && policy.echo => (Endpoint::Echo, None),
         _ => return Err(Refusal::NotFound(path.chars().take(100).collect())),
     };
     if !is_upgrade(request) {
@@ -164,6 +179,7 @@ pub fn check(request: &Request, policy: &Policy) -> Result<Upgrade, Refusal> {
         ),
     };
     let upgrade = Upgrade {
+        endpoint,
         room: request
             .query_value("room")
             .or(room)
@@ -304,6 +320,21 @@ mod tests {
             check(&request("/chat/a%20b", ""), &p),
             Err(Refusal::BadRequest(_))
         ));
+    }
+
+    #[test]
+    fn echo_only_when_turned_on() {
+        let r = request("/echo", "");
+        assert_eq!(check(&r, &policy()), Err(Refusal::NotFound("/echo".into())));
+        let p = Policy {
+            echo: true,
+            ..policy()
+        };
+        assert_eq!(check(&r, &p).map(|up| up.endpoint), Ok(Endpoint::Echo));
+        let chat = check(&request("/chat", ""), &p).map(|up| up.endpoint);
+        assert_eq!(chat, Ok(Endpoint::Chat));
+        let sub = request("/echo/x", "");
+        assert_eq!(check(&sub, &p), Err(Refusal::NotFound("/echo/x".into())));
     }
 
     #[test]

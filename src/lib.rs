@@ -266,6 +266,7 @@ fn front(
         allow_origins: normalized_origins(&config.allow_origins),
         allow_any_origin: config.allow_origins.iter().any(|o| o == "*"),
         trusted_proxy: config.trusted_proxy,
+        echo: config.echo,
     };
     let settings = session::Settings {
         rate: config.rate,

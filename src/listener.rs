@@ -374,6 +374,7 @@ fn run_session(
 ) {
     let joining = Joining {
         id,
+        endpoint: upgrade.endpoint,
         ip: upgrade.client_ip,
         name: upgrade.name,
         room: upgrade.room,

@@ -29,6 +29,9 @@ fn main() -> ExitCode {
             "load-test mode: rate limits and per-address caps are off; do not expose this server"
         );
     }
+    if config.echo {
+        log::info!("echo mode: /echo sends every message back (--echo)");
+    }
     run(config)
 }
 

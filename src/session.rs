@@ -15,6 +15,11 @@
 //!
 //! The session parses and rate-limits what the client sends, and answers malformed input itself;
 //! everything else goes to the dispatcher. It knows nothing of rooms or other clients.
+//!
+//! On the echo endpoint ([`Endpoint::Echo`], `--echo`) the same session runs with one seam
+//! moved: what the client sends goes back to its own outlet instead of to the dispatcher, text as
+//! text and binary as binary, after the same reads, rate limits and size limits. The dispatcher
+//! never hears of an echo client.
 
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Shutdown, TcpStream};
@@ -30,6 +35,7 @@ use tungstenite::{Error as WsError, Message, WebSocket};
 
 use crate::dispatcher::{ClientId, Connect, Event};
 use crate::doorbell::{Doorbell, READABLE, WAITING, WRITABLE};
+use crate::handshake::Endpoint;
 use crate::metrics::Metrics;
 use crate::outlet::{self, Outlet};
 use crate::protocol::{self, ChatError, Command};
@@ -86,6 +92,7 @@ pub struct Settings {
 /// Who is joining, from the handshake.
 pub struct Joining {
     pub id: ClientId,
+    pub endpoint: Endpoint,
     pub ip: IpAddr,
     pub name: Option<String>,
     pub room: String,
@@ -123,7 +130,8 @@ pub fn serve(stream: Arc<TcpStream>, leftover: Vec<u8>, joining: Joining, env: E
         Ok(registration) => registration,
         Err(e) => return format!("cannot watch its socket: {e}"),
     };
-    let id = joining.id;
+    let (id, ip) = (joining.id, joining.ip);
+    let echo = joining.endpoint == Endpoint::Echo;
     cap_socket_buffers(&stream);
     let outlet = Arc::new(Outlet::new(
         stream.clone(),
@@ -131,24 +139,17 @@ pub fn serve(stream: Arc<TcpStream>, leftover: Vec<u8>, joining: Joining, env: E
         env.metrics.clone(),
         env.settings.backlog,
     ));
-    let connect = Connect {
-        id,
-        peer: joining.ip.to_string(),
-        name: joining.name,
-        room: joining.room,
-        since: joining.since,
-        outlet: outlet.clone(),
-    };
     Metrics::add(&env.metrics.connections_total, 1);
     Metrics::add(&env.metrics.connections_now, 1);
     // Counts the connection out and tells the dispatcher, however the session ends.
     let mut leave = LeaveOnDrop {
         id,
         metrics: env.metrics.clone(),
-        events: env.events.clone(),
+        events: (!echo).then(|| env.events.clone()),
         reason: "internal error".into(),
     };
-    let reason = if env.events.send(Event::Connect(Box::new(connect))).is_err() {
+    let joined = echo || env.events.send(connect(joining, outlet.clone())).is_ok();
+    let reason = if !joined {
         "server shutting down".to_owned()
     } else {
         let conn = Conn::new(stream.clone(), outlet.clone());
@@ -157,11 +158,23 @@ pub fn serve(stream: Arc<TcpStream>, leftover: Vec<u8>, joining: Joining, env: E
             outlet,
             registration,
         };
-        Session::boxed(id, joining.ip, conn, leftover, wakes, &env).run()
+        Session::boxed(id, ip, echo, conn, leftover, wakes, &env).run()
     };
     leave.reason = reason.clone();
     let _ = stream.shutdown(Shutdown::Both);
     reason
+}
+
+/// The dispatcher's news of a chat client joining.
+fn connect(joining: Joining, outlet: Arc<Outlet>) -> Event {
+    Event::Connect(Box::new(Connect {
+        id: joining.id,
+        peer: joining.ip.to_string(),
+        name: joining.name,
+        room: joining.room,
+        since: joining.since,
+        outlet,
+    }))
 }
 
 /// Caps the kernel's send buffer for this socket (see [`SOCKET_SEND_BUFFER_BYTES`]); a failure
@@ -175,7 +188,8 @@ fn cap_socket_buffers(stream: &TcpStream) {
 struct LeaveOnDrop {
     id: ClientId,
     metrics: Arc<Metrics>,
-    events: Sender<Event>,
+    /// `None` for an echo client, which the dispatcher never knew.
+    events: Option<Sender<Event>>,
     reason: String,
 }
 
@@ -183,10 +197,12 @@ impl Drop for LeaveOnDrop {
     fn drop(&mut self) {
         self.metrics.connections_now.fetch_sub(1, Relaxed);
         let reason = std::mem::take(&mut self.reason);
-        let _ = self.events.send(Event::Disconnect {
-            id: self.id,
-            reason,
-        });
+        if let Some(events) = &self.events {
+            let _ = events.send(Event::Disconnect {
+                id: self.id,
+                reason,
+            });
+        }
     }
 }
 
@@ -200,6 +216,8 @@ struct Wakes {
 struct Session<'a> {
     id: ClientId,
     ip: IpAddr,
+    /// Messages go back to the client itself, not to the dispatcher (`/echo`).
+    echo: bool,
     ws: WebSocket<Conn>,
     wakes: Wakes,
     events: Sender<Event>,
@@ -233,17 +251,19 @@ impl<'a> Session<'a> {
     fn boxed(
         id: ClientId,
         ip: IpAddr,
+        echo: bool,
         conn: Conn,
         leftover: Vec<u8>,
         wakes: Wakes,
         env: &Env<'a>,
     ) -> Box<Session<'a>> {
-        Box::new(Session::new(id, ip, conn, leftover, wakes, env))
+        Box::new(Session::new(id, ip, echo, conn, leftover, wakes, env))
     }
 
     fn new(
         id: ClientId,
         ip: IpAddr,
+        echo: bool,
         conn: Conn,
         leftover: Vec<u8>,
         wakes: Wakes,
@@ -259,6 +279,7 @@ impl<'a> Session<'a> {
         Session {
             id,
             ip,
+            echo,
             ws: WebSocket::from_partially_read(conn, leftover, Role::Server, Some(config)),
             wakes,
             events: env.events.clone(),
@@ -410,6 +431,9 @@ impl<'a> Session<'a> {
     fn read_available(&mut self) -> Result<(), Stop> {
         loop {
             match self.ws.read() {
+                Ok(message @ (Message::Text(_) | Message::Binary(_))) if self.echo => {
+                    self.echo_back(message)?
+                }
                 Ok(Message::Text(text)) => self.on_text(&text)?,
                 Ok(Message::Binary(_)) => self.reject(ChatError::Unsupported)?,
                 Ok(_) => {} // ping: tungstenite queued the pong; pong; close: answered, next read ends
@@ -455,6 +479,25 @@ impl<'a> Session<'a> {
         self.metrics.inbound_bytes.fetch_add(held, Relaxed);
         self.commands.push(command);
         Ok(())
+    }
+
+    /// `/echo`: the message goes back to the client as it came, charged like a chat message
+    /// against the message rate and the address's byte budget.
+    fn echo_back(&mut self, message: Message) -> Result<(), Stop> {
+        let now = Instant::now();
+        let cost = (message.len() + MESSAGE_OVERHEAD_BYTES) as f64;
+        let refused = if !self.bytes_per_address.try_take(self.ip, cost, now) {
+            Some(ChatError::TooManyBytes)
+        } else if !self.messages.try_take(now) {
+            Some(ChatError::RateLimited)
+        } else {
+            None
+        };
+        if let Some(error) = refused {
+            Metrics::add(&self.metrics.rate_limited, 1);
+            return self.reject(error);
+        }
+        self.ws.write(message).map_err(stop_for)
     }
 
     /// Hands the commands of one read to the dispatcher as one event: it then handles them in
