@@ -69,8 +69,14 @@ fn a_fragmented_message_comes_back_whole() {
 fn a_ping_gets_its_payload_back_in_a_pong() {
     let server = echo_server(config());
     let mut client = Client::connect(server.ws_addr(), "/echo");
-    client.ws.send(Message::Ping(vec![7u8; 125].into())).unwrap();
-    assert_eq!(client.ws.read().unwrap(), Message::Pong(vec![7u8; 125].into()));
+    client
+        .ws
+        .send(Message::Ping(vec![7u8; 125].into()))
+        .unwrap();
+    assert_eq!(
+        client.ws.read().unwrap(),
+        Message::Pong(vec![7u8; 125].into())
+    );
 }
 
 #[test]
