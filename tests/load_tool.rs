@@ -569,3 +569,115 @@ fn refuses_non_loopback_targets_and_bad_usage() {
     // which server flags a run needs
     assert!(help.contains("wschat --load-test") && help.contains("--max-clients-per-ip 0"));
 }
+
+// ---------------------------------------------------------------------------------------------
+// storm: the server restarts under the tool, as a process of its own
+
+/// The `wschat` binary as a child process on `port` (0: a free one), with its limits lifted for
+/// a load test and its history in `data_dir`; returns it and the port it printed.
+fn spawn_wschat(port: u16, data_dir: Option<&std::path::Path>) -> (std::process::Child, u16) {
+    use std::io::{BufRead, BufReader};
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_wschat"));
+    cmd.args(["--port", &port.to_string(), "--load-test"]);
+    if let Some(dir) = data_dir {
+        cmd.arg("--data-dir").arg(dir);
+    }
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("wschat starts");
+    let mut line = String::new();
+    let _ = BufReader::new(child.stdout.take().unwrap()).read_line(&mut line);
+    // wschat listening: http://127.0.0.1:P/ (websocket ...)
+    let port = line
+        .split("http://127.0.0.1:")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("startup line: {line:?}"));
+    (child, port)
+}
+
+/// Runs `wschat-load storm` with 200 clients against a wschat process, and kills and restarts
+/// that process (same port, same data dir) when the tool says every client has the first round.
+/// `setup_timeout` bounds each of the tool's phases, the storm included.
+fn storm_across_a_restart(data_dir: Option<&std::path::Path>, setup_timeout: &str) -> Run {
+    use std::io::{BufRead, BufReader};
+    let (mut server, port) = spawn_wschat(0, data_dir);
+    let url = format!("ws://127.0.0.1:{port}/chat");
+    let args = ["storm", "--url", &url, "-n", "200", "--per-room", "50"];
+    let mut tool = Command::new(env!("CARGO_BIN_EXE_wschat-load"))
+        .args(args)
+        .args([
+            "--hold",
+            "30",
+            "--setup-timeout",
+            setup_timeout,
+            "--timeout",
+            "60",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start wschat-load");
+    let mut stderr = BufReader::new(tool.stderr.take().unwrap());
+    let mut seen = String::new();
+    // The tool's --timeout ends this loop should it never get there (its stderr closes).
+    while !seen.contains("restart the server now") {
+        let before = seen.len();
+        if stderr.read_line(&mut seen).unwrap_or(0) == 0 || seen.len() == before {
+            break;
+        }
+    }
+    let _ = server.kill(); // a crash, not a clean shutdown: nothing on disk may depend on it
+    let _ = server.wait();
+    let (mut server, _) = spawn_wschat(port, data_dir);
+    let mut out = String::new();
+    let _ = tool.stdout.take().unwrap().read_to_string(&mut out);
+    let _ = stderr.read_to_string(&mut seen);
+    let status = tool.wait().expect("wait for wschat-load");
+    let _ = server.kill();
+    let _ = server.wait();
+    let last = out.lines().last().unwrap_or_default();
+    let json = serde_json::from_str(last)
+        .unwrap_or_else(|e| panic!("last stdout line is not JSON ({e}):\n{out}\nstderr:\n{seen}"));
+    Run {
+        code: status.code().unwrap_or(-1),
+        json,
+        stdout: out,
+        stderr: seen,
+    }
+}
+
+#[test]
+fn storm_brings_every_client_back_with_every_message_across_a_restart() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = std::env::temp_dir().join(format!("wschat-storm-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let r = storm_across_a_restart(Some(&dir), "15");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_ok(&r);
+    let j = &r.json;
+    assert_eq!((n(&j["resumed"]), n(&j["complete"])), (200, 200), "{j}");
+    assert_eq!((n(&j["lost"]), n(&j["duplicated"])), (0, 0), "{j}");
+    assert!(n(&j["attempts"]) >= 200, "every client reconnected: {j}");
+    let (down, back) = (j["down_s"].as_f64().unwrap(), j["back_s"].as_f64().unwrap());
+    assert!(0.0 < down && down <= back, "{j}");
+}
+
+#[test]
+fn storm_reports_the_gap_a_restart_without_history_leaves() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    // Without --data-dir the new server numbers messages from 1 again: clients resuming with
+    // `since` skip the second round's first ids, and the tool must say so.
+    let r = storm_across_a_restart(None, "4");
+    assert_eq!(r.code, 1, "{}\n{}", r.stdout, r.stderr);
+    assert_eq!(r.json["ok"], false);
+    assert_eq!(n(&r.json["resumed"]), 200, "{}", r.json);
+    assert!(n(&r.json["lost"]) > 0, "{}", r.json);
+    assert_eq!(n(&r.json["duplicated"]), 0, "{}", r.json);
+}

@@ -9,6 +9,7 @@ pub enum Mode {
     Latency,
     Idle,
     Churn,
+    Storm,
 }
 
 impl Mode {
@@ -18,6 +19,7 @@ impl Mode {
             Mode::Latency => "latency",
             Mode::Idle => "idle",
             Mode::Churn => "churn",
+            Mode::Storm => "storm",
         }
     }
 }
@@ -45,6 +47,9 @@ pub struct Opts {
     pub connect_timeout: f64,
     pub setup_timeout: f64,
     pub server_pid: Option<u32>,
+    pub messages: usize,
+    pub restart_cmd: Option<String>,
+    pub backoff_cap: f64,
     pub quiet: bool,
     pub allow_remote: bool,
 }
@@ -68,6 +73,13 @@ MODES:
               (with --server-pid) server RSS/threads and the machine's KernelStack per connection.
     churn     --threads T loops: connect, wait for welcome, send one message, receive its echo,
               close (every 10th cycle drops the TCP socket without a close frame instead).
+    storm     a server restart under load: --connections N clients (a thread each) in rooms of
+              --per-room M; the first of each room posts --messages P; then the server restarts
+              (--restart-cmd, or someone else within --hold seconds), every client reconnects
+              with jittered, capped backoff and `since`, and the first of each room posts P
+              more at once. Ok when every client is back with all 2P messages of its room, no
+              gap, no duplicate, in order. Reports the time from the first drop until all N are
+              back and resumed. Needs a server with --data-dir (ids must survive the restart).
 
 THE SERVER'S LIMITS:
     A wschat server with its defaults protects itself from what a load test does: it allows each
@@ -75,7 +87,8 @@ THE SERVER'S LIMITS:
     whose messages it refuses too often (1008 \"flooding\"), and takes at most 256 connections
     (and 50 new ones a second) from one address. So:
       fanout and latency need a server without rate limits;
-      idle and big fanout runs (over 256 connections) need a server without the per-address cap.
+      idle, storm and big fanout runs (over 256 connections) need a server without the
+      per-address cap (and storm one whose connection rate per address is off).
     Start the server for a load test on this machine with
         wschat --load-test        (no rate limits, no per-address caps; logged; never public)
     or lift one limit at a time: --rate R --burst B, --rate-bytes N, --room-rate-bytes N,
@@ -112,6 +125,19 @@ IDLE:
                            [default: 8 for idle, 32 otherwise]
         --hold SECS        how long to hold them once open [default: 10]
         --per-room M       wschat: M connections per room (0: all in one room) [default: 100]
+
+STORM:
+    -n, --connections N    clients [default: 1000]; --per-room M as in idle [default: 100]
+        --concurrency K    handshakes at once while first connecting [default: 32]
+        --messages P       messages each room's first client posts before the restart, and
+                           again after [default: 5]
+        --restart-cmd CMD  run `sh -c CMD` once every client has the first round: it must take
+                           the server down and start it again (and return)
+        --hold SECS        without --restart-cmd: how long to wait for the server to go down
+                           [default: 10]
+        --backoff-cap SECS longest wait before a reconnect attempt; the first waits up to 50 ms,
+                           each next one up to twice that, each drawn at random [default: 1]
+    --setup-timeout bounds each phase: opening, the first round, and the storm itself.
 
 CHURN:
     -t, --threads T        looping threads [default: 4]
@@ -156,7 +182,10 @@ fn parse_mode(name: &str) -> Result<Mode, lexopt::Error> {
         "latency" => Ok(Mode::Latency),
         "idle" => Ok(Mode::Idle),
         "churn" => Ok(Mode::Churn),
-        other => Err(format!("unknown mode {other:?} (fanout, latency, idle, churn)").into()),
+        "storm" => Ok(Mode::Storm),
+        other => {
+            Err(format!("unknown mode {other:?} (fanout, latency, idle, churn, storm)").into())
+        }
     }
 }
 
@@ -201,6 +230,9 @@ impl Opts {
                 Long("concurrency") => o.concurrency = p.value()?.parse()?,
                 Long("hold") => o.hold = secs(&mut p)?,
                 Long("per-room") => o.per_room = p.value()?.parse()?,
+                Long("messages") => o.messages = p.value()?.parse()?,
+                Long("restart-cmd") => o.restart_cmd = Some(p.value()?.string()?),
+                Long("backoff-cap") => o.backoff_cap = secs(&mut p)?,
                 Short('t') | Long("threads") => o.threads = p.value()?.parse()?,
                 Long("timeout") => o.timeout = secs(&mut p)?,
                 Long("connect-timeout") => o.connect_timeout = secs(&mut p)?,
@@ -211,7 +243,8 @@ impl Opts {
                 _ => return Err(arg.unexpected()),
             }
         }
-        o.mode = mode.ok_or("a mode is needed: fanout, latency, idle or churn (see --help)")?;
+        o.mode =
+            mode.ok_or("a mode is needed: fanout, latency, idle, churn or storm (see --help)")?;
         o.check()?;
         o.fill_derived();
         Ok(o)
@@ -240,6 +273,9 @@ impl Opts {
             connect_timeout: 10.0,
             setup_timeout: 60.0,
             server_pid: None,
+            messages: 5,
+            restart_cmd: None,
+            backoff_cap: 1.0,
             quiet: false,
             allow_remote: false,
         }
@@ -270,6 +306,12 @@ impl Opts {
         if self.duration <= 0.0 || self.connect_timeout <= 0.0 || self.setup_timeout <= 0.0 {
             return bad("--duration, --connect-timeout and --setup-timeout must be > 0");
         }
+        if self.mode == Mode::Storm && self.connections > 50_000 {
+            return bad("storm: --connections <= 50000 (a thread each)");
+        }
+        if self.messages == 0 || self.messages > 1000 {
+            return bad("--messages must be 1..=1000");
+        }
         if let Some(room) = &self.room {
             let ok = !room.is_empty()
                 && room.len() <= 56
@@ -295,6 +337,7 @@ impl Opts {
                 }
                 Mode::Churn => self.warmup + self.duration + 2.0 * self.connect_timeout,
                 Mode::Idle => self.setup_timeout + self.hold,
+                Mode::Storm => 3.0 * self.setup_timeout + self.hold,
             };
             self.timeout = work + 30.0;
         }

@@ -12,6 +12,7 @@ mod idle;
 mod limits;
 mod room;
 mod stats;
+mod storm;
 mod sysinfo;
 
 use std::io::Write;
@@ -75,6 +76,7 @@ fn main() {
         Mode::Fanout | Mode::Latency => room::run(&o, &target),
         Mode::Idle => idle::run(&o, &target),
         Mode::Churn => churn::run(&o, &target),
+        Mode::Storm => storm::run(&o, &target),
     };
     let wall = (conn::now_ns() - started) as f64 / 1e9;
     let ok = outcome.ok && outcome.fatal.is_none();
