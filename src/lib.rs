@@ -79,8 +79,11 @@ use metrics::Metrics;
 /// Events waiting for the dispatcher. When full, sessions wait (and so their clients, through
 /// TCP): the dispatcher itself never waits.
 const DISPATCHER_QUEUE: usize = 4096;
-/// Backlog of each listening socket.
-const LISTEN_BACKLOG: i32 = 1024;
+/// Connections the kernel holds for the accept loop. A reconnect storm brings thousands within
+/// a second, faster than the accept loop starts their threads; past the backlog the kernel drops
+/// their SYNs and each client waits a 1 s retransmit (then 3 s). Linux caps it at
+/// `net.core.somaxconn` (4096 by default); each waiting connection costs the kernel a socket.
+const LISTEN_BACKLOG: i32 = 4096;
 /// After telling every client to go away, how long sessions get to send their close frames.
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(800);
 /// After cutting the remaining sockets, how long their threads get to end.
@@ -90,6 +93,8 @@ const SHUTDOWN_CUT_WAIT: Duration = Duration::from_millis(500);
 /// handshake), over all addresses: each costs a thread until its deadline.
 pub const MAX_AT_DOOR: usize = 1024;
 /// Most of those from one address: one address holding silent sockets leaves the rest free.
+/// `--load-test` lifts it to [`MAX_AT_DOOR`]: a load generator's reconnect storm comes from one
+/// address.
 pub const MAX_AT_DOOR_PER_ADDRESS: usize = 64;
 
 /// Why the server could not start.
@@ -331,7 +336,11 @@ fn admission_limits(config: &Config) -> admission::Limits {
     admission::Limits {
         connections: budget,
         at_door: MAX_AT_DOOR,
-        at_door_per_address: MAX_AT_DOOR_PER_ADDRESS,
+        at_door_per_address: if config.load_test {
+            MAX_AT_DOOR
+        } else {
+            MAX_AT_DOOR_PER_ADDRESS
+        },
         rate_per_address: config.conn_rate_per_ip,
         burst_per_address: 2.0 * config.conn_rate_per_ip,
         clients: config.max_clients,

@@ -14,7 +14,7 @@
 //! This mode needs a server whose message ids survive the restart (`--data-dir`): without it the
 //! new server numbers from 1 again and `since` skips the new messages, which shows as lost.
 
-use std::sync::Arc;
+use std::sync::{Arc, mpsc};
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::thread;
 use std::time::Duration;
@@ -39,10 +39,10 @@ const CLOSE: u32 = 3;
 /// each wait is drawn uniformly below the bound (full jitter).
 const BACKOFF_BASE_NS: u64 = 50_000_000;
 /// How long a client's blocking read waits before it looks at the phase again: short for the
-/// room's poster (it must post when the phase turns), long for the others (10,000 threads
-/// waking often would be load of their own).
+/// room's poster (it must post when the phase turns), long for the others, which only need to
+/// notice the end of the run (10,000 threads waking often would be load of their own).
 const POSTER_POLL: Duration = Duration::from_millis(20);
-const MEMBER_POLL: Duration = Duration::from_millis(500);
+const MEMBER_POLL: Duration = Duration::from_secs(2);
 
 struct Shared {
     o: Opts,
@@ -51,8 +51,6 @@ struct Shared {
     /// `wsload:<token>:`: the tool's messages start with it; `<room>:<seq>` follows.
     needle: String,
     phase: AtomicU32,
-    /// Initial handshakes in progress (at most --concurrency at once).
-    opening: AtomicUsize,
     opened: AtomicUsize,
     open_failed: AtomicUsize,
     /// Clients that have all P messages of the first round.
@@ -138,7 +136,6 @@ pub fn run(o: &Opts, target: &Target) -> Outcome {
         room: o.room.clone().unwrap_or_else(|| format!("wsload-{token}")),
         needle: format!("wsload:{token}:"),
         phase: AtomicU32::new(OPEN),
-        opening: AtomicUsize::new(0),
         opened: AtomicUsize::new(0),
         open_failed: AtomicUsize::new(0),
         have_before: AtomicUsize::new(0),
@@ -150,10 +147,10 @@ pub fn run(o: &Opts, target: &Target) -> Outcome {
         last_back_ns: AtomicU64::new(0),
         complete_ns: AtomicU64::new(0),
     });
+    let t0 = now_ns();
     let (handles, mut spawn_errors) = spawn_clients(&sh);
     let setup = Duration::from_secs_f64(o.setup_timeout);
     let n = o.connections;
-    let t0 = now_ns();
     let fatal = wait_for(&sh, "open", setup, || {
         sh.opened.load(SeqCst) + sh.open_failed.load(SeqCst) >= n
     })
@@ -183,15 +180,22 @@ pub fn run(o: &Opts, target: &Target) -> Outcome {
     report(&sh, st, fatal.err(), not_joined)
 }
 
+/// Starts a thread per client, at most --concurrency of them opening at once (so that opening is
+/// not a storm of its own): past that, the next starts when an earlier one is through.
 fn spawn_clients(sh: &Arc<Shared>) -> (Vec<thread::JoinHandle<Stats>>, Tally) {
     let mut handles = Vec::with_capacity(sh.o.connections);
     let mut errors = Tally::default();
+    let setup = Duration::from_secs_f64(sh.o.setup_timeout);
+    let (through_tx, through) = mpsc::channel::<()>();
     for j in 0..sh.o.connections {
-        let shared = sh.clone();
+        if j >= sh.o.concurrency && through.recv_timeout(setup).is_err() {
+            break; // the opening phase reports who is missing
+        }
+        let (shared, through_tx) = (sh.clone(), through_tx.clone());
         match thread::Builder::new()
             .name(format!("storm-{j}"))
             .stack_size(CONN_STACK)
-            .spawn(move || client(&shared, j))
+            .spawn(move || client(&shared, j, through_tx))
         {
             Ok(h) => handles.push(h),
             Err(e) => {
@@ -210,20 +214,31 @@ fn note(sh: &Shared, line: &str) {
     }
 }
 
-/// Waits until `done` (checked every 5 ms) or `limit`; an error names the phase.
+/// Waits until `done` (checked every 5 ms) or `limit`, saying once a second where the clients
+/// stand; an error names the phase.
 fn wait_for(
     sh: &Shared,
     what: &str,
     limit: Duration,
     done: impl Fn() -> bool,
 ) -> Result<(), String> {
-    let deadline = now_ns() + limit.as_nanos() as u64;
+    let start = now_ns();
+    let deadline = start + limit.as_nanos() as u64;
+    let mut next_note = start + SEC;
+    let standing = || {
+        let (opened, back) = (sh.opened.load(SeqCst), sh.resumed.load(SeqCst));
+        let complete = sh.complete.load(SeqCst);
+        format!("{opened} opened, {back} back after the drop, {complete} with every message")
+    };
     while !done() {
-        if now_ns() >= deadline {
-            let (back, complete) = (sh.resumed.load(SeqCst), sh.complete.load(SeqCst));
-            return Err(format!(
-                "{what}: not done within {limit:?} ({back} clients back, {complete} with every message)"
-            ));
+        let now = now_ns();
+        if now >= deadline {
+            return Err(format!("{what}: not done within {limit:?} ({})", standing()));
+        }
+        if now >= next_note {
+            let secs = (now - start) as f64 / 1e9;
+            note(sh, &format!("{what} {secs:4.1}s: {}", standing()));
+            next_note += SEC;
         }
         thread::sleep(Duration::from_millis(5));
     }
@@ -285,7 +300,7 @@ struct Client<'a> {
     st: Stats,
 }
 
-fn client(sh: &Shared, j: usize) -> Stats {
+fn client(sh: &Shared, j: usize, through: mpsc::Sender<()>) -> Stats {
     let mut c = Client {
         sh,
         j,
@@ -300,24 +315,19 @@ fn client(sh: &Shared, j: usize) -> Stats {
         rng: XorShift(0x9E37_79B9_7F4A_7C15 ^ (j as u64 + 1).wrapping_mul(0x2545_F491_4F6C_DD1D)),
         st: Stats::default(),
     };
-    if c.open_first() {
+    let opened = c.open_first();
+    let _ = through.send(());
+    if opened {
         c.live();
     }
     c.finish()
 }
 
 impl Client<'_> {
-    /// The first connection: at most --concurrency handshakes at once, so that opening is not a
-    /// storm of its own.
+    /// The first connection (and its welcome).
     fn open_first(&mut self) -> bool {
         let sh = self.sh;
-        while sh.opening.fetch_add(1, SeqCst) >= sh.o.concurrency {
-            sh.opening.fetch_sub(1, SeqCst);
-            thread::sleep(Duration::from_millis(1));
-        }
-        let opened = self.connect(None);
-        sh.opening.fetch_sub(1, SeqCst);
-        match opened {
+        match self.connect(None) {
             Ok(()) => {
                 sh.opened.fetch_add(1, SeqCst);
                 true
