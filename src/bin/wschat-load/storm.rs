@@ -14,8 +14,8 @@
 //! This mode needs a server whose message ids survive the restart (`--data-dir`): without it the
 //! new server numbers from 1 again and `since` skips the new messages, which shows as lost.
 
-use std::sync::{Arc, mpsc};
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::SeqCst};
+use std::sync::{Arc, mpsc};
 use std::thread;
 use std::time::Duration;
 
@@ -233,7 +233,10 @@ fn wait_for(
     while !done() {
         let now = now_ns();
         if now >= deadline {
-            return Err(format!("{what}: not done within {limit:?} ({})", standing()));
+            return Err(format!(
+                "{what}: not done within {limit:?} ({})",
+                standing()
+            ));
         }
         if now >= next_note {
             let secs = (now - start) as f64 / 1e9;
