@@ -241,17 +241,6 @@ impl<'a> Session<'a> {
         wakes: Wakes,
         env: &Env<'a>,
     ) -> Box<Session<'a>> {
-        Box::new(Session::new(id, ip, conn, leftover, wakes, env))
-    }
-
-    fn new(
-        id: ClientId,
-        ip: IpAddr,
-        conn: Conn,
-        leftover: Vec<u8>,
-        wakes: Wakes,
-        env: &Env<'a>,
-    ) -> Session<'a> {
         let settings = env.settings;
         let config = WebSocketConfig::default()
             .read_buffer_size(READ_BUFFER_BYTES)
@@ -259,7 +248,7 @@ impl<'a> Session<'a> {
             .max_message_size(Some(settings.max_message_bytes))
             .max_frame_size(Some(settings.max_message_bytes));
         let now = Instant::now();
-        Session {
+        Box::new(Session {
             id,
             ip,
             ws: WebSocket::from_partially_read(conn, leftover, Role::Server, Some(config)),
@@ -283,7 +272,7 @@ impl<'a> Session<'a> {
             commands: Vec::new(),
             stalled_since: None,
             write_armed: false,
-        }
+        })
     }
 
     fn run(&mut self) -> String {
