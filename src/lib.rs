@@ -110,7 +110,7 @@ pub enum StartError {
     #[error("--data-dir {}: {problem}", dir.display())]
     History {
         dir: std::path::PathBuf,
-        /// What is wrong, as the user sees it (see [`data_dir_problem`]).
+        /// What is wrong, as the user sees it (see `data_dir_problem`).
         problem: String,
         source: io::Error,
     },

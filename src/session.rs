@@ -10,9 +10,9 @@
 //! bytes) or its [`Outlet`] does (frames the socket did not take at once are waiting), or a
 //! keepalive ping is due. It reads without blocking and feeds tungstenite; it writes what waits in
 //! the outlet without blocking either, when the reactor says the socket has room (only its very
-//! last writes, the close, block, for at most [`CLOSE_TIMEOUT`] each). A client that stops reading
+//! last writes, the close, block, for at most `CLOSE_TIMEOUT` each). A client that stops reading
 //! lets its backlog grow until the outlet calls it too slow, or until nothing has gone out for
-//! [`WRITE_TIMEOUT`]. An idle connection costs no CPU, and a broadcast usually reaches a client
+//! `WRITE_TIMEOUT`. An idle connection costs no CPU, and a broadcast usually reaches a client
 //! without waking its thread at all.
 //!
 //! The session parses and rate-limits what the client sends (a client that sends more bytes than
