@@ -29,8 +29,7 @@ use crate::outlet::Outlet;
 use crate::protocol::{self, ChatError, ChatMessage, Command, Frame, RoomState, ServerEvent};
 use crate::ratelimit::TokenBucket;
 
-/// Connection ids, unique for the life of the process.
-pub type ClientId = u64;
+pub use crate::protocol::ClientId;
 
 /// Most events handled before history is committed and frames are delivered: bounds the delay a
 /// busy dispatcher adds before the first frame of a batch goes out.
@@ -656,11 +655,16 @@ impl Hub {
         else {
             return Ok(());
         };
+        let (room, from) = (sender.room.clone(), sender.name.clone());
+        let (to, receiver_room) = (receiver.name.clone(), receiver.room.clone());
+        // What the receiver reads counts against its room's budget, as the room's own messages
+        // do: however many addresses whisper to one member, it never reads more than its room.
+        self.take_room_bytes(&receiver_room, &from, &text)?;
         let message = ChatMessage {
             id: self.history.take_unstored_id(),
-            room: sender.room.clone(),
-            from: sender.name.clone(),
-            to: Some(receiver.name.clone()),
+            room,
+            from,
+            to: Some(to),
             text,
             ts: protocol::now_ms(),
             private: true,

@@ -9,12 +9,15 @@
 //! The session thread parks on its [`Doorbell`] until the [`Reactor`] rings (its socket has
 //! bytes) or its [`Outlet`] does (frames the socket did not take at once are waiting), or a
 //! keepalive ping is due. It reads without blocking and feeds tungstenite; it writes what waits in
-//! the outlet, blocking (with a timeout) only when the client stops reading; the dispatcher then
-//! sees the outlet's backlog grow and drops the client as too slow. An idle connection costs no
-//! CPU, and a broadcast usually reaches a client without waking its thread at all.
+//! the outlet without blocking either, when the reactor says the socket has room (only its very
+//! last writes, the close, block, for at most `CLOSE_TIMEOUT` each). A client that stops reading
+//! lets its backlog grow until the outlet calls it too slow, or until nothing has gone out for
+//! `WRITE_TIMEOUT`. An idle connection costs no CPU, and a broadcast usually reaches a client
+//! without waking its thread at all.
 //!
-//! The session parses and rate-limits what the client sends, and answers malformed input itself;
-//! everything else goes to the dispatcher. It knows nothing of rooms or other clients.
+//! The session parses and rate-limits what the client sends (a client that sends more bytes than
+//! `--rate-bytes` is simply not read for a while), and answers malformed input itself; everything
+//! else goes to the dispatcher. It knows nothing of rooms or other clients.
 //!
 //! On the echo endpoint ([`Endpoint::Echo`], `--echo`) the same session runs with one seam
 //! moved: what the client sends goes back to its own outlet instead of to the dispatcher, text as
@@ -257,18 +260,6 @@ impl<'a> Session<'a> {
         wakes: Wakes,
         env: &Env<'a>,
     ) -> Box<Session<'a>> {
-        Box::new(Session::new(id, ip, echo, conn, leftover, wakes, env))
-    }
-
-    fn new(
-        id: ClientId,
-        ip: IpAddr,
-        echo: bool,
-        conn: Conn,
-        leftover: Vec<u8>,
-        wakes: Wakes,
-        env: &Env<'a>,
-    ) -> Session<'a> {
         let settings = env.settings;
         let config = WebSocketConfig::default()
             .read_buffer_size(READ_BUFFER_BYTES)
@@ -276,7 +267,7 @@ impl<'a> Session<'a> {
             .max_message_size(Some(settings.max_message_bytes))
             .max_frame_size(Some(settings.max_message_bytes));
         let now = Instant::now();
-        Session {
+        Box::new(Session {
             id,
             ip,
             echo,
@@ -301,7 +292,7 @@ impl<'a> Session<'a> {
             commands: Vec::new(),
             stalled_since: None,
             write_armed: false,
-        }
+        })
     }
 
     fn run(&mut self) -> String {
