@@ -574,15 +574,12 @@ fn refuses_non_loopback_targets_and_bad_usage() {
 // storm: the server restarts under the tool, as a process of its own
 
 /// The `wschat` binary as a child process on `port` (0: a free one), with its limits lifted for
-/// a load test and its history in `data_dir`; returns it and the port it printed.
-fn spawn_wschat(port: u16, data_dir: Option<&std::path::Path>) -> (std::process::Child, u16) {
+/// a load test and `extra` flags; returns it and the port it printed.
+fn spawn_wschat(port: u16, extra: &[&str]) -> (std::process::Child, u16) {
     use std::io::{BufRead, BufReader};
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_wschat"));
-    cmd.args(["--port", &port.to_string(), "--load-test"]);
-    if let Some(dir) = data_dir {
-        cmd.arg("--data-dir").arg(dir);
-    }
-    let mut child = cmd
+    let mut child = Command::new(env!("CARGO_BIN_EXE_wschat"))
+        .args(["--port", &port.to_string(), "--load-test"])
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -600,24 +597,27 @@ fn spawn_wschat(port: u16, data_dir: Option<&std::path::Path>) -> (std::process:
     (child, port)
 }
 
-/// Runs `wschat-load storm` with 200 clients against a wschat process, and kills and restarts
-/// that process (same port, same data dir) when the tool says every client has the first round.
-/// `setup_timeout` bounds each of the tool's phases, the storm included.
-fn storm_across_a_restart(data_dir: Option<&std::path::Path>, setup_timeout: &str) -> Run {
+/// Runs `wschat-load storm` with 200 clients (and `tool_args`) against a wschat process (with
+/// `server_args`), and kills and restarts that process (same port, same flags) when the tool
+/// says every client has the first round.
+fn storm_across_a_restart(server_args: &[&str], tool_args: &[&str]) -> Run {
     use std::io::{BufRead, BufReader};
-    let (mut server, port) = spawn_wschat(0, data_dir);
+    let (mut server, port) = spawn_wschat(0, server_args);
     let url = format!("ws://127.0.0.1:{port}/chat");
-    let args = ["storm", "--url", &url, "-n", "200", "--per-room", "50"];
+    let args = [
+        "storm",
+        "--url",
+        &url,
+        "-n",
+        "200",
+        "--hold",
+        "30",
+        "--timeout",
+        "60",
+    ];
     let mut tool = Command::new(env!("CARGO_BIN_EXE_wschat-load"))
         .args(args)
-        .args([
-            "--hold",
-            "30",
-            "--setup-timeout",
-            setup_timeout,
-            "--timeout",
-            "60",
-        ])
+        .args(tool_args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -634,7 +634,7 @@ fn storm_across_a_restart(data_dir: Option<&std::path::Path>, setup_timeout: &st
     }
     let _ = server.kill(); // a crash, not a clean shutdown: nothing on disk may depend on it
     let _ = server.wait();
-    let (mut server, _) = spawn_wschat(port, data_dir);
+    let (mut server, _) = spawn_wschat(port, server_args);
     let mut out = String::new();
     let _ = tool.stdout.take().unwrap().read_to_string(&mut out);
     let _ = stderr.read_to_string(&mut seen);
@@ -652,14 +652,34 @@ fn storm_across_a_restart(data_dir: Option<&std::path::Path>, setup_timeout: &st
     }
 }
 
+/// A fresh, empty directory for one test's history, removed when dropped.
+struct DataDir(std::path::PathBuf);
+
+impl DataDir {
+    fn new(name: &str) -> DataDir {
+        let dir = std::env::temp_dir().join(format!("wschat-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("a temporary directory");
+        DataDir(dir)
+    }
+
+    fn path(&self) -> &str {
+        self.0.to_str().expect("a UTF-8 temporary path")
+    }
+}
+
+impl Drop for DataDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 #[test]
 fn storm_brings_every_client_back_with_every_message_across_a_restart() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = std::env::temp_dir().join(format!("wschat-storm-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let r = storm_across_a_restart(Some(&dir), "15");
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = DataDir::new("storm");
+    let server = ["--data-dir", dir.path()];
+    let r = storm_across_a_restart(&server, &["--per-room", "50", "--setup-timeout", "15"]);
     assert_ok(&r);
     let j = &r.json;
     assert_eq!((n(&j["resumed"]), n(&j["complete"])), (200, 200), "{j}");
@@ -670,14 +690,21 @@ fn storm_brings_every_client_back_with_every_message_across_a_restart() {
 }
 
 #[test]
-fn storm_reports_the_gap_a_restart_without_history_leaves() {
+fn storm_reports_what_a_replay_cut_short_loses() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    // Without --data-dir the new server numbers messages from 1 again: clients resuming with
-    // `since` skip the second round's first ids, and the tool must say so.
-    let r = storm_across_a_restart(None, "4");
+    // A server that keeps 2 messages per room: the clients that come back after the second
+    // round was stored (at least the odd-numbered half) get only its last 2 in their replay. The
+    // tool must count the other 3 as lost for each of them, and the replay as cut short.
+    let dir = DataDir::new("storm-short");
+    let server = ["--data-dir", dir.path(), "--history", "2"];
+    let r = storm_across_a_restart(&server, &["--per-room", "0", "--setup-timeout", "4"]);
     assert_eq!(r.code, 1, "{}\n{}", r.stdout, r.stderr);
     assert_eq!(r.json["ok"], false);
     assert_eq!(n(&r.json["resumed"]), 200, "{}", r.json);
-    assert!(n(&r.json["lost"]) > 0, "{}", r.json);
+    assert!(
+        n(&r.json["lost"]) >= 3 && n(&r.json["truncated"]) > 0,
+        "{}",
+        r.json
+    );
     assert_eq!(n(&r.json["duplicated"]), 0, "{}", r.json);
 }

@@ -6,7 +6,10 @@
 //! the server goes down (the tool runs --restart-cmd, or waits --hold seconds for someone else to
 //! restart it): every client notices its connection drop and reconnects with jittered, capped
 //! exponential backoff and `since=<newest id it got>`, as the page does. The first client of each
-//! room posts P more as soon as it is back, while the rest of the room is still reconnecting. The
+//! room (which retries every few milliseconds, to be back among the first) posts P more as soon
+//! as it is back. Every other client (odd-numbered) holds its reconnect until the server has every
+//! room's second round, so that it gets it in the replay of `since`; the rest race the posting and
+//! get it live or replayed. The
 //! run is ok when every client came back and got all 2P of its room exactly once and in order:
 //! no gap across the restart, no duplicate between the replay and live delivery. It reports how
 //! long the storm took: from the first drop to the last client back and resumed.
@@ -38,6 +41,9 @@ const CLOSE: u32 = 3;
 /// First reconnect delay bound; it doubles with each failed attempt up to --backoff-cap, and
 /// each wait is drawn uniformly below the bound (full jitter).
 const BACKOFF_BASE_NS: u64 = 50_000_000;
+/// The room's poster retries within this, without growing: it is back among the first, so
+/// that it can post the second round while the rest of the room is still away.
+const POSTER_RETRY_NS: u64 = 10_000_000;
 /// How long a client's blocking read waits before it looks at the phase again: short for the
 /// room's poster (it must post when the phase turns), long for the others, which only need to
 /// notice the end of the run (10,000 threads waking often would be load of their own).
@@ -59,6 +65,8 @@ struct Shared {
     resumed: AtomicUsize,
     /// Clients that have all 2P messages.
     complete: AtomicUsize,
+    /// Rooms whose second round the server has (its poster got its own messages back).
+    posted_after: AtomicUsize,
     first_drop_ns: AtomicU64,
     first_back_ns: AtomicU64,
     last_back_ns: AtomicU64,
@@ -142,6 +150,7 @@ pub fn run(o: &Opts, target: &Target) -> Outcome {
         dropped: AtomicUsize::new(0),
         resumed: AtomicUsize::new(0),
         complete: AtomicUsize::new(0),
+        posted_after: AtomicUsize::new(0),
         first_drop_ns: AtomicU64::new(u64::MAX),
         first_back_ns: AtomicU64::new(u64::MAX),
         last_back_ns: AtomicU64::new(0),
@@ -433,16 +442,21 @@ impl Client<'_> {
             self.sh.have_before.fetch_add(1, SeqCst);
         }
         if self.got == 2 * p {
+            if self.poster {
+                // Its own second round came back: the server has stored it.
+                self.sh.posted_after.fetch_add(1, SeqCst);
+            }
             self.sh.complete.fetch_add(1, SeqCst);
             self.sh.complete_ns.fetch_max(now_ns(), SeqCst);
         }
     }
 
-    /// The poster's part: the first round once everyone is in, the second as soon as it is
-    /// back after the restart.
+    /// The poster's part: the first round once everyone is in, the second as soon as it is back
+    /// after the restart.
     fn post(&mut self) {
-        let p = self.sh.messages();
-        let due = match self.sh.phase.load(SeqCst) {
+        let sh = self.sh;
+        let p = sh.messages();
+        let due = match sh.phase.load(SeqCst) {
             POST => p,
             RESTART if self.back => 2 * p,
             _ => return,
@@ -461,6 +475,19 @@ impl Client<'_> {
         }
         if let Err(e) = ws.get_mut().push() {
             self.st.errors.add(format!("send: {}", conn::io_kind(&e)));
+        }
+    }
+
+    /// An odd-numbered client waits until the server has every room's second round, so that
+    /// it needs the replay.
+    fn await_second_round(&self) {
+        let sh = self.sh;
+        let rooms = sh.o.connections.div_ceil(sh.room_size());
+        if self.poster || self.j.is_multiple_of(2) {
+            return;
+        }
+        while sh.posted_after.load(SeqCst) < rooms && sh.phase.load(SeqCst) != CLOSE {
+            thread::sleep(Duration::from_millis(2));
         }
     }
 
@@ -504,10 +531,14 @@ impl Client<'_> {
         let started = now_ns();
         let mut attempt = 0u32;
         while self.sh.phase.load(SeqCst) != CLOSE {
-            let bound = BACKOFF_BASE_NS
-                .saturating_mul(1 << attempt.min(20))
-                .min(cap);
+            let backoff = BACKOFF_BASE_NS.saturating_mul(1 << attempt.min(20));
+            let bound = if self.poster {
+                POSTER_RETRY_NS
+            } else {
+                backoff.min(cap)
+            };
             conn::sleep_until_ns(now_ns() + self.rng.next() % bound.max(1));
+            self.await_second_round();
             attempt += 1;
             self.st.attempts += 1;
             match self.connect(Some(self.since)) {
