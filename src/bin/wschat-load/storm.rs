@@ -18,7 +18,7 @@
 //! new server numbers from 1 again and `since` skips the new messages, which shows as lost.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::SeqCst};
-use std::sync::{Arc, mpsc};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, mpsc};
 use std::thread;
 use std::time::Duration;
 
@@ -65,8 +65,10 @@ struct Shared {
     resumed: AtomicUsize,
     /// Clients that have all 2P messages.
     complete: AtomicUsize,
-    /// Rooms whose second round the server has (its poster got its own messages back).
-    posted_after: AtomicUsize,
+    /// Rooms whose second round the server has (its poster got its own messages back); the
+    /// clients that wait for it sleep on `stored` (thousands of threads must not poll).
+    posted_after: Mutex<usize>,
+    stored: Condvar,
     first_drop_ns: AtomicU64,
     first_back_ns: AtomicU64,
     last_back_ns: AtomicU64,
@@ -86,6 +88,10 @@ impl Shared {
         }
     }
 
+    fn rooms(&self) -> usize {
+        self.o.connections.div_ceil(self.room_size())
+    }
+
     fn room_of(&self, j: usize) -> usize {
         j / self.room_size()
     }
@@ -98,6 +104,13 @@ impl Shared {
             Some(id) => format!("{url}?since={id}"),
             None => url,
         }
+    }
+
+    fn posted_after(&self) -> MutexGuard<'_, usize> {
+        // A counter: a panic elsewhere cannot leave it half-updated.
+        self.posted_after
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     fn text(&self, room: usize, seq: u64) -> String {
@@ -150,7 +163,8 @@ pub fn run(o: &Opts, target: &Target) -> Outcome {
         dropped: AtomicUsize::new(0),
         resumed: AtomicUsize::new(0),
         complete: AtomicUsize::new(0),
-        posted_after: AtomicUsize::new(0),
+        posted_after: Mutex::new(0),
+        stored: Condvar::new(),
         first_drop_ns: AtomicU64::new(u64::MAX),
         first_back_ns: AtomicU64::new(u64::MAX),
         last_back_ns: AtomicU64::new(0),
@@ -444,7 +458,11 @@ impl Client<'_> {
         if self.got == 2 * p {
             if self.poster {
                 // Its own second round came back: the server has stored it.
-                self.sh.posted_after.fetch_add(1, SeqCst);
+                let mut posted = self.sh.posted_after();
+                *posted += 1;
+                if *posted == self.sh.rooms() {
+                    self.sh.stored.notify_all(); // one wake-up each, when the last room is in
+                }
             }
             self.sh.complete.fetch_add(1, SeqCst);
             self.sh.complete_ns.fetch_max(now_ns(), SeqCst);
@@ -482,12 +500,16 @@ impl Client<'_> {
     /// it needs the replay.
     fn await_second_round(&self) {
         let sh = self.sh;
-        let rooms = sh.o.connections.div_ceil(sh.room_size());
         if self.poster || self.j.is_multiple_of(2) {
             return;
         }
-        while sh.posted_after.load(SeqCst) < rooms && sh.phase.load(SeqCst) != CLOSE {
-            thread::sleep(Duration::from_millis(2));
+        let mut posted = sh.posted_after();
+        while *posted < sh.rooms() && sh.phase.load(SeqCst) != CLOSE {
+            posted = sh
+                .stored
+                .wait_timeout(posted, MEMBER_POLL)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
         }
     }
 
@@ -609,7 +631,7 @@ fn report(sh: &Shared, st: Stats, fatal: Option<String>, not_joined: usize) -> O
     for (key, value) in [
         ("connections", json!(n)),
         ("per_room", json!(sh.o.per_room)),
-        ("rooms", json!(n.div_ceil(sh.room_size()))),
+        ("rooms", json!(sh.rooms())),
         ("messages_per_round", json!(sh.o.messages)),
         ("opened", json!(sh.opened.load(SeqCst))),
         ("dropped", json!(sh.dropped.load(SeqCst))),
