@@ -215,15 +215,15 @@ fn admit(front: &Arc<Front>, stream: TcpStream) {
 }
 
 /// Tells a turned-away client why in one short non-blocking write (if its socket takes it),
-/// logs the 1st, 2nd, 4th, 8th... refusal of each kind, and closes.
+/// logs the refusal (once a minute per kind at most: see [`Metrics::reject`]), and closes.
 fn turn_away(front: &Front, stream: &TcpStream, peer: SocketAddr, turned: Turned) {
-    let refused = front.metrics.reject(match turned {
+    let logged = front.metrics.reject(match turned {
         Turned::Connections => Rejection::TooManyConnections,
         Turned::AtDoor | Turned::AtDoorFromAddress => Rejection::TooManyPending,
         Turned::Rate => Rejection::ConnectionRate,
     });
-    if refused.is_power_of_two() {
-        warn!("turned away a connection from {peer}: {turned} ({refused} turned away so far)");
+    if let Some(count) = logged {
+        warn!("turned away a connection from {peer}: {turned} ({count} of this kind so far)");
     }
     let body = format!("{turned}; try again shortly\n");
     let response =
@@ -297,23 +297,27 @@ fn head_failed(front: &Front, stream: &TcpStream, peer: SocketAddr, e: HeadError
         HeadError::Closed => {}
         HeadError::Timeout if served > 0 => {} // an idle keep-alive connection: the usual end
         HeadError::Timeout => {
-            front.metrics.reject(Rejection::Timeout);
-            info!(
-                "dropped a connection from {peer}: no complete request within {:?}",
-                front.head_timeout
-            );
+            if let Some(count) = front.metrics.reject(Rejection::Timeout) {
+                info!(
+                    "dropped a connection from {peer}: no complete request within {:?} \
+                     ({count} of this kind so far)",
+                    front.head_timeout
+                );
+            }
         }
         HeadError::TooLarge => {
-            front.metrics.reject(Rejection::BadRequest);
-            info!("refused a request from {peer}: {e}");
+            if let Some(count) = front.metrics.reject(Rejection::BadRequest) {
+                info!("refused a request from {peer}: {e} ({count} bad requests so far)");
+            }
             let body = format!("{e}\n");
             let response =
                 handshake::status_response("431 Request Header Fields Too Large", "", &body);
             let _ = handshake::send(stream, &response);
         }
         HeadError::Malformed(why) => {
-            front.metrics.reject(Rejection::BadRequest);
-            info!("refused a request from {peer}: {e}");
+            if let Some(count) = front.metrics.reject(Rejection::BadRequest) {
+                info!("refused a request from {peer}: {e} ({count} bad requests so far)");
+            }
             let response =
                 handshake::status_response("400 Bad Request", "", &format!("bad request: {why}\n"));
             let _ = handshake::send(stream, &response);
@@ -403,10 +407,8 @@ fn request_log(request: &Request) -> String {
 }
 
 fn refuse(front: &Front, stream: &TcpStream, peer: SocketAddr, refusal: &Refusal) {
-    let refused = front.metrics.reject(refusal.kind());
-    // A flood of refusals would flood the log too: say it the 1st, 2nd, 4th, 8th... time.
-    if refused.is_power_of_two() {
-        info!("refused a WebSocket from {peer}: {refusal} ({refused} of this kind so far)");
+    if let Some(count) = front.metrics.reject(refusal.kind()) {
+        info!("refused a WebSocket from {peer}: {refusal} ({count} of this kind so far)");
     }
     let response = refusal.response(&front.page_url);
     debug!("handshake response to {peer}:\n{response}");
