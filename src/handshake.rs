@@ -137,23 +137,7 @@ pub fn check(request: &Request, policy: &Policy) -> Result<Upgrade, Refusal> {
         Some(rest) if rest.starts_with('/') => Some(crate::request::decode(&rest[1..])),
         _ => return Err(Refusal::NotFound(path.chars().take(100).collect())),
     };
-    if !is_upgrade(request) {
-        return Err(Refusal::UpgradeRequired);
-    }
-    if request.method != "GET" || request.minor_version != 1 {
-        return Err(Refusal::BadRequest(
-            "a WebSocket handshake is GET with HTTP/1.1",
-        ));
-    }
-    if request.header("sec-websocket-version") != Some("13") {
-        return Err(Refusal::BadRequest("Sec-WebSocket-Version must be 13"));
-    }
-    let key = request
-        .header("sec-websocket-key")
-        .filter(|k| k.len() == 24)
-        .ok_or(Refusal::BadRequest(
-            "missing or malformed Sec-WebSocket-Key",
-        ))?;
+    let accept_key = accept_key(request)?;
     check_origin(request, policy)?;
 
     let since = match request.query_value("since") {
@@ -173,12 +157,35 @@ pub fn check(request: &Request, policy: &Policy) -> Result<Upgrade, Refusal> {
         protocol: request
             .has_token("sec-websocket-protocol", "chat")
             .then_some("chat"),
-        accept_key: tungstenite::handshake::derive_accept_key(key.as_bytes()),
+        accept_key,
         client_ip: request.client_ip(policy.trusted_proxy),
     };
     protocol::check_room(&upgrade.room)
         .map_err(|_| Refusal::BadRequest("room names are 1-64 of A-Z a-z 0-9 - _ ."))?;
     Ok(upgrade)
+}
+
+/// The checks of every WebSocket upgrade, whatever its path: `GET`, HTTP/1.1, version 13, a
+/// key; returns the `Sec-WebSocket-Accept` value.
+pub fn accept_key(request: &Request) -> Result<String, Refusal> {
+    if !is_upgrade(request) {
+        return Err(Refusal::UpgradeRequired);
+    }
+    if request.method != "GET" || request.minor_version != 1 {
+        return Err(Refusal::BadRequest(
+            "a WebSocket handshake is GET with HTTP/1.1",
+        ));
+    }
+    if request.header("sec-websocket-version") != Some("13") {
+        return Err(Refusal::BadRequest("Sec-WebSocket-Version must be 13"));
+    }
+    let key = request
+        .header("sec-websocket-key")
+        .filter(|k| k.len() == 24)
+        .ok_or(Refusal::BadRequest(
+            "missing or malformed Sec-WebSocket-Key",
+        ))?;
+    Ok(tungstenite::handshake::derive_accept_key(key.as_bytes()))
 }
 
 /// Browsers always send `Origin`; other clients usually do not, and cannot be hijacked. The
@@ -226,13 +233,16 @@ fn is_this_host(origin: &str, port: u16) -> bool {
 
 /// The `101 Switching Protocols` response.
 pub fn accept_response(upgrade: &Upgrade) -> String {
-    let protocol = upgrade
-        .protocol
+    switching_response(&upgrade.accept_key, upgrade.protocol)
+}
+
+/// The `101 Switching Protocols` response for an accept key and an optional subprotocol.
+pub fn switching_response(accept_key: &str, protocol: Option<&str>) -> String {
+    let protocol = protocol
         .map(|p| format!("Sec-WebSocket-Protocol: {p}\r\n"))
         .unwrap_or_default();
     format!(
-        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n{protocol}\r\n",
-        upgrade.accept_key
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept_key}\r\n{protocol}\r\n"
     )
 }
 

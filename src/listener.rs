@@ -1,8 +1,9 @@
 //! The front door: one blocking `std::net::TcpListener` on the one public port, whose accept loop
 //! gives every connection its own thread. That thread reads the request head (bounded in size
 //! and time, [`crate::request`]) and then either upgrades it to a WebSocket ([`handshake`], then
-//! the [`session`]) or answers it as plain HTTP ([`http`]), keeping the connection for more
-//! requests while the client wants.
+//! the [`session`]), hands it to the socket.io door ([`sio_door`], for `/socket.io/`: polling
+//! requests, or a WebSocket in socket.io's dialect), or answers it as plain HTTP ([`http`]),
+//! keeping the connection for more requests while the client wants.
 //!
 //! This module owns the bookkeeping of connections as sockets: a handle on each so shutdown can
 //! cut them, and the [`Admission`] ticket each one holds. It knows nothing of rooms or names.
@@ -27,6 +28,7 @@ use crate::ratelimit::AddressBuckets;
 use crate::reactor::Reactor;
 use crate::request::{self, HeadError, Request};
 use crate::session::{self, Env, Joining, SESSION_STACK_BYTES, Settings};
+use crate::sio_door::{self, Next, SioDoor};
 
 /// Pause after a failed `accept` (e.g. out of file descriptors), so the loop does not spin.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
@@ -49,6 +51,8 @@ pub struct Front {
     /// Chat bytes per address (see [`session::Env`]).
     pub bytes_per_address: AddressBuckets,
     pub http: HttpShared,
+    /// socket.io's sessions, at `/socket.io/`.
+    pub sio: SioDoor,
     /// The whole first request head must arrive within this (slowloris bound).
     pub head_timeout: Duration,
     /// A keep-alive connection's next request, and any body, must arrive within this.
@@ -72,7 +76,7 @@ impl Front {
         reactor: Arc<Reactor>,
         admission: Arc<Admission>,
         bytes_per_address: AddressBuckets,
-        http: HttpShared,
+        (http, sio): (HttpShared, SioDoor),
         (head_timeout, http_timeout): (Duration, Duration),
         page_url: String,
     ) -> Self {
@@ -85,6 +89,7 @@ impl Front {
             admission,
             bytes_per_address,
             http,
+            sio,
             head_timeout,
             http_timeout,
             page_url,
@@ -92,6 +97,22 @@ impl Front {
             next_id: AtomicU64::new(1),
             streams: Mutex::new(HashMap::new()),
             ended: Condvar::new(),
+        }
+    }
+
+    /// A fresh id for a connection or a socket.io client (the two never share one).
+    pub fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Relaxed)
+    }
+
+    /// What a session borrows from the server.
+    pub fn env(&self) -> Env<'_> {
+        Env {
+            settings: &self.settings,
+            bytes_per_address: &self.bytes_per_address,
+            events: &self.events,
+            metrics: &self.metrics,
+            reactor: &self.reactor,
         }
     }
 
@@ -185,7 +206,7 @@ fn admit(front: &Arc<Front>, stream: TcpStream) {
         Ok(ticket) => ticket,
         Err(turned) => return turn_away(front, &stream, peer, turned),
     };
-    let id = front.next_id.fetch_add(1, Relaxed);
+    let id = front.next_id();
     let stream = Arc::new(stream);
     // Register before spawning, so shutdown never misses a socket.
     front.streams().insert(id, stream.clone());
@@ -250,20 +271,45 @@ fn connection(
             Err(e) => return head_failed(front, &stream, peer, e, served),
         };
         debug!("request from {peer}:\n{}", request_log(&request));
-        if handshake::is_chat_path(request.path()) || handshake::is_upgrade(&request) {
+        let keep_open = if sio_door::is_socketio_path(request.path()) {
+            match sio_door::serve(front, &stream, &request, &mut buffered, &mut ticket) {
+                Next::Http { keep_open } => keep_open,
+                Next::WebSocket(link, ip) => {
+                    drop(at_door);
+                    let joining = Joining {
+                        id,
+                        ip,
+                        name: None,
+                        room: String::new(),
+                        since: None,
+                        link: Some(link),
+                    };
+                    return run_session(front, id, stream, peer, joining, buffered);
+                }
+            }
+        } else if handshake::is_chat_path(request.path()) || handshake::is_upgrade(&request) {
             let Some(upgrade) = check_upgrade(front, &stream, &request, &mut ticket) else {
                 return;
             };
             drop(at_door);
-            return run_session(front, id, stream, peer, upgrade, buffered);
-        }
-        let keep_open = http::serve(
-            &front.http,
-            &stream,
-            &request,
-            &mut buffered,
-            front.http_timeout,
-        );
+            let joining = Joining {
+                id,
+                ip: upgrade.client_ip,
+                name: upgrade.name,
+                room: upgrade.room,
+                since: upgrade.since,
+                link: None,
+            };
+            return run_session(front, id, stream, peer, joining, buffered);
+        } else {
+            http::serve(
+                &front.http,
+                &stream,
+                &request,
+                &mut buffered,
+                front.http_timeout,
+            )
+        };
         if !keep_open || front.stopping.load(Relaxed) {
             break;
         }
@@ -319,23 +365,7 @@ fn check_upgrade(
     match upgrade {
         Ok(upgrade) => {
             let response = handshake::accept_response(&upgrade);
-            debug!("handshake response to {}:\n{response}", request.peer);
-            let setup = stream
-                .set_write_timeout(Some(front.head_timeout))
-                .and_then(|()| handshake::send(stream, &response))
-                .and_then(|()| stream.set_read_timeout(None))
-                .and_then(|()| stream.set_write_timeout(None))
-                .and_then(|()| stream.set_nodelay(true));
-            match setup {
-                Ok(()) => Some(upgrade),
-                Err(e) => {
-                    debug!(
-                        "connection from {} lost during the handshake: {e}",
-                        request.peer
-                    );
-                    None
-                }
-            }
+            switch_protocols(front, stream, request, &response).then_some(upgrade)
         }
         Err(refusal) => {
             refuse(front, stream, request.peer, &refusal);
@@ -344,30 +374,39 @@ fn check_upgrade(
     }
 }
 
+/// Answers `101` and readies the socket for its session; false if the connection was lost.
+pub fn switch_protocols(
+    front: &Front,
+    stream: &TcpStream,
+    request: &Request,
+    response: &str,
+) -> bool {
+    debug!("handshake response to {}:\n{response}", request.peer);
+    let setup = stream
+        .set_write_timeout(Some(front.head_timeout))
+        .and_then(|()| handshake::send(stream, response))
+        .and_then(|()| stream.set_read_timeout(None))
+        .and_then(|()| stream.set_write_timeout(None))
+        .and_then(|()| stream.set_nodelay(true));
+    if let Err(e) = &setup {
+        debug!(
+            "connection from {} lost during the handshake: {e}",
+            request.peer
+        );
+    }
+    setup.is_ok()
+}
+
 /// The connection is a WebSocket client now: hand it to its session.
 fn run_session(
     front: &Front,
     id: u64,
     stream: Arc<TcpStream>,
     peer: SocketAddr,
-    upgrade: handshake::Upgrade,
+    joining: Joining,
     leftover: Vec<u8>,
 ) {
-    let joining = Joining {
-        id,
-        ip: upgrade.client_ip,
-        name: upgrade.name,
-        room: upgrade.room,
-        since: upgrade.since,
-    };
-    let env = Env {
-        settings: &front.settings,
-        bytes_per_address: &front.bytes_per_address,
-        events: &front.events,
-        metrics: &front.metrics,
-        reactor: &front.reactor,
-    };
-    let reason = session::serve(stream, leftover, joining, env);
+    let reason = session::serve(stream, leftover, joining, front.env());
     debug!("connection {id} from {peer} ended: {reason}");
 }
 
@@ -383,7 +422,8 @@ fn request_log(request: &Request) -> String {
     text
 }
 
-fn refuse(front: &Front, stream: &TcpStream, peer: SocketAddr, refusal: &Refusal) {
+/// Answers a refused upgrade (or socket.io request) and logs it, sparingly.
+pub fn refuse(front: &Front, stream: &TcpStream, peer: SocketAddr, refusal: &Refusal) {
     let refused = front.metrics.reject(refusal.kind());
     // A flood of refusals would flood the log too: say it the 1st, 2nd, 4th, 8th... time.
     if refused.is_power_of_two() {
