@@ -49,7 +49,15 @@ describe('the socket.io tutorial page', { timeout: 2 * 60_000 }, () => {
     const tutorial = await context.newPage();
     const errors = [];
     tutorial.on('pageerror', (err) => errors.push(err.message));
-    tutorial.on('console', (msg) => { if (msg.type() === 'error') errors.push(msg.text()); });
+    tutorial.on('console', (msg) => {
+      // A failed load is reported below with its URL (the browser's own favicon request aside).
+      if (msg.type() === 'error' && !msg.text().startsWith('Failed to load resource')) errors.push(msg.text());
+    });
+    tutorial.on('response', (response) => {
+      if (response.status() >= 400 && !response.url().endsWith('/favicon.ico')) {
+        errors.push(`${response.status()} ${response.url()}`);
+      }
+    });
     try {
       await tutorial.goto(`${server.url}/tutorial/`, { timeout: WAIT_MS });
       // The tutorial page has no status line: it is connected once a message comes back.
