@@ -35,6 +35,12 @@
 //!    the doorbell tells the session to write it when the socket has room. If the batch cannot
 //!    be saved (a full disk), its messages are shown to no one and each sender gets an error.
 //!
+//! socket.io clients take the same road from step 3 on: [`sio_door`] serves `/socket.io/`
+//! (long polls on the connection's own thread, or a session in socket.io's dialect), each client
+//! is a [`sio_link::Link`] that turns Engine.IO and socket.io packets ([`engineio`],
+//! [`eio_session`], [`socketio`]) into the same events, and its outlet turns the dispatcher's
+//! frames into socket.io events, for its socket or its polling queue.
+//!
 //! Nothing in the dispatcher blocks on a client: a backlog past its bound means the client is too
 //! slow and is dropped. Every thread, queue, buffer and wait has a bound, named as a constant where
 //! it lives. [`metrics`] counts; [`config`] holds every tunable.

@@ -14,7 +14,7 @@
 //! together ([`Bounds`]); a [`Backlog`] over either says the client is too slow. The outlet
 //! frames text messages (RFC 6455, unmasked: server to client) and knows nothing of rooms.
 //!
-//! Its destination is one of two [`Way`]s: a socket (a WebSocket: raw clients, and socket.io
+//! Its destination is one of two ways: a socket (a WebSocket: raw clients, and socket.io
 //! clients once on a WebSocket), or the [`Queue`] of an Engine.IO polling session, whose waiting
 //! `GET` the queue wakes. A socket.io client's outlet has the [`Form`] `SocketIo`: each wschat
 //! frame becomes its socket.io event on the way in ([`crate::socketio::from_server_frame`]). When a

@@ -13,8 +13,11 @@
 //! sees the outlet's backlog grow and drops the client as too slow. An idle connection costs no
 //! CPU, and a broadcast usually reaches a client without waking its thread at all.
 //!
-//! The session parses and rate-limits what the client sends, and answers malformed input itself;
-//! everything else goes to the dispatcher. It knows nothing of rooms or other clients.
+//! The session parses and rate-limits what the client sends ([`Gate`]), and answers malformed
+//! input itself; everything else goes to the dispatcher. It knows nothing of rooms or other
+//! clients. A socket.io client's WebSocket is a session too, in socket.io's dialect: its text
+//! frames go to its [`Link`] (which applies the same [`Gate`]), its pings are Engine.IO's `2`, and
+//! when a polling client upgrades here the session takes over the client's outlet.
 
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Shutdown, TcpStream};

@@ -85,7 +85,7 @@ impl SioDoor {
         self.registry().get(sid).cloned()
     }
 
-    /// Runs the sweep every [`SWEEP_INTERVAL`] until `stopping` is set (and this thread unparked).
+    /// Runs the sweep every `SWEEP_INTERVAL` until `stopping` is set (and this thread unparked).
     pub fn sweep_until_stopped(&self, stopping: &AtomicBool, events: &Sender<Event>) {
         while !stopping.load(Relaxed) {
             self.sweep(Instant::now(), events);
