@@ -73,6 +73,9 @@ pub struct Config {
     pub handshake_timeout: Duration,
     /// An HTTP connection idle (not sending, not reading) this long is dropped.
     pub http_timeout: Duration,
+    /// `--load-test`: the per-connection rate limits and the per-address caps are off, so one
+    /// machine's load generator is not refused. Logged loudly at start; never for a public server.
+    pub load_test: bool,
     // ----- what one address, connection or room may send (see the README's memory ceiling) -----
     /// New connections per second from one address (burst: twice that); 0 = no limit.
     pub conn_rate_per_ip: f64,
@@ -122,6 +125,7 @@ impl Default for Config {
             ping_interval: Duration::from_secs(30),
             handshake_timeout: Duration::from_secs(5),
             http_timeout: Duration::from_secs(10),
+            load_test: false,
             conn_rate_per_ip: 50.0,
             rate_bytes: 64.0 * 1024.0,
             rate_bytes_per_ip: 128.0 * 1024.0,
@@ -185,82 +189,104 @@ USAGE: wschat [FLAGS]
   --history-bytes N      bytes of history kept over all rooms (default 33554432)
   --room-quiet SECS      when all rooms are taken, an empty room quiet this long
                          gives its slot to a new one (default 600)
+  --load-test            for load generators on this machine: no chat rate limits (per
+                         connection, address or room), no per-address caps; overrides the
+                         flags of those limits; logged at start; never on a public server
   -h, --help             print this help
   -V, --version          print the version
 
 Logging: RUST_LOG=debug shows every message and the raw handshakes.
 ";
 
-/// Reads flags (and `PORT`, `WSCHAT_API_TOKEN`) into a [`Config`].
+/// `--load-test`'s chat rate and burst per connection: high enough that no load generator on
+/// one machine reaches them, finite so the token bucket's arithmetic stays ordinary.
+pub const LOAD_TEST_RATE: f64 = 1e9;
+
+/// Reads flags (and `PORT`, `WSCHAT_API_TOKEN`) into a [`Config`]. Every error names the flag
+/// (or variable) and what it allows.
 pub fn parse_args(
     args: impl IntoIterator<Item = OsString>,
     env: impl Fn(&str) -> Option<String>,
 ) -> Result<Parsed, lexopt::Error> {
-    use lexopt::prelude::*;
     let mut cfg = Config::default();
     if let Some(port) = env("PORT") {
-        cfg.http_port = port.parse().map_err(|_| bad_value("PORT", &port))?;
+        cfg.http_port = parse_port("PORT", &port)?;
     }
     cfg.api_token = env("WSCHAT_API_TOKEN");
     let mut parser = lexopt::Parser::from_iter(args);
     while let Some(arg) = parser.next()? {
-        match arg {
+        use lexopt::prelude::*;
+        let flag = match arg {
             Short('h') | Long("help") => return Ok(Parsed::Help),
             Short('V') | Long("version") => return Ok(Parsed::Version),
-            Long("port") => cfg.http_port = parser.value()?.parse()?,
             Long("ws-port") => return Err(WS_PORT_GONE.into()),
-            Long("bind") => cfg.bind = parser.value()?.parse()?,
-            Long("www") => cfg.www_dir = Some(parser.value()?.into()),
-            Long("socketio-client") => cfg.socketio_client = Some(parser.value()?.into()),
-            Long("public-ws-url") => cfg.public_ws_url = Some(parser.value()?.string()?),
-            Long("history") => cfg.history = parser.value()?.parse()?,
-            Long("data-dir") => cfg.data_dir = Some(parser.value()?.into()),
-            Long("fsync") => cfg.fsync = parse_fsync(&parser.value()?.string()?)?,
-            Long("compact-bytes") => cfg.compact_bytes = parser.value()?.parse()?,
-            Long("api-token") => cfg.api_token = Some(parser.value()?.string()?),
-            Long("max-message-bytes") => cfg.max_message_bytes = parser.value()?.parse()?,
-            Long("max-clients") => cfg.max_clients = parser.value()?.parse()?,
-            Long("max-clients-per-ip") => cfg.max_clients_per_ip = parser.value()?.parse()?,
-            Long("trusted-proxy") => cfg.trusted_proxy = Some(parser.value()?.parse()?),
-            Long("rate") => cfg.rate = parse_positive(&parser.value()?.string()?)?,
-            Long("burst") => cfg.burst = parse_positive(&parser.value()?.string()?)?,
-            Long("allow-origin") => cfg.allow_origins.push(parser.value()?.string()?),
-            Long("max-rooms") => cfg.max_rooms = parser.value()?.parse()?,
-            Long("presence-limit") => cfg.presence_limit = parser.value()?.parse()?,
-            Long("client-queue") => cfg.client_queue = parser.value()?.parse()?,
-            Long("client-queue-bytes") => cfg.client_queue_bytes = parser.value()?.parse()?,
-            Long("ping-interval") => cfg.ping_interval = parse_secs(&parser.value()?.string()?)?,
-            Long("handshake-timeout") => {
-                cfg.handshake_timeout = parse_secs(&parser.value()?.string()?)?
+            Long("load-test") => {
+                cfg.load_test = true;
+                continue;
             }
-            Long("http-timeout") => cfg.http_timeout = parse_secs(&parser.value()?.string()?)?,
-            Long("conn-rate-per-ip") => cfg.conn_rate_per_ip = parser.value()?.parse()?,
-            Long("rate-bytes") => cfg.rate_bytes = parse_positive(&parser.value()?.string()?)?,
-            Long("rate-bytes-per-ip") => {
-                cfg.rate_bytes_per_ip = parse_positive(&parser.value()?.string()?)?
-            }
-            Long("room-rate-bytes") => {
-                cfg.room_rate_bytes = parse_positive(&parser.value()?.string()?)?
-            }
-            Long("backlog-bytes") => cfg.backlog_bytes = parser.value()?.parse()?,
-            Long("api-rate") => cfg.api_rate = parse_positive(&parser.value()?.string()?)?,
-            // History bounds.
-            Long("history-bytes") => cfg.history_bytes = parser.value()?.parse()?,
-            Long("room-quiet") => cfg.room_quiet = parse_secs(&parser.value()?.string()?)?,
+            Long(name) => format!("--{name}"),
             _ => return Err(arg.unexpected()),
-        }
+        };
+        apply(&mut cfg, &flag, &mut parser)?;
     }
-    if cfg
-        .api_token
-        .as_deref()
-        .is_some_and(|t| t.trim().is_empty())
-    {
-        return Err(EMPTY_TOKEN.into());
-    }
-    if cfg.client_queue == 0 || cfg.max_message_bytes < 16 {
-        return Err("--client-queue must be at least 1 and --max-message-bytes at least 16".into());
+    check(&cfg)?;
+    if cfg.load_test {
+        lift_for_load_test(&mut cfg);
     }
     Ok(Parsed::Run(Box::new(cfg)))
+}
+
+/// `--load-test`: every chat rate limit (per connection, address and room) and every
+/// per-address cap off. The total bounds (clients, rooms, queues, memory) stay.
+fn lift_for_load_test(cfg: &mut Config) {
+    cfg.rate = LOAD_TEST_RATE;
+    cfg.burst = LOAD_TEST_RATE;
+    cfg.rate_bytes = LOAD_TEST_RATE;
+    cfg.rate_bytes_per_ip = LOAD_TEST_RATE;
+    cfg.room_rate_bytes = LOAD_TEST_RATE;
+    cfg.conn_rate_per_ip = 0.0; // 0 = no limit
+    cfg.max_clients_per_ip = 0; // 0 = no limit
+}
+
+/// Applies one flag that takes a value.
+fn apply(cfg: &mut Config, flag: &str, parser: &mut lexopt::Parser) -> Result<(), lexopt::Error> {
+    let mut value = || text(flag, parser.value()?);
+    match flag {
+        "--port" => cfg.http_port = parse_port(flag, &value()?)?,
+        "--bind" => cfg.bind = parse_ip(flag, &value()?)?,
+        "--www" => cfg.www_dir = Some(value()?.into()),
+        "--socketio-client" => cfg.socketio_client = Some(value()?.into()),
+        "--public-ws-url" => cfg.public_ws_url = Some(value()?),
+        "--history" => cfg.history = parse_count(flag, &value()?)?,
+        "--data-dir" => cfg.data_dir = Some(value()?.into()),
+        "--fsync" => cfg.fsync = parse_fsync(&value()?)?,
+        "--compact-bytes" => cfg.compact_bytes = parse_count(flag, &value()?)?,
+        "--api-token" => cfg.api_token = Some(value()?),
+        "--max-message-bytes" => cfg.max_message_bytes = parse_count(flag, &value()?)?,
+        "--max-clients" => cfg.max_clients = parse_count(flag, &value()?)?,
+        "--max-clients-per-ip" => cfg.max_clients_per_ip = parse_count(flag, &value()?)?,
+        "--trusted-proxy" => cfg.trusted_proxy = Some(parse_ip(flag, &value()?)?),
+        "--rate" => cfg.rate = parse_positive(flag, &value()?)?,
+        "--burst" => cfg.burst = parse_positive(flag, &value()?)?,
+        "--allow-origin" => cfg.allow_origins.push(parse_origin(&value()?)?),
+        "--max-rooms" => cfg.max_rooms = parse_count(flag, &value()?)?,
+        "--presence-limit" => cfg.presence_limit = parse_count(flag, &value()?)?,
+        "--client-queue" => cfg.client_queue = parse_count(flag, &value()?)?,
+        "--client-queue-bytes" => cfg.client_queue_bytes = parse_count(flag, &value()?)?,
+        "--ping-interval" => cfg.ping_interval = parse_secs(flag, &value()?)?,
+        "--handshake-timeout" => cfg.handshake_timeout = parse_secs(flag, &value()?)?,
+        "--http-timeout" => cfg.http_timeout = parse_secs(flag, &value()?)?,
+        "--conn-rate-per-ip" => cfg.conn_rate_per_ip = parse_rate_or_off(flag, &value()?)?,
+        "--rate-bytes" => cfg.rate_bytes = parse_positive(flag, &value()?)?,
+        "--rate-bytes-per-ip" => cfg.rate_bytes_per_ip = parse_positive(flag, &value()?)?,
+        "--room-rate-bytes" => cfg.room_rate_bytes = parse_positive(flag, &value()?)?,
+        "--backlog-bytes" => cfg.backlog_bytes = parse_count(flag, &value()?)?,
+        "--api-rate" => cfg.api_rate = parse_positive(flag, &value()?)?,
+        "--history-bytes" => cfg.history_bytes = parse_count(flag, &value()?)?,
+        "--room-quiet" => cfg.room_quiet = parse_secs(flag, &value()?)?,
+        _ => return Err(lexopt::Error::UnexpectedOption(flag.to_owned())),
+    }
+    Ok(())
 }
 
 /// `--ws-port` is gone: one line saying what replaced it.
@@ -270,8 +296,47 @@ const WS_PORT_GONE: &str = "--ws-port was removed: WebSockets are served on --po
 const EMPTY_TOKEN: &str = "the API token (--api-token or WSCHAT_API_TOKEN) is empty: \
                            give a real token, or leave both unset to turn posting off";
 
-fn bad_value(name: &str, value: &str) -> lexopt::Error {
-    format!("invalid value {value:?} for {name}").into()
+/// The bounds no single flag can check alone, and values that are dangerous rather than wrong.
+fn check(cfg: &Config) -> Result<(), lexopt::Error> {
+    if cfg
+        .api_token
+        .as_deref()
+        .is_some_and(|t| t.trim().is_empty())
+    {
+        return Err(EMPTY_TOKEN.into());
+    }
+    if cfg.client_queue == 0 {
+        return Err("--client-queue: must be at least 1".into());
+    }
+    if cfg.max_message_bytes < 16 {
+        return Err("--max-message-bytes: must be at least 16".into());
+    }
+    Ok(())
+}
+
+/// A flag's value as text, or an error naming the flag.
+fn text(flag: &str, value: OsString) -> Result<String, lexopt::Error> {
+    value
+        .into_string()
+        .map_err(|v| format!("{flag}: {v:?} is not valid UTF-8 text").into())
+}
+
+fn parse_port(flag: &str, s: &str) -> Result<u16, lexopt::Error> {
+    s.trim()
+        .parse()
+        .map_err(|_| format!("{flag}: {s:?} is not a port number (0-65535)").into())
+}
+
+fn parse_count<T: std::str::FromStr>(flag: &str, s: &str) -> Result<T, lexopt::Error> {
+    s.trim()
+        .parse()
+        .map_err(|_| format!("{flag}: {s:?} is not a whole number (0 or more)").into())
+}
+
+fn parse_ip(flag: &str, s: &str) -> Result<IpAddr, lexopt::Error> {
+    s.trim().parse().map_err(|_| {
+        format!("{flag}: {s:?} is not an IP address (like 127.0.0.1, 0.0.0.0 or ::1)").into()
+    })
 }
 
 fn parse_fsync(s: &str) -> Result<Fsync, lexopt::Error> {
@@ -279,19 +344,66 @@ fn parse_fsync(s: &str) -> Result<Fsync, lexopt::Error> {
         "always" => Ok(Fsync::Always),
         "interval" => Ok(Fsync::Interval),
         "never" => Ok(Fsync::Never),
-        _ => Err(bad_value("--fsync (always|interval|never)", s)),
+        _ => Err(format!("--fsync: {s:?} is not one of always, interval, never").into()),
     }
 }
 
-fn parse_positive(s: &str) -> Result<f64, lexopt::Error> {
-    match s.parse::<f64>() {
+fn parse_positive(flag: &str, s: &str) -> Result<f64, lexopt::Error> {
+    match s.trim().parse::<f64>() {
         Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
-        _ => Err(bad_value("a positive number", s)),
+        _ => Err(format!("{flag}: {s:?} is not a number above 0").into()),
     }
 }
 
-fn parse_secs(s: &str) -> Result<Duration, lexopt::Error> {
-    parse_positive(s).map(Duration::from_secs_f64)
+/// A rate where 0 turns the limit off.
+fn parse_rate_or_off(flag: &str, s: &str) -> Result<f64, lexopt::Error> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        _ => Err(format!("{flag}: {s:?} is not a number (0 or more; 0 = no limit)").into()),
+    }
+}
+
+fn parse_secs(flag: &str, s: &str) -> Result<Duration, lexopt::Error> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 && v <= MAX_SECS => Ok(Duration::from_secs_f64(v)),
+        _ => {
+            Err(format!("{flag}: {s:?} is not a number of seconds above 0 (at most a day)").into())
+        }
+    }
+}
+
+/// The longest timeout or interval a flag takes: longer is surely a typo, and `Duration`
+/// overflows on absurd values.
+const MAX_SECS: f64 = 86_400.0;
+
+/// `*`, or an origin as browsers send it: `scheme://host[:port]`, no path.
+fn parse_origin(s: &str) -> Result<String, lexopt::Error> {
+    let trimmed = s.trim().trim_end_matches('/');
+    if trimmed == "*" || is_origin(trimmed) {
+        return Ok(trimmed.to_owned());
+    }
+    Err(format!(
+        "--allow-origin: {s:?} is not an origin (scheme://host[:port], \
+         like https://chat.example.org or http://192.168.1.5:5000; or * for any)"
+    )
+    .into())
+}
+
+fn is_origin(s: &str) -> bool {
+    let Some((scheme, rest)) = s.split_once("://") else {
+        return false;
+    };
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) if !p.contains(']') => (h, Some(p)),
+        _ => (rest, None),
+    };
+    let scheme_ok = scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+        && scheme
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c));
+    let host_ok =
+        !host.is_empty() && !host.contains(|c: char| c.is_whitespace() || "/?#@".contains(c));
+    scheme_ok && host_ok && port.is_none_or(|p| p.parse::<u16>().is_ok())
 }
 
 #[cfg(test)]
@@ -344,5 +456,163 @@ mod tests {
         assert!(parse(&["--fsync", "sometimes"], None).is_err());
         assert!(parse(&[], Some("x")).is_err());
         assert!(matches!(parse(&["--help"], None), Ok(Parsed::Help)));
+    }
+
+    fn error_of(args: &[&str], port: Option<&str>) -> String {
+        match parse(args, port) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("{args:?} was accepted"),
+        }
+    }
+
+    #[test]
+    fn a_bad_port_names_its_flag_and_the_range() {
+        for bad in ["abc", "70000", "-1", ""] {
+            assert_eq!(
+                error_of(&["--port", bad], None),
+                format!("--port: {bad:?} is not a port number (0-65535)")
+            );
+        }
+        assert_eq!(
+            error_of(&[], Some("x")),
+            "PORT: \"x\" is not a port number (0-65535)"
+        );
+    }
+
+    #[test]
+    fn every_numeric_flag_names_itself_and_what_it_allows() {
+        let counts = [
+            "--history",
+            "--compact-bytes",
+            "--max-message-bytes",
+            "--max-clients",
+            "--max-clients-per-ip",
+            "--max-rooms",
+            "--presence-limit",
+            "--client-queue",
+            "--client-queue-bytes",
+            "--backlog-bytes",
+            "--history-bytes",
+        ];
+        for flag in counts {
+            let e = error_of(&[flag, "many"], None);
+            assert_eq!(
+                e,
+                format!("{flag}: \"many\" is not a whole number (0 or more)")
+            );
+        }
+        let positives = [
+            "--rate",
+            "--burst",
+            "--rate-bytes",
+            "--rate-bytes-per-ip",
+            "--room-rate-bytes",
+            "--api-rate",
+        ];
+        for flag in positives {
+            for bad in ["0", "-1", "fast", "inf"] {
+                let e = error_of(&[flag, bad], None);
+                assert_eq!(e, format!("{flag}: {bad:?} is not a number above 0"));
+            }
+        }
+        let times = [
+            "--ping-interval",
+            "--handshake-timeout",
+            "--http-timeout",
+            "--room-quiet",
+        ];
+        for flag in times {
+            for bad in ["0", "soon", "1e12"] {
+                let e = error_of(&[flag, bad], None);
+                assert!(e.starts_with(&format!("{flag}: {bad:?} is not a number of seconds")));
+            }
+        }
+        let e = error_of(&["--conn-rate-per-ip", "-1"], None);
+        assert_eq!(
+            e,
+            "--conn-rate-per-ip: \"-1\" is not a number (0 or more; 0 = no limit)"
+        );
+    }
+
+    #[test]
+    fn other_bad_values_name_their_flag() {
+        let cases = [
+            (
+                &["--bind", "localhost"][..],
+                "--bind: \"localhost\" is not an IP address",
+            ),
+            (
+                &["--trusted-proxy", "proxy"],
+                "--trusted-proxy: \"proxy\" is not an IP address",
+            ),
+            (
+                &["--fsync", "sometimes"],
+                "--fsync: \"sometimes\" is not one of always",
+            ),
+            (
+                &["--client-queue", "0"],
+                "--client-queue: must be at least 1",
+            ),
+            (
+                &["--max-message-bytes", "8"],
+                "--max-message-bytes: must be at least 16",
+            ),
+            (&["--port"], "missing argument for option '--port'"),
+            (&["--colour"], "invalid option '--colour'"),
+        ];
+        for (args, start) in cases {
+            let e = error_of(args, None);
+            assert!(e.starts_with(start), "{args:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn allow_origin_takes_origins_and_star_only() {
+        for bad in [
+            "foo",
+            "chat.example.org",
+            "https://",
+            "https://host/path",
+            "http://h:99999",
+        ] {
+            let e = error_of(&["--allow-origin", bad], None);
+            assert!(
+                e.starts_with(&format!("--allow-origin: {bad:?} is not an origin")),
+                "{e}"
+            );
+        }
+        let good = [
+            "*",
+            "https://chat.example.org/",
+            "http://192.168.1.5:5000",
+            "http://[::1]:80",
+        ];
+        let args: Vec<&str> = good.iter().flat_map(|o| ["--allow-origin", o]).collect();
+        let Ok(Parsed::Run(cfg)) = parse(&args, None) else {
+            panic!("origins refused")
+        };
+        assert_eq!(cfg.allow_origins[1], "https://chat.example.org");
+        assert_eq!(cfg.allow_origins.len(), good.len());
+    }
+
+    #[test]
+    fn load_test_lifts_the_rate_limits_and_the_per_address_caps() {
+        let Ok(Parsed::Run(cfg)) = parse(&["--rate", "5", "--load-test"], None) else {
+            panic!("expected a config")
+        };
+        assert!(cfg.load_test);
+        let rates = [
+            cfg.rate,
+            cfg.burst,
+            cfg.rate_bytes,
+            cfg.rate_bytes_per_ip,
+            cfg.room_rate_bytes,
+        ];
+        assert_eq!(rates, [LOAD_TEST_RATE; 5]);
+        assert_eq!((cfg.conn_rate_per_ip, cfg.max_clients_per_ip), (0.0, 0));
+        let Ok(Parsed::Run(cfg)) = parse(&[], None) else {
+            panic!("expected a config")
+        };
+        assert!(!cfg.load_test && cfg.rate < LOAD_TEST_RATE && cfg.max_clients_per_ip > 0);
     }
 }

@@ -365,6 +365,9 @@ impl Hub {
     }
 
     fn rename(&mut self, id: ClientId, name: String) -> Result<(), ChatError> {
+        if self.clients.get(&id).is_some_and(|c| c.name == name) {
+            return Ok(()); // already so named: nothing changes, nobody is told
+        }
         let name = self.free_name(name, id)?;
         let Some(client) = self.clients.get_mut(&id) else {
             return Ok(());
@@ -457,17 +460,19 @@ impl Hub {
             .iter()
             .filter_map(|m| protocol::raw_json(&m.frame))
             .collect();
+        let last_id = slice.messages.last().map_or(since.unwrap_or(0), |m| m.id);
         let state = RoomState {
             room,
             users,
             count,
+            last_id,
             history,
             truncated: slice.truncated,
             more: slice.more,
         };
         let frame = if welcome {
             protocol::encode(&ServerEvent::Welcome {
-                id,
+                client_id: id,
                 name: &me.name,
                 room: state,
             })

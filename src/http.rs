@@ -326,9 +326,16 @@ fn post_message(shared: &HttpShared, exchange: &mut Exchange<'_>, room: String) 
         .header("Authorization")
         .and_then(bearer)
         .unwrap_or("");
-    if !constant_time_eq::constant_time_eq(given.as_bytes(), token.as_bytes()) {
-        return json_error(401, "unauthorized", "send Authorization: Bearer <token>")
+    if given.is_empty() {
+        return json_error(401, "missing_token", "send Authorization: Bearer <token>")
             .with_header(header("WWW-Authenticate", "Bearer"));
+    }
+    if !constant_time_eq::constant_time_eq(given.as_bytes(), token.as_bytes()) {
+        let reason = "the bearer token is not this server's --api-token";
+        return json_error(401, "bad_token", reason).with_header(header(
+            "WWW-Authenticate",
+            r#"Bearer error="invalid_token""#,
+        ));
     }
     if let Some(refused) = over_post_rate(shared, request) {
         return refused;

@@ -109,8 +109,13 @@ pub enum StartError {
         source: io::Error,
         hint: &'static str,
     },
-    #[error("cannot open the history in {dir}: {source}")]
-    History { dir: String, source: io::Error },
+    #[error("--data-dir {}: {problem}", dir.display())]
+    History {
+        dir: std::path::PathBuf,
+        /// What is wrong, as the user sees it (see [`data_dir_problem`]).
+        problem: String,
+        source: io::Error,
+    },
     #[error("cannot start a thread or the socket poller: {0}")]
     Thread(io::Error),
 }
@@ -144,9 +149,14 @@ impl Server {
             compact_bytes: config.compact_bytes,
             max_line_bytes: history::max_line_bytes(config.max_message_bytes),
         })
-        .map_err(|source| StartError::History {
-            dir: format!("{:?}", config.data_dir),
-            source,
+        .map_err(|source| {
+            let dir = config.data_dir.clone().unwrap_or_default();
+            let problem = data_dir_problem(&dir, &source);
+            StartError::History {
+                dir,
+                problem,
+                source,
+            }
         })?;
         let metrics = Arc::new(Metrics::default());
         let (events, inbox) = crossbeam_channel::bounded(DISPATCHER_QUEUE);
@@ -422,6 +432,19 @@ fn local_addr(listener: &TcpListener, port: u16) -> Result<SocketAddr, StartErro
         source,
         hint: "",
     })
+}
+
+/// Why a data dir could not be used, in the user's words rather than the OS's.
+fn data_dir_problem(dir: &std::path::Path, e: &io::Error) -> String {
+    use io::ErrorKind::*;
+    match std::fs::metadata(dir) {
+        Ok(meta) if !meta.is_dir() => "is not a directory".into(),
+        Ok(_) if matches!(e.kind(), PermissionDenied | ReadOnlyFilesystem | NotFound) => {
+            "is not writable".into()
+        }
+        Ok(_) => format!("cannot hold the history: {e}"),
+        Err(_) => format!("cannot be created: {e}"),
+    }
 }
 
 fn spawn(name: &str, body: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>, StartError> {

@@ -263,48 +263,51 @@ fn connection(
     mut ticket: Ticket,
     at_door: AtDoor<'_>,
 ) {
+    if let Some((joining, leftover)) = at_the_door(front, id, &stream, peer, &mut ticket) {
+        drop(at_door);
+        run_session(front, id, stream, peer, joining, leftover);
+    }
+}
+
+/// Serves requests until one asks for a WebSocket (checked, answered `101`, and returned with the
+/// bytes read past it: a chat client, or a socket.io session's) or the connection ends. Never inlined: the requests, their buffers and the
+/// HTTP answers' frames are gone before the session starts (an idle connection's memory is
+/// mostly what its thread keeps).
+#[inline(never)]
+fn at_the_door(
+    front: &Front,
+    id: u64,
+    stream: &TcpStream,
+    peer: SocketAddr,
+    ticket: &mut Ticket,
+) -> Option<(Joining, Vec<u8>)> {
     let mut buffered = Vec::new();
     let mut deadline = Instant::now() + front.head_timeout.min(front.http_timeout);
     for served in 0..MAX_REQUESTS_PER_CONNECTION {
-        let request = match request::read_head(&stream, &mut buffered, deadline) {
+        let request = match request::read_head(stream, &mut buffered, deadline) {
             Ok(request) => request,
-            Err(e) => return head_failed(front, &stream, peer, e, served),
+            Err(e) => {
+                head_failed(front, stream, peer, e, served);
+                return None;
+            }
         };
         debug!("request from {peer}:\n{}", request_log(&request));
         let keep_open = if sio_door::is_socketio_path(request.path()) {
-            match sio_door::serve(front, &stream, &request, &mut buffered, &mut ticket) {
+            match sio_door::serve(front, stream, &request, &mut buffered, ticket) {
                 Next::Http { keep_open } => keep_open,
                 Next::WebSocket(link, ip) => {
-                    drop(at_door);
-                    let joining = Joining {
-                        id,
-                        ip,
-                        name: None,
-                        room: String::new(),
-                        since: None,
-                        link: Some(link),
-                    };
-                    return run_session(front, id, stream, peer, joining, buffered);
+                    buffered.shrink_to_fit();
+                    return Some((Joining::socketio(id, ip, link), buffered));
                 }
             }
         } else if handshake::is_chat_path(request.path()) || handshake::is_upgrade(&request) {
-            let Some(upgrade) = check_upgrade(front, &stream, &request, &mut ticket) else {
-                return;
-            };
-            drop(at_door);
-            let joining = Joining {
-                id,
-                ip: upgrade.client_ip,
-                name: upgrade.name,
-                room: upgrade.room,
-                since: upgrade.since,
-                link: None,
-            };
-            return run_session(front, id, stream, peer, joining, buffered);
+            let upgrade = check_upgrade(front, stream, &request, ticket)?;
+            buffered.shrink_to_fit();
+            return Some((Joining::chat(id, upgrade), buffered));
         } else {
             http::serve(
                 &front.http,
-                &stream,
+                stream,
                 &request,
                 &mut buffered,
                 front.http_timeout,
@@ -316,6 +319,7 @@ fn connection(
         deadline = Instant::now() + front.http_timeout;
     }
     let _ = stream.shutdown(Shutdown::Both);
+    None
 }
 
 /// The head could not be read: answer what deserves an answer, log what deserves a line.

@@ -24,6 +24,11 @@ fn main() -> ExitCode {
         }
     };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    if config.load_test {
+        log::warn!(
+            "load-test mode: rate limits and per-address caps are off; do not expose this server"
+        );
+    }
     run(config)
 }
 

@@ -206,7 +206,8 @@ pub struct ChatMessage {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ServerEvent<'a> {
     Welcome {
-        id: u64,
+        /// This connection's number (`guest-N` uses it); not a message id.
+        client_id: u64,
         name: &'a str,
         #[serde(flatten)]
         room: RoomState<'a>,
@@ -255,6 +256,9 @@ pub struct RoomState<'a> {
     pub room: &'a str,
     pub users: Vec<&'a str>,
     pub count: usize,
+    /// The message id to resume from: pass it as `since` to get exactly what came after this
+    /// frame (the newest message of `history`, or the `since` asked for when nothing is newer).
+    pub last_id: u64,
     pub history: Vec<&'a RawValue>,
     /// Messages after `since` are gone for good: the client missed some.
     pub truncated: bool,

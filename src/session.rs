@@ -33,6 +33,7 @@ use tungstenite::{Error as WsError, Message, WebSocket};
 
 use crate::dispatcher::{ClientId, Connect, Event};
 use crate::doorbell::{Doorbell, READABLE, WAITING, WRITABLE};
+use crate::handshake::Upgrade;
 use crate::metrics::Metrics;
 use crate::outlet::{self, Outlet};
 use crate::protocol::{self, ChatError, Command};
@@ -97,6 +98,32 @@ pub struct Joining {
     /// A socket.io client's session (its WebSocket transport): it joins the dispatcher at its
     /// socket.io CONNECT, not here.
     pub link: Option<Arc<Link>>,
+}
+
+impl Joining {
+    /// A chat client, from its accepted handshake.
+    pub fn chat(id: ClientId, upgrade: Upgrade) -> Joining {
+        Joining {
+            id,
+            ip: upgrade.client_ip,
+            name: upgrade.name,
+            room: upgrade.room,
+            since: upgrade.since,
+            link: None,
+        }
+    }
+
+    /// A socket.io session's WebSocket from `ip`.
+    pub fn socketio(id: ClientId, ip: IpAddr, link: Arc<Link>) -> Joining {
+        Joining {
+            id,
+            ip,
+            name: None,
+            room: String::new(),
+            since: None,
+            link: Some(link),
+        }
+    }
 }
 
 /// Why a session ended.

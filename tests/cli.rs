@@ -64,11 +64,85 @@ fn a_busy_port_is_a_one_line_error_and_exit_code_1() {
 }
 
 #[test]
-fn bad_flags_are_reported_and_help_works() {
-    let out = wschat(&["--port", "abc"]).output().unwrap();
-    assert_eq!(out.status.code(), Some(2));
+fn help_works() {
     let out = wschat(&["--help"]).output().unwrap();
     assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("--max-clients"));
+}
+
+/// Runs the binary to its exit and returns its exit code and its stderr.
+fn failed_run(args: &[&str]) -> (Option<i32>, String) {
+    let out = wschat(args).output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_bad_flag_value_names_the_flag_and_what_it_allows() {
+    let cases = [
+        (
+            &["--port", "abc"][..],
+            "wschat: --port: \"abc\" is not a port number (0-65535)",
+        ),
+        (
+            &["--port", "70000"],
+            "wschat: --port: \"70000\" is not a port number (0-65535)",
+        ),
+        (
+            &["--rate", "0"],
+            "wschat: --rate: \"0\" is not a number above 0",
+        ),
+        (
+            &["--allow-origin", "foo"],
+            "wschat: --allow-origin: \"foo\" is not an origin",
+        ),
+    ];
+    for (args, start) in cases {
+        let (code, stderr) = failed_run(args);
+        assert_eq!(code, Some(2), "{args:?}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(stderr.starts_with(start), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn an_unusable_data_dir_is_named_with_its_problem() {
+    let file = std::env::temp_dir().join(format!("wschat-cli-{}.txt", std::process::id()));
+    std::fs::write(&file, "not a directory").unwrap();
+    let file_arg = file.to_str().unwrap();
+    let (code, stderr) = failed_run(&["--port", "0", "--data-dir", file_arg]);
+    let _ = std::fs::remove_file(&file);
+    assert_eq!(code, Some(1));
+    assert_eq!(
+        stderr.trim(),
+        format!("wschat: --data-dir {file_arg}: is not a directory")
+    );
+    // A directory nobody may write in, even root: sysfs refuses new files.
+    if std::path::Path::new("/sys/kernel").is_dir() {
+        let (code, stderr) = failed_run(&["--port", "0", "--data-dir", "/sys/kernel"]);
+        assert_eq!(code, Some(1));
+        assert_eq!(
+            stderr.trim(),
+            "wschat: --data-dir /sys/kernel: is not writable"
+        );
+    }
+}
+
+#[test]
+fn load_test_mode_is_logged_once_at_start() {
+    let (mut child, _http, _ws) = spawn_server(&["--load-test"]);
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(wait_exit(&mut child, Duration::from_secs(5)).is_some_and(|s| s.success()));
+    let mut log = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut log).unwrap();
+    let warning =
+        "load-test mode: rate limits and per-address caps are off; do not expose this server";
+    assert_eq!(log.matches(warning).count(), 1, "{log}");
+    assert!(log.contains("WARN"), "{log}");
 }
 
 #[test]

@@ -8,7 +8,7 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use common::*;
-use serde_json::json;
+use serde_json::{Value, json};
 
 #[test]
 fn should_echo_chat_messages_back_to_user() {
@@ -24,10 +24,35 @@ fn welcome_names_the_connection_and_the_users() {
     let server = start(config());
     let (_alice, _) = Client::join(&server, "/chat?name=alice");
     let (_guest, welcome) = Client::join(&server, "/chat");
-    let id = welcome["id"].as_u64().unwrap();
+    let id = welcome["client_id"].as_u64().unwrap();
     assert_eq!(welcome["name"], format!("guest-{id}"));
     assert_eq!(welcome["users"], json!(["alice", format!("guest-{id}")]));
     assert_eq!(welcome["count"], 2);
+    assert_eq!(welcome.get("id"), None, "a welcome has no message id");
+    server.shutdown();
+}
+
+#[test]
+fn welcome_last_id_is_the_since_that_resumes_right_after_it() {
+    let server = start(config());
+    let (mut alice, empty) = Client::join(&server, "/chat?name=alice");
+    assert_eq!(empty["last_id"], 0, "an empty room: {empty}");
+    alice.send("first");
+    let first = alice.expect("message")["id"].as_u64().unwrap();
+    let (_bob, welcome) = Client::join(&server, "/chat?name=bob");
+    assert_eq!(welcome["last_id"].as_u64(), Some(first));
+    alice.send("second");
+    let second = alice.expect("message")["id"].clone();
+    let path = format!("/chat?name=carol&since={first}");
+    let (_carol, resumed) = Client::join(&server, &path);
+    let ids: Vec<&Value> = resumed["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| &m["id"])
+        .collect();
+    assert_eq!(ids, [&second], "{resumed}");
+    assert_eq!(resumed["last_id"], second);
     server.shutdown();
 }
 
@@ -87,6 +112,11 @@ fn nickname_change_is_announced_and_used() {
     }
     alice.send("hi");
     assert_eq!(bob.expect("message")["from"], "Alice");
+    // The same name again changes nothing, so nobody hears of it; a new case is a change.
+    alice.send(r#"{"type":"nick","name":"Alice"}"#);
+    bob.expect_none("renamed", Duration::from_millis(300));
+    alice.send(r#"{"type":"nick","name":"ALICE"}"#);
+    assert_eq!(bob.expect("renamed")["name"], "ALICE");
     server.shutdown();
 }
 

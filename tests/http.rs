@@ -354,3 +354,25 @@ fn metrics_counters_move() {
     assert_eq!(metric(addr, "wschat_connections"), 1);
     server.shutdown();
 }
+
+#[test]
+fn a_missing_token_and_a_wrong_one_get_different_answers() {
+    let server = start(Config {
+        api_token: Some("s3cret".into()),
+        ..config()
+    });
+    let addr = server.http_addr();
+    let path = "/api/rooms/ops/messages";
+    let (status, _, body) = post(addr, path, None, "text/plain", "hi");
+    assert_eq!(
+        (status, &json_body(&body)["error"]),
+        (401, &json!("missing_token"))
+    );
+    assert!(body.contains("Authorization: Bearer <token>"), "{body}");
+    let (status, _, body) = post(addr, path, Some("s3cres"), "text/plain", "hi");
+    assert_eq!(
+        (status, &json_body(&body)["error"]),
+        (401, &json!("bad_token"))
+    );
+    server.shutdown();
+}

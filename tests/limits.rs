@@ -116,6 +116,43 @@ fn chats(addr: SocketAddr, name: &str) {
     assert_eq!(c.expect_text(), "still here");
 }
 
+// ----- finding 6: the memory ceiling, every attack in a row -----
+
+/// The README's ceiling for `clients` WebSocket clients (and a full door), default flags, KiB.
+fn ceiling_kib(clients: u64) -> u64 {
+    let max_message = 64;
+    8 * 1024 + clients * (16 + max_message * 3 / 2) + 1024 * 24 + 32 * 1024 + 32 * 1024 + 8 * 1024
+}
+
+#[test]
+fn every_attack_in_a_row_stays_under_the_memory_ceiling() {
+    let server = ServerProcess::start("", &["--api-token", "abuse-token"]);
+    let clients = 300;
+    let out = Command::new(env!("CARGO_BIN_EXE_wschat-abuse"))
+        .args(["--addr", &server.addr.to_string()])
+        .args(["--server-pid", &server.child.id().to_string()])
+        .args(["--connections", &clients.to_string(), "--seconds", "1.5"])
+        .args(["--api-token", "abuse-token"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("wschat-abuse runs");
+    let report = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{report}");
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    assert_eq!(lines.len(), 10, "one line per attack:\n{report}");
+    for line in &lines {
+        let peak = line["peak_rss_kib"].as_u64().expect("peak RSS");
+        assert!(peak <= ceiling_kib(clients), "{line}");
+        assert!(
+            line["honest"]["round_trips"].as_u64() > Some(0),
+            "honest clients chatted: {line}"
+        );
+    }
+}
+
 // ----- finding 1 and 12: request heads -----
 
 #[test]

@@ -346,13 +346,7 @@ fn clients_dropped_by_the_server_are_reported_as_losses() {
     // past the 0.2 s warm-up, well before the end of the 3 s run, however slow the setup was).
     // Its clients are dropped with close 1001, and the tool must say so rather than report a
     // clean run.
-    let server = Server::start(Config {
-        http_port: 0,
-        rate: 1_000_000.0,
-        burst: 1_000_000.0,
-        ..Config::default()
-    })
-    .expect("server starts");
+    let server = server_with_flags(&["--load-test"]);
     let url = server.ws_url();
     let stopper = std::thread::spawn(move || {
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -388,12 +382,120 @@ fn clients_dropped_by_the_server_are_reported_as_losses() {
         .as_u64()
         .unwrap_or(0);
     assert!(closes + n(&j["connections"]["ended_early"]) >= 3, "{j}");
-    // Whatever was sent was either received or counted lost, by every member.
+    // Whatever was sent was received, counted lost, or left unanswered by the closed sender,
+    // for every member (a message the sender never heard back about may still have reached
+    // others: hence at least). Nothing was refused: the server has no rate limits.
+    let accounted = n(&j["deliveries"]["total"]) + n(&j["lost"]) + n(&j["unanswered"]) * 3;
+    assert!(accounted >= n(&j["sent"]["total"]) * 3, "{j}");
     assert_eq!(
-        n(&j["deliveries"]["total"]) + n(&j["lost"]),
-        n(&j["sent"]["total"]) * 3,
+        (n(&j["refused"]), &j["limited_by"]),
+        (0, &Value::Null),
         "{j}"
     );
+}
+
+/// A server as `wschat` with these flags (and free ports) starts it.
+fn server_with_flags(flags: &[&str]) -> Handle {
+    let args = ["wschat", "--port", "0"]
+        .iter()
+        .chain(flags)
+        .map(Into::into);
+    match wschat::config::parse_args(args, |_| None) {
+        Ok(wschat::config::Parsed::Run(config)) => Server::start(*config).expect("server starts"),
+        other => panic!("flags {flags:?}: {other:?}"),
+    }
+}
+
+#[test]
+fn against_a_default_server_the_tool_names_the_limit_that_refused_it() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let server = server_with_flags(&[]);
+    let url = server.ws_url();
+    let r = run(&[
+        "fanout",
+        "--url",
+        &url,
+        "--clients",
+        "3",
+        "--duration",
+        "1",
+        "--warmup",
+        "0.2",
+        "--drain",
+        "0.5",
+        "--timeout",
+        "60",
+    ]);
+    let j = &r.json;
+    assert_eq!((r.code, &j["ok"]), (2, &Value::Bool(false)), "{}", r.stdout);
+    let limit = j["limited_by"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no limit named: {j}"));
+    assert!(
+        limit.contains("rate limit") && limit.contains("--load-test"),
+        "{limit}"
+    );
+    let first_line = r.stdout.lines().next().unwrap_or_default();
+    assert!(
+        first_line.ends_with(&format!("(NOT OK: {limit})")),
+        "{first_line}"
+    );
+    // The window ran into the rate limit at once: refused messages are not losses.
+    assert!(n(&j["refused"]) > 0, "{j}");
+    assert_eq!(n(&j["lost"]), 0, "{j}");
+    server.shutdown();
+
+    let server = server_with_flags(&["--max-clients-per-ip", "2"]);
+    let url = server.ws_url();
+    let r = run(&[
+        "idle",
+        "--url",
+        &url,
+        "-n",
+        "4",
+        "--hold",
+        "0.2",
+        "--timeout",
+        "60",
+    ]);
+    assert_eq!(r.code, 1, "{}", r.stdout);
+    let limit = r.json["limited_by"].as_str().unwrap_or_default();
+    assert!(
+        limit.starts_with("refused at connect: http 503"),
+        "{}",
+        r.json
+    );
+    assert!(
+        limit.contains("--max-clients-per-ip") && limit.contains("--load-test"),
+        "{limit}"
+    );
+    server.shutdown();
+}
+
+#[test]
+fn a_load_test_server_takes_a_default_fanout_and_latency_run() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let server = server_with_flags(&["--load-test"]);
+    let url = server.ws_url();
+    for mode in ["fanout", "latency"] {
+        let r = run(&[
+            mode,
+            "--url",
+            &url,
+            "--clients",
+            "4",
+            "--duration",
+            "1",
+            "--warmup",
+            "0.2",
+            "--timeout",
+            "60",
+        ]);
+        assert_ok(&r);
+        assert_eq!(r.json["limited_by"], Value::Null);
+        assert_eq!(n(&r.json["refused"]), 0);
+    }
+    server.shutdown();
 }
 
 #[test]
@@ -462,5 +564,8 @@ fn refuses_non_loopback_targets_and_bad_usage() {
         .output()
         .unwrap();
     assert!(r.status.success());
-    assert!(String::from_utf8_lossy(&r.stdout).contains("fanout"));
+    let help = String::from_utf8_lossy(&r.stdout);
+    assert!(help.contains("fanout"));
+    // which server flags a run needs
+    assert!(help.contains("wschat --load-test") && help.contains("--max-clients-per-ip 0"));
 }

@@ -24,8 +24,10 @@
 //                  the current room's button has aria-current="true"
 //   #room-form / #room-input / #room-go   join or create a room by name
 //   #typing        "bob is typing…" / "bob and carol are typing…" / empty
-//   #nick          our name (remembered in localStorage "wschat.nick" once the server accepts
-//                  it); change + Enter/blur
+//   #nick          our name; change + Enter/blur. A typed name the server accepts is remembered
+//                  in localStorage "wschat.nick" as a preference: a tab whose remembered name is
+//                  taken (another tab has it) quietly takes a free variant (alice-2), shows no
+//                  error and remembers nothing; errors are shown only for a name typed here
 //   #error         the last error from the server (role=alert), cleared after a while
 //   #to-chip       "to bob ✕" chip shown while a private target is set; #to-clear removes it
 //   #input         the message box (textarea): Enter sends, Shift+Enter inserts a newline
@@ -42,6 +44,10 @@ const NICK_KEY = 'wschat.nick';
 const ROOMS_POLL_MS = 5000;
 const ERROR_SHOW_MS = 8000;
 const BASE_TITLE = 'wschat';
+const NAME_MAX_CHARS = 32; // the server's limit (docs/PROTOCOL.md)
+/** Free variants of a remembered name tried (name-2 ... name-5) before keeping the guest name;
+ * within the server's burst of 5 name changes, so none is refused for its rate. */
+const MAX_NAME_VARIANTS = 4;
 
 const $ = (id) => document.getElementById(id);
 const ui = {
@@ -58,7 +64,10 @@ const state = {
   serverRoom: null,      // the room the server last put us in
   inRoom: false,         // the list shows this room's history (next welcome = a reconnect)
   lastId: 0,             // highest id of a room message shown (for ?since= on reconnect)
-  wantedName: readStoredNick(),
+  wantedName: readStoredNick(), // the name to ask for when (re)connecting
+  nameTyped: false,      // wantedName was typed in this tab (errors about it are shown)
+  nameVariants: 0,       // free variants of the remembered name tried so far
+  pendingName: '',       // the name a nick frame asked for, not answered yet
   me: '',                // the name the server gave us
   users: [],             // members of the room, sorted (in a crowd, only some of them)
   userCount: 0,          // members of the room (more than users.length in a crowd)
@@ -108,6 +117,7 @@ function showState(name, seconds, retryAt) {
 
 function handleClose(event) {
   state.config = null; // ask again before reconnecting: a restarted server may have moved
+  state.pendingName = '';
   typingSender.reset();
   typingView.reset();
   if (event.code === 1008 || event.code === 1009) {
@@ -135,7 +145,7 @@ function handleFrame(frame) {
 function onWelcome(frame) {
   const reconnect = state.inRoom && frame.room === state.room;
   setMe(frame.name);
-  if (frame.name === state.wantedName) rememberName(frame.name);
+  if (frame.name === state.wantedName && state.nameTyped) rememberName(frame.name);
   state.serverRoom = frame.room;
   if (frame.room !== state.room) setRoom(frame.room);
   setUsers(frame.users, frame.count);
@@ -152,8 +162,14 @@ function onWelcome(frame) {
     if (frame.truncated) list.addNotice('some messages could not be recovered', 'warning');
     history.forEach(showMessage);
   }
+  resumeFrom(frame.last_id);
   state.inRoom = true;
   refreshRoomsSoon();
+}
+
+/** `last_id` of a welcome or room frame: what to pass as `since` (history may be empty). */
+function resumeFrom(lastId) {
+  if (Number.isInteger(lastId) && lastId > state.lastId) state.lastId = lastId;
 }
 
 function onRoom(frame) {
@@ -164,6 +180,7 @@ function onRoom(frame) {
   setUsers(frame.users, frame.count);
   if (frame.truncated) list.addNotice('some messages could not be recovered', 'warning');
   (Array.isArray(frame.history) ? frame.history : []).forEach(showMessage);
+  resumeFrom(frame.last_id);
   state.inRoom = true;
   refreshRoomsSoon();
 }
@@ -206,7 +223,8 @@ function onLeft(frame) {
 function onRenamed(frame) {
   if (frame.from === state.me) {
     setMe(frame.name);
-    rememberName(frame.name);
+    state.pendingName = '';
+    if (state.nameTyped) rememberName(frame.name);
   }
   if (state.privateTo === frame.from) setPrivateTo(frame.name);
   if (!isHere(frame)) return;
@@ -233,15 +251,20 @@ function onTyping(frame) {
 const MESSAGE_ERRORS = new Set(['rate_limited', 'bad_text', 'no_such_user', 'empty_message']);
 
 function onError(frame) {
-  showError(frame.message || frame.code || 'error');
-  if (MESSAGE_ERRORS.has(frame.code) && ui.input.value === '' && state.lastSent) {
-    ui.input.value = state.lastSent;
-  }
+  state.pendingName = ''; // whatever was refused, the same name may be asked for again
   if (frame.code === 'name_taken' || frame.code === 'bad_name') {
+    if (!state.nameTyped) {
+      takeFreeVariant(frame.code); // the remembered name: another tab of ours may have it
+      return;
+    }
     // keep the name the server gave us, also when reconnecting (localStorage keeps the wish
     // for the next visit)
     state.wantedName = state.me;
     ui.nick.value = state.me;
+  }
+  showError(frame.message || frame.code || 'error');
+  if (MESSAGE_ERRORS.has(frame.code) && ui.input.value === '' && state.lastSent) {
+    ui.input.value = state.lastSent;
   }
   if ((frame.code === 'bad_room' || frame.code === 'too_many_rooms') && state.serverRoom
       && state.serverRoom !== state.room) {
@@ -389,14 +412,35 @@ function sendMessage() {
   ui.input.focus();
 }
 
+/** The name field was changed. Enter fires both `change` and `submit`: one request per name. */
 function applyNick() {
   const name = ui.nick.value.trim();
   if (name === '') {
     ui.nick.value = state.me;
     return;
   }
+  if (name === state.me || name === state.pendingName) return;
   state.wantedName = name; // remembered once the server accepts it
-  if (name !== state.me) conn.send({ type: 'nick', name }); // offline: used on the next connect
+  state.nameTyped = true;
+  askForName(name); // offline: used on the next connect
+}
+
+/** The remembered name is taken or refused: quietly ask for name-2, name-3... and after
+ * MAX_NAME_VARIANTS keep the name the server gave. Nothing is remembered or shown. */
+function takeFreeVariant(code) {
+  const base = readStoredNick();
+  state.nameVariants += 1;
+  if (code !== 'name_taken' || !base || state.nameVariants > MAX_NAME_VARIANTS) {
+    state.wantedName = state.me;
+    return;
+  }
+  const suffix = `-${state.nameVariants + 1}`;
+  state.wantedName = [...base].slice(0, NAME_MAX_CHARS - suffix.length).join('') + suffix;
+  askForName(state.wantedName);
+}
+
+function askForName(name) {
+  if (conn.send({ type: 'nick', name })) state.pendingName = name;
 }
 
 /** Remembers a name the server accepted for the next visit. */

@@ -118,8 +118,28 @@ export async function launchBrowser() {
 export async function openChat(browser, server, { name, room = 'lobby', viewport, colorScheme, waitOnline = true } = {}) {
   const context = await browser.newContext({ viewport: viewport || { width: 1000, height: 700 }, colorScheme });
   context.setDefaultTimeout(WAIT_MS);
-  const page = await context.newPage();
-  const chat = { context, page, name, consoleErrors: [], dialogs: [] };
+  const chat = { context, name };
+  try {
+    await openTab(chat, server, { name, room, waitOnline });
+  } catch (err) {
+    await context.close().catch(() => {});
+    throw err;
+  }
+  return chat;
+}
+
+/**
+ * Opens the chat page in a new tab of `chat.context` (sharing its localStorage), remembering
+ * `name` there first unless a name is remembered already. Makes it `chat.page`; the tab's
+ * console errors, dialogs, WebSocket frames sent and error lines shown are collected in
+ * `chat.consoleErrors`, `chat.dialogs`, `chat.sentFrames` and `window.__errorLines`.
+ */
+export async function openTab(chat, server, { name, room = 'lobby', waitOnline = true } = {}) {
+  const page = await chat.context.newPage();
+  chat.page = page;
+  chat.consoleErrors ??= [];
+  chat.dialogs ??= [];
+  chat.sentFrames ??= [];
   page.on('console', (msg) => {
     if (msg.type() === 'error') chat.consoleErrors.push(msg.text());
   });
@@ -128,12 +148,20 @@ export async function openChat(browser, server, { name, room = 'lobby', viewport
     chat.dialogs.push(dialog.message());
     dialog.dismiss().catch(() => {});
   });
+  page.on('websocket', (ws) => ws.on('framesent', (frame) => chat.sentFrames.push(String(frame.payload))));
   await page.addInitScript((nick) => {
     window.__csp = [];
     document.addEventListener('securitypolicyviolation', (e) => {
       window.__csp.push(`${e.violatedDirective} ${e.blockedURI}`);
     });
     if (nick && !localStorage.getItem('wschat.nick')) localStorage.setItem('wschat.nick', nick);
+    window.__errorLines = [];
+    document.addEventListener('DOMContentLoaded', () => {
+      const error = document.getElementById('error');
+      new MutationObserver(() => {
+        if (error.textContent) window.__errorLines.push(error.textContent);
+      }).observe(error, { childList: true, characterData: true, subtree: true });
+    });
   }, name || '');
   const started = Date.now();
   const inFlight = new Map();
@@ -146,10 +174,9 @@ export async function openChat(browser, server, { name, room = 'lobby', viewport
   } catch (err) {
     const pending = [...inFlight].map(([r, at]) => `${r.method()} ${r.url()} (sent at +${at} ms)`);
     err.message += `\n${name}'s page: requests still waiting: ${pending.join(', ') || 'none'}`;
-    await context.close().catch(() => {});
     throw err;
   }
-  return chat;
+  return page;
 }
 
 /** Waits until the page says "online" in `room` (and, if given, under `name`). */

@@ -9,12 +9,12 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use tungstenite::Message;
 
-use crate::Outcome;
 use crate::cli::Opts;
 use crate::conn::{self, ConnOpts, Frame, Target, Wire, now_ns};
 use crate::room::CONN_STACK;
 use crate::stats::{Hist, Tally, group};
 use crate::sysinfo::{CpuMark, cpu_report};
+use crate::{Outcome, limits};
 
 const SEC: u64 = 1_000_000_000;
 
@@ -38,6 +38,20 @@ struct Stats {
     measured_errors: u64,
     connect: Hist,
     cycle: Hist,
+}
+
+impl Stats {
+    fn merge(&mut self, s: &Stats) {
+        self.cycles += s.cycles;
+        self.measured += s.measured;
+        self.abrupt += s.abrupt;
+        self.clean += s.clean;
+        self.unacked += s.unacked;
+        self.errors.merge(&s.errors);
+        self.measured_errors += s.measured_errors;
+        self.connect.merge(&s.connect);
+        self.cycle.merge(&s.cycle);
+    }
 }
 
 pub fn run(o: &Opts, target: &Target) -> Outcome {
@@ -71,13 +85,31 @@ pub fn run(o: &Opts, target: &Target) -> Outcome {
             Err(e) => errors.add(format!("spawn: {}", conn::io_kind(&e))),
         }
     }
-    let progress = !o.quiet && o.warmup + o.duration > 3.0;
+    let cpu = watch(&ctx, start);
+    // Each thread finishes its current cycle, bounded by the per-step timeouts.
+    let join_deadline = end + 3 * (o.connect_timeout * 1e9) as u64 + SEC;
+    let (results, not_joined) = conn::join_finished(handles, join_deadline);
+    let mut st = Stats::default();
+    for result in results {
+        match result {
+            Ok(s) => st.merge(&s),
+            Err(_) => errors.add("churn thread panicked"),
+        }
+    }
+    st.errors.merge(&errors);
+    report(&ctx, &st, not_joined, cpu)
+}
+
+/// Sleeps through the run, printing progress once a second; returns the CPU used while measured.
+fn watch(ctx: &Ctx, start: u64) -> (Value, String) {
+    let progress = !ctx.o.quiet && ctx.o.warmup + ctx.o.duration > 3.0;
+    let (warm_end, end) = (ctx.warm_end, ctx.end);
     let mut cpu0 = None;
     let mut next_tick = start + SEC;
     while now_ns() < end {
         let now = now_ns();
         if cpu0.is_none() && now >= warm_end {
-            cpu0 = Some(CpuMark::now(o.server_pid));
+            cpu0 = Some(CpuMark::now(ctx.o.server_pid));
         }
         if progress && now >= next_tick {
             eprintln!(
@@ -92,33 +124,13 @@ pub fn run(o: &Opts, target: &Target) -> Outcome {
         let wake = if cpu0.is_none() { warm_end } else { end }.min(next_tick);
         conn::sleep_until_ns(wake.min(now_ns() + 100_000_000));
     }
-    let cpu1 = CpuMark::now(o.server_pid);
-    let cpu = cpu_report(cpu0.unwrap_or(cpu1), cpu1);
+    let cpu1 = CpuMark::now(ctx.o.server_pid);
+    cpu_report(cpu0.unwrap_or(cpu1), cpu1)
+}
 
-    // Each thread finishes its current cycle, bounded by the per-step timeouts.
-    let join_deadline = end + 3 * (o.connect_timeout * 1e9) as u64 + SEC;
-    let (results, not_joined) = conn::join_finished(handles, join_deadline);
-    let mut st = Stats::default();
-    for result in results {
-        match result {
-            Ok(s) => {
-                st.cycles += s.cycles;
-                st.measured += s.measured;
-                st.abrupt += s.abrupt;
-                st.clean += s.clean;
-                st.unacked += s.unacked;
-                st.errors.merge(&s.errors);
-                st.measured_errors += s.measured_errors;
-                st.connect.merge(&s.connect);
-                st.cycle.merge(&s.cycle);
-            }
-            Err(_) => errors.add("churn thread panicked"),
-        }
-    }
-    st.errors.merge(&errors);
+fn report(ctx: &Ctx, st: &Stats, not_joined: usize, cpu: (Value, String)) -> Outcome {
+    let o = &ctx.o;
     let per_s = st.measured as f64 / o.duration;
-    let ok = st.errors.total() == 0 && st.measured > 0 && not_joined == 0;
-
     let mut json = serde_json::Map::new();
     let mut put = |k: &str, v: Value| {
         json.insert(k.to_string(), v);
@@ -138,7 +150,6 @@ pub fn run(o: &Opts, target: &Target) -> Outcome {
     put("cycle_us", st.cycle.json_us());
     put("threads_not_joined", json!(not_joined));
     put("cpu", cpu.0);
-
     let lines = vec![
         format!(
             "threads       {} looping over {:.2}s after {:.2}s warm-up",
@@ -162,8 +173,9 @@ pub fn run(o: &Opts, target: &Target) -> Outcome {
         format!("cpu           {}", cpu.1),
     ];
     Outcome {
-        ok,
+        ok: st.errors.total() == 0 && st.measured > 0 && not_joined == 0,
         fatal: None,
+        limited_by: limits::first(&[&st.errors]),
         json,
         lines,
     }

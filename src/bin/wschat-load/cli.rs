@@ -1,4 +1,5 @@
-//! Command line.
+//! Command line: the modes, their options and defaults, and the help text (which also says
+//! which server flags a run needs). Never touches the network.
 
 use std::time::Duration;
 
@@ -68,8 +69,22 @@ MODES:
     churn     --threads T loops: connect, wait for welcome, send one message, receive its echo,
               close (every 10th cycle drops the TCP socket without a close frame instead).
 
+THE SERVER'S LIMITS:
+    A wschat server with its defaults protects itself from what a load test does: it allows each
+    connection 10 chat messages/s (burst 30) and 64 KiB/s, a room 256 KiB/s, closes a connection
+    whose messages it refuses too often (1008 \"flooding\"), and takes at most 256 connections
+    (and 50 new ones a second) from one address. So:
+      fanout and latency need a server without rate limits;
+      idle and big fanout runs (over 256 connections) need a server without the per-address cap.
+    Start the server for a load test on this machine with
+        wschat --load-test        (no rate limits, no per-address caps; logged; never public)
+    or lift one limit at a time: --rate R --burst B, --rate-bytes N, --room-rate-bytes N,
+    --max-clients-per-ip 0, --conn-rate-per-ip 0, --max-clients N.
+    A run the server refuses says so on its NOT OK line and in \"limited_by\": refused messages
+    are counted as `refused`, apart from `lost`.
+
 TARGET:
-    --url URL              WebSocket URL (ws:// only) [default: ws://127.0.0.1:5001/chat]
+    --url URL              WebSocket URL (ws:// only) [default: ws://127.0.0.1:5000/chat]
                            The tool connects to this address and no other. Non-loopback
                            addresses are refused unless --allow-remote is given.
     --raw                  the server is a plain broadcast server: send bare text frames, expect
@@ -115,10 +130,13 @@ OUTPUT:
     stdout: a short human-readable table, then exactly one JSON object on the LAST line (it is
     the only stdout line that starts with '{'). Progress (once a second on runs longer than
     3 s) and warnings go to stderr.
-    JSON keys include: mode, ok, sent, deliveries, lost, duplicated, order_violations,
-    latency_us{count,p50,p90,p99,p999,max,mean}, errors, cpu{tool_s,server_s,wall_s,...}.
-    `ok` is true when every connection came up, nothing was lost or duplicated, nothing arrived
-    out of order and no error occurred.
+    JSON keys include: mode, ok, error, limited_by, sent, deliveries, lost, refused, duplicated,
+    order_violations, latency_us{count,p50,p90,p99,p999,max,mean}, errors, cpu{tool_s,...}.
+    `lost` counts messages the server accepted (or never answered) that some member did not
+    receive; `refused` the messages the server's rate limit turned away (they reach nobody).
+    `limited_by` names the server limit that refused part of the run, and the flags that lift it.
+    `ok` is true when every connection came up, nothing was lost, refused or duplicated, nothing
+    arrived out of order and no error occurred.
 
 EXIT STATUS:
     0 run completed and ok; 2 run completed but not ok (losses, errors...), or bad usage;
@@ -132,6 +150,16 @@ COST OF THE TOOL:
     per connection; KernelStack growth during idle is then the server's.
 ";
 
+fn parse_mode(name: &str) -> Result<Mode, lexopt::Error> {
+    match name {
+        "fanout" => Ok(Mode::Fanout),
+        "latency" => Ok(Mode::Latency),
+        "idle" => Ok(Mode::Idle),
+        "churn" => Ok(Mode::Churn),
+        other => Err(format!("unknown mode {other:?} (fanout, latency, idle, churn)").into()),
+    }
+}
+
 impl Opts {
     pub fn parse() -> Result<Opts, String> {
         Self::parse_from(std::env::args_os().skip(1)).map_err(|e| e.to_string())
@@ -143,31 +171,7 @@ impl Opts {
         use lexopt::prelude::*;
         let mut p = lexopt::Parser::from_args(args);
         let mut mode = None;
-        let mut o = Opts {
-            mode: Mode::Fanout,
-            url: "ws://127.0.0.1:5001/chat".into(),
-            raw: false,
-            room: None,
-            clients: 100,
-            senders: 1,
-            window: 100,
-            rate: 200.0,
-            duration: 10.0,
-            warmup: 2.0,
-            drain: 2.0,
-            size: 64,
-            connections: 1000,
-            concurrency: 0,
-            hold: 10.0,
-            per_room: 100,
-            threads: 4,
-            timeout: 0.0,
-            connect_timeout: 10.0,
-            setup_timeout: 60.0,
-            server_pid: None,
-            quiet: false,
-            allow_remote: false,
-        };
+        let mut o = Opts::defaults();
         fn secs(p: &mut lexopt::Parser) -> Result<f64, lexopt::Error> {
             let v: f64 = p.value()?.parse()?;
             if !(0.0..=86_400.0).contains(&v) {
@@ -203,47 +207,70 @@ impl Opts {
                 Long("setup-timeout") => o.setup_timeout = secs(&mut p)?,
                 Long("allow-remote") => o.allow_remote = true,
                 Short('q') | Long("quiet") => o.quiet = true,
-                Value(v) if mode.is_none() => {
-                    mode = Some(match v.string()?.as_str() {
-                        "fanout" => Mode::Fanout,
-                        "latency" => Mode::Latency,
-                        "idle" => Mode::Idle,
-                        "churn" => Mode::Churn,
-                        other => {
-                            return Err(format!(
-                                "unknown mode {other:?} (fanout, latency, idle, churn)"
-                            )
-                            .into());
-                        }
-                    })
-                }
+                Value(v) if mode.is_none() => mode = Some(parse_mode(&v.string()?)?),
                 _ => return Err(arg.unexpected()),
             }
         }
         o.mode = mode.ok_or("a mode is needed: fanout, latency, idle or churn (see --help)")?;
-        if o.concurrency == 0 {
-            o.concurrency = if o.mode == Mode::Idle { 8 } else { 32 };
+        o.check()?;
+        o.fill_derived();
+        Ok(o)
+    }
+
+    fn defaults() -> Opts {
+        Opts {
+            mode: Mode::Fanout,
+            url: "ws://127.0.0.1:5000/chat".into(),
+            raw: false,
+            room: None,
+            clients: 100,
+            senders: 1,
+            window: 100,
+            rate: 200.0,
+            duration: 10.0,
+            warmup: 2.0,
+            drain: 2.0,
+            size: 64,
+            connections: 1000,
+            concurrency: 0,
+            hold: 10.0,
+            per_room: 100,
+            threads: 4,
+            timeout: 0.0,
+            connect_timeout: 10.0,
+            setup_timeout: 60.0,
+            server_pid: None,
+            quiet: false,
+            allow_remote: false,
         }
-        let bad = |m: &str| -> Result<Opts, lexopt::Error> { Err(m.to_string().into()) };
-        if o.clients == 0 || o.senders == 0 || o.senders > o.clients {
+    }
+
+    /// The bounds between options.
+    fn check(&self) -> Result<(), lexopt::Error> {
+        let bad = |m: &str| -> Result<(), lexopt::Error> { Err(m.to_string().into()) };
+        if self.clients == 0 || self.senders == 0 || self.senders > self.clients {
             return bad("need 1 <= --senders <= --clients");
         }
-        if o.clients > 50_000 || o.connections > 200_000 || o.threads == 0 || o.threads > 10_000 {
+        if self.clients > 50_000
+            || self.connections > 200_000
+            || self.threads == 0
+            || self.threads > 10_000
+        {
             return bad("--clients <= 50000, --connections <= 200000, 1 <= --threads <= 10000");
         }
-        if o.window == 0 || o.connections == 0 {
+        if self.window == 0 || self.connections == 0 {
             return bad("--window and --connections must be at least 1");
         }
-        if !(o.rate > 0.0 && o.rate <= 10_000_000.0) {
+        if !(self.rate > 0.0 && self.rate <= 10_000_000.0) {
             return bad("--rate must be in (0, 10000000]");
         }
-        if o.size > 60 * 1024 {
+        if self.size > 60 * 1024 {
             return bad("--size is at most 61440");
         }
-        if o.duration <= 0.0 || o.connect_timeout <= 0.0 || o.setup_timeout <= 0.0 {
+        if self.duration <= 0.0 || self.connect_timeout <= 0.0 || self.setup_timeout <= 0.0 {
             return bad("--duration, --connect-timeout and --setup-timeout must be > 0");
         }
-        if let Some(room) = &o.room {
+        if let Some(room) = &self.room {
             let ok = !room.is_empty()
                 && room.len() <= 56
                 && room
@@ -253,17 +280,24 @@ impl Opts {
                 return bad("--room: 1-56 characters of A-Z a-z 0-9 - _ .");
             }
         }
-        if o.timeout == 0.0 {
-            let work = match o.mode {
-                Mode::Fanout | Mode::Latency => {
-                    o.setup_timeout + o.warmup + o.duration + o.drain + 30.0
-                }
-                Mode::Churn => o.warmup + o.duration + 2.0 * o.connect_timeout,
-                Mode::Idle => o.setup_timeout + o.hold,
-            };
-            o.timeout = work + 30.0;
+        Ok(())
+    }
+
+    /// The defaults that depend on the mode and the other times.
+    fn fill_derived(&mut self) {
+        if self.concurrency == 0 {
+            self.concurrency = if self.mode == Mode::Idle { 8 } else { 32 };
         }
-        Ok(o)
+        if self.timeout == 0.0 {
+            let work = match self.mode {
+                Mode::Fanout | Mode::Latency => {
+                    self.setup_timeout + self.warmup + self.duration + self.drain + 30.0
+                }
+                Mode::Churn => self.warmup + self.duration + 2.0 * self.connect_timeout,
+                Mode::Idle => self.setup_timeout + self.hold,
+            };
+            self.timeout = work + 30.0;
+        }
     }
 
     pub fn connect_timeout(&self) -> Duration {

@@ -307,7 +307,7 @@ pub fn io_kind(e: &io::Error) -> String {
 pub fn ws_kind(e: &WsError) -> String {
     match e {
         WsError::Io(io) => io_kind(io),
-        WsError::Http(resp) => format!("http {}", resp.status().as_u16()),
+        WsError::Http(resp) => http_kind(resp.status().as_u16(), resp.body().as_deref()),
         WsError::ConnectionClosed | WsError::AlreadyClosed => "closed".into(),
         WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => {
             "eof without close frame".into()
@@ -315,6 +315,27 @@ pub fn ws_kind(e: &WsError) -> String {
         WsError::Protocol(p) => format!("protocol: {p}"),
         WsError::Capacity(c) => format!("capacity: {c}"),
         other => other.to_string(),
+    }
+}
+
+/// Longest part of an HTTP refusal's body kept in a tally: the server's reason, not a page.
+const HTTP_BODY_CHARS: usize = 120;
+
+/// `"http 503: <the body's first line>"`: the server's own words say which limit refused us.
+fn http_kind(status: u16, body: Option<&[u8]>) -> String {
+    let text = body.map(String::from_utf8_lossy).unwrap_or_default();
+    let reason: String = text
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .chars()
+        .take(HTTP_BODY_CHARS)
+        .collect();
+    if reason.is_empty() {
+        format!("http {status}")
+    } else {
+        format!("http {status}: {reason}")
     }
 }
 
@@ -566,7 +587,7 @@ mod tests {
             error_code(r#"{"type":"error","code":"rate_limited","message":"x"}"#).as_deref(),
             Some("rate_limited")
         );
-        assert!(is_welcome(r#"{ "type": "welcome", "id": 1 }"#));
+        assert!(is_welcome(r#"{ "type": "welcome", "client_id": 1 }"#));
         assert!(!is_welcome(
             r#"{"type":"message","text":"\"type\":\"welcome\""}"#
         ));

@@ -18,11 +18,11 @@ use serde_json::{Value, json};
 use tungstenite::Message;
 use tungstenite::error::Error as WsError;
 
-use crate::Outcome;
 use crate::cli::Opts;
 use crate::conn::{self, ConnOpts, Target, Ws, now_ns};
 use crate::stats::{Hist, Tally, fmt_ns, group};
 use crate::sysinfo::{CpuMark, MemMark, cpu_report};
+use crate::{Outcome, limits};
 
 const READY: u32 = 0;
 const OPEN: u32 = 1;
@@ -72,9 +72,38 @@ impl Ctx {
     }
 }
 
+impl Stats {
+    fn merge(&mut self, s: &Stats) {
+        self.opened += s.opened;
+        self.not_attempted += s.not_attempted;
+        self.failures.merge(&s.failures);
+        self.dropped.merge(&s.dropped);
+        self.frames += s.frames;
+        self.pings += s.pings;
+        self.closed_cleanly += s.closed_cleanly;
+        self.close_unacked += s.close_unacked;
+        self.connect.merge(&s.connect);
+        self.last_open_ns = self.last_open_ns.max(s.last_open_ns);
+    }
+}
+
+/// Samples taken along the run, and what the phases counted.
+struct Run {
+    threads: usize,
+    /// When opening started.
+    t0: u64,
+    mem_before: MemMark,
+    mem_open: MemMark,
+    mem_held: MemMark,
+    mem_after: MemMark,
+    cpu_open: (Value, String),
+    cpu_hold: (Value, String),
+    st: Stats,
+    not_joined: usize,
+}
+
 pub fn run(o: &Opts, target: &Target) -> Outcome {
     let token = conn::run_token();
-    let t0 = now_ns();
     let ctx = Arc::new(Ctx {
         o: o.clone(),
         target: target.clone(),
@@ -88,9 +117,48 @@ pub fn run(o: &Opts, target: &Target) -> Outcome {
         open_deadline: AtomicU64::new(u64::MAX),
         close_deadline: AtomicU64::new(u64::MAX),
     });
-    let progress = !o.quiet;
     crate::sysinfo::settle(o.server_pid, Duration::from_secs(10));
     let threads = o.concurrency.min(o.connections);
+    let (handles, errors) = spawn_openers(&ctx, threads);
+    // The "before" sample is taken with the opener threads already running, so that the tool's
+    // own threads (and their kernel stacks) are the same in every sample.
+    let t_spawn = now_ns();
+    while ctx.openers_started.load(SeqCst) < handles.len() && now_ns() < t_spawn + 5 * SEC {
+        thread::sleep(Duration::from_millis(1));
+    }
+    let mem_before = MemMark::now(o.server_pid);
+    let cpu_open0 = CpuMark::now(o.server_pid);
+    let t0 = now_ns();
+    ctx.open_deadline
+        .store(t0 + (o.setup_timeout * 1e9) as u64, SeqCst);
+    ctx.phase.store(OPEN, SeqCst);
+    wait_opened(&ctx, t0, handles.len());
+    let opened_at = now_ns();
+    let mem_open = MemMark::now(o.server_pid);
+    let cpu_open = cpu_report(cpu_open0, CpuMark::now(o.server_pid));
+    let cpu0 = CpuMark::now(o.server_pid);
+    hold(&ctx, opened_at);
+    let cpu_hold = cpu_report(cpu0, CpuMark::now(o.server_pid));
+    let mem_held = MemMark::now(o.server_pid);
+    let (st, not_joined) = close_all(&ctx, handles, errors);
+    report(
+        o,
+        Run {
+            threads,
+            t0,
+            mem_before,
+            mem_open,
+            mem_held,
+            mem_after: MemMark::now(o.server_pid),
+            cpu_open,
+            cpu_hold,
+            st,
+            not_joined,
+        },
+    )
+}
+
+fn spawn_openers(ctx: &Arc<Ctx>, threads: usize) -> (Vec<thread::JoinHandle<Stats>>, Tally) {
     let mut handles = Vec::new();
     let mut errors = Tally::default();
     for k in 0..threads {
@@ -104,46 +172,35 @@ pub fn run(o: &Opts, target: &Target) -> Outcome {
             Err(e) => errors.add(format!("spawn: {}", conn::io_kind(&e))),
         }
     }
-    let spawned = handles.len();
-    // The "before" sample is taken with the opener threads already running, so that the tool's
-    // own threads (and their kernel stacks) are the same in every sample.
-    while ctx.openers_started.load(SeqCst) < spawned && now_ns() < t0 + 5 * SEC {
-        thread::sleep(Duration::from_millis(1));
-    }
-    let mem_before = MemMark::now(o.server_pid);
-    let cpu_open0 = CpuMark::now(o.server_pid);
-    let t0 = now_ns();
-    ctx.open_deadline
-        .store(t0 + (o.setup_timeout * 1e9) as u64, SeqCst);
-    ctx.phase.store(OPEN, SeqCst);
+    (handles, errors)
+}
 
-    // Opening.
+/// Waits until every opener is done opening (or --setup-timeout), printing progress.
+fn wait_opened(ctx: &Ctx, t0: u64, openers: usize) {
     let mut next_note = t0 + SEC;
-    while ctx.openers_done.load(SeqCst) < spawned && now_ns() < ctx.open_deadline.load(SeqCst) + SEC
-    {
-        if progress && now_ns() >= next_note {
+    let deadline = ctx.open_deadline.load(SeqCst) + SEC;
+    while ctx.openers_done.load(SeqCst) < openers && now_ns() < deadline {
+        if !ctx.o.quiet && now_ns() >= next_note {
             let (ok, failed) = (ctx.opened.load(SeqCst), ctx.failed.load(SeqCst));
             let secs = (now_ns() - t0) as f64 / 1e9;
             eprintln!(
                 "[{secs:5.1}s] opening: {ok}/{} open ({:.0}/s), {failed} failed",
-                o.connections,
+                ctx.o.connections,
                 ok as f64 / secs
             );
             next_note += SEC;
         }
         thread::sleep(Duration::from_millis(5));
     }
-    let opened_at = now_ns();
-    let mem_open = MemMark::now(o.server_pid);
-    let cpu_open = cpu_report(cpu_open0, CpuMark::now(o.server_pid));
+}
 
-    // Holding.
+/// Holds the connections for --hold seconds (the openers sweep them meanwhile).
+fn hold(ctx: &Ctx, opened_at: u64) {
     ctx.phase.store(HOLD, SeqCst);
-    let cpu0 = CpuMark::now(o.server_pid);
-    let hold_end = opened_at + (o.hold * 1e9) as u64;
+    let hold_end = opened_at + (ctx.o.hold * 1e9) as u64;
     let mut next_note = opened_at + SEC;
     while now_ns() < hold_end {
-        if progress && o.hold > 3.0 && now_ns() >= next_note {
+        if !ctx.o.quiet && ctx.o.hold > 3.0 && now_ns() >= next_note {
             let held = ctx.opened.load(SeqCst) - ctx.dropped.load(SeqCst);
             eprintln!(
                 "[hold {:5.1}s] {held} connections held",
@@ -155,67 +212,100 @@ pub fn run(o: &Opts, target: &Target) -> Outcome {
         }
         conn::sleep_until_ns(hold_end.min(next_note).min(now_ns() + 100_000_000));
     }
-    let cpu1 = CpuMark::now(o.server_pid);
-    let mem_held = MemMark::now(o.server_pid);
-    let cpu = cpu_report(cpu0, cpu1);
+}
 
-    // Closing.
-    let close_deadline = now_ns() + 2 * SEC + (o.connections as u64 * 20_000); // + 20 µs per connection
+/// Closes every connection and joins the openers; returns their figures summed and how many
+/// did not finish in time.
+fn close_all(
+    ctx: &Ctx,
+    handles: Vec<thread::JoinHandle<Stats>>,
+    mut errors: Tally,
+) -> (Stats, usize) {
+    // 20 µs per connection on top of 2 s: closing 100,000 takes a while.
+    let close_deadline = now_ns() + 2 * SEC + (ctx.o.connections as u64 * 20_000);
     ctx.close_deadline.store(close_deadline, SeqCst);
     ctx.phase.store(CLOSE, SeqCst);
-    let join_deadline = close_deadline + SEC;
-    let (results, not_joined) = conn::join_finished(handles, join_deadline);
+    let (results, not_joined) = conn::join_finished(handles, close_deadline + SEC);
     let mut st = Stats::default();
     for result in results {
         match result {
-            Ok(s) => {
-                st.opened += s.opened;
-                st.not_attempted += s.not_attempted;
-                st.failures.merge(&s.failures);
-                st.dropped.merge(&s.dropped);
-                st.frames += s.frames;
-                st.pings += s.pings;
-                st.closed_cleanly += s.closed_cleanly;
-                st.close_unacked += s.close_unacked;
-                st.connect.merge(&s.connect);
-                st.last_open_ns = st.last_open_ns.max(s.last_open_ns);
-            }
+            Ok(s) => st.merge(&s),
             Err(_) => errors.add("opener thread panicked"),
         }
     }
-    let mem_after = MemMark::now(o.server_pid);
     st.failures.merge(&errors);
+    (st, not_joined)
+}
 
-    let open_s = (st.last_open_ns.max(t0) - t0) as f64 / 1e9;
+/// Memory deltas between two samples, whole and per connection held.
+struct MemDeltas {
+    rss: Option<i64>,
+    kstack: Option<i64>,
+    threads: Option<i64>,
+    tool_rss: Option<i64>,
+    opened: f64,
+}
+
+impl MemDeltas {
+    fn new(before: &MemMark, held: &MemMark, opened: u64) -> MemDeltas {
+        let delta = |a: Option<u64>, b: Option<u64>| -> Option<i64> { Some(b? as i64 - a? as i64) };
+        MemDeltas {
+            rss: delta(before.server_rss_kb, held.server_rss_kb),
+            kstack: delta(before.kernel_stack_kb, held.kernel_stack_kb),
+            threads: delta(before.server_threads, held.server_threads),
+            tool_rss: delta(before.tool_rss_kb, held.tool_rss_kb),
+            opened: opened.max(1) as f64,
+        }
+    }
+
+    /// Bytes per connection of a delta in kB.
+    fn per_conn(&self, d: Option<i64>) -> Option<f64> {
+        d.map(|d| (d as f64 * 1024.0 / self.opened).round())
+    }
+}
+
+fn report(o: &Opts, r: Run) -> Outcome {
+    let st = &r.st;
+    let open_s = (st.last_open_ns.max(r.t0) - r.t0) as f64 / 1e9;
     let rate = if open_s > 0.0 {
         st.opened as f64 / open_s
     } else {
         0.0
     };
-    let n = st.opened.max(1) as f64;
-    let delta = |a: Option<u64>, b: Option<u64>| -> Option<i64> { Some(b? as i64 - a? as i64) };
-    let per_conn = |d: Option<i64>| d.map(|d| (d as f64 * 1024.0 / n).round());
-    let rss = delta(mem_before.server_rss_kb, mem_held.server_rss_kb);
-    let kstack = delta(mem_before.kernel_stack_kb, mem_held.kernel_stack_kb);
-    let sthreads = delta(mem_before.server_threads, mem_held.server_threads);
-    let tool_rss = delta(mem_before.tool_rss_kb, mem_held.tool_rss_kb);
-    let ok = st.opened == o.connections as u64 && st.dropped.total() == 0 && not_joined == 0;
+    let mem = MemDeltas::new(&r.mem_before, &r.mem_held, st.opened);
+    let ok = st.opened == o.connections as u64 && st.dropped.total() == 0 && r.not_joined == 0;
     let fatal = (st.opened < o.connections as u64)
         .then(|| format!("{} of {} connections opened", st.opened, o.connections));
+    Outcome {
+        ok,
+        fatal,
+        limited_by: limits::first(&[&st.failures, &st.dropped]),
+        json: report_json(o, &r, open_s, rate, &mem),
+        lines: report_lines(o, &r, open_s, rate, &mem),
+    }
+}
 
+fn report_json(
+    o: &Opts,
+    r: &Run,
+    open_s: f64,
+    rate: f64,
+    mem: &MemDeltas,
+) -> serde_json::Map<String, Value> {
+    let st = &r.st;
     let mut json = serde_json::Map::new();
     let mut put = |k: &str, v: Value| {
         json.insert(k.to_string(), v);
     };
     put("connections", json!(o.connections));
-    put("concurrency", json!(threads));
+    put("concurrency", json!(r.threads));
     put(
         "per_room",
-        json!(if o.raw {
+        if o.raw {
             Value::Null
         } else {
             json!(o.per_room)
-        }),
+        },
     );
     put("hold_s", json!(o.hold));
     put("opened", json!(st.opened));
@@ -230,32 +320,41 @@ pub fn run(o: &Opts, target: &Target) -> Outcome {
     put("pings_received", json!(st.pings));
     put("closed_cleanly", json!(st.closed_cleanly));
     put("close_unacked", json!(st.close_unacked));
-    put("threads_not_joined", json!(not_joined));
-    put("cpu_open", cpu_open.0);
-    put("cpu_hold", cpu.0);
+    put("threads_not_joined", json!(r.not_joined));
+    put("cpu_open", r.cpu_open.0.clone());
+    put("cpu_hold", r.cpu_hold.0.clone());
     put(
         "memory",
         json!({
-            "before": mem_before.json(), "opened": mem_open.json(), "held": mem_held.json(), "after_close": mem_after.json(),
-            "server_rss_bytes_per_conn": per_conn(rss),
-            "kernel_stack_bytes_per_conn": per_conn(kstack),
-            "server_threads_delta": sthreads,
-            "tool_rss_bytes_per_conn": per_conn(tool_rss),
+            "before": r.mem_before.json(), "opened": r.mem_open.json(), "held": r.mem_held.json(),
+            "after_close": r.mem_after.json(),
+            "server_rss_bytes_per_conn": mem.per_conn(mem.rss),
+            "kernel_stack_bytes_per_conn": mem.per_conn(mem.kstack),
+            "server_threads_delta": mem.threads,
+            "tool_rss_bytes_per_conn": mem.per_conn(mem.tool_rss),
         }),
     );
+    json
+}
 
-    let mut lines = vec![];
-    lines.push(format!(
-        "opened        {}/{} in {open_s:.2}s ({rate:.0} conn/s) with {threads} threads; handshake {}",
-        group(st.opened),
-        group(o.connections as u64),
-        if st.connect.count() > 0 {
-            format!("p50 {} p99 {} max {}", fmt_ns(st.connect.quantile(0.5)), fmt_ns(st.connect.quantile(0.99)), fmt_ns(st.connect.max()))
-        } else {
-            "-".into()
-        }
-    ));
-    lines.push(format!("failures      {}", st.failures.human()));
+fn report_lines(o: &Opts, r: &Run, open_s: f64, rate: f64, mem: &MemDeltas) -> Vec<String> {
+    let st = &r.st;
+    let handshake = if st.connect.count() > 0 {
+        let c = &st.connect;
+        let (p50, p99) = (fmt_ns(c.quantile(0.5)), fmt_ns(c.quantile(0.99)));
+        format!("p50 {p50} p99 {p99} max {}", fmt_ns(c.max()))
+    } else {
+        "-".into()
+    };
+    let mut lines = vec![
+        format!(
+            "opened        {}/{} in {open_s:.2}s ({rate:.0} conn/s) with {} threads; handshake {handshake}",
+            group(st.opened),
+            group(o.connections as u64),
+            r.threads
+        ),
+        format!("failures      {}", st.failures.human()),
+    ];
     if st.not_attempted > 0 {
         lines.push(format!(
             "not attempted {} (--setup-timeout ran out)",
@@ -273,37 +372,31 @@ pub fn run(o: &Opts, target: &Target) -> Outcome {
         "closed        {} with a closing handshake, {} without reply",
         st.closed_cleanly, st.close_unacked
     ));
-    let kb = |d: Option<i64>| {
-        d.map(|d| format!("{d:+} kB"))
-            .unwrap_or_else(|| "n/a".into())
-    };
-    let b = |d: Option<f64>| {
-        d.map(|d| format!("{d:.0} B/conn"))
-            .unwrap_or_else(|| "n/a".into())
-    };
-    lines.push(format!(
-        "server memory RSS {} ({}), threads {}, KernelStack {} ({})",
-        kb(rss),
-        b(per_conn(rss)),
-        sthreads
-            .map(|t| format!("{t:+}"))
-            .unwrap_or_else(|| "n/a".into()),
-        kb(kstack),
-        b(per_conn(kstack))
-    ));
-    lines.push(format!(
-        "tool memory   RSS {} ({})",
-        kb(tool_rss),
-        b(per_conn(tool_rss))
-    ));
-    lines.push(format!("cpu (opening) {}", cpu_open.1));
-    lines.push(format!("cpu (hold)    {}", cpu.1));
-    Outcome {
-        ok,
-        fatal,
-        json,
-        lines,
-    }
+    lines.extend(memory_lines(mem));
+    lines.push(format!("cpu (opening) {}", r.cpu_open.1));
+    lines.push(format!("cpu (hold)    {}", r.cpu_hold.1));
+    lines
+}
+
+fn memory_lines(mem: &MemDeltas) -> [String; 2] {
+    let na = || "n/a".to_string();
+    let kb = |d: Option<i64>| d.map_or_else(na, |d| format!("{d:+} kB"));
+    let b = |d: Option<f64>| d.map_or_else(na, |d| format!("{d:.0} B/conn"));
+    [
+        format!(
+            "server memory RSS {} ({}), threads {}, KernelStack {} ({})",
+            kb(mem.rss),
+            b(mem.per_conn(mem.rss)),
+            mem.threads.map_or_else(na, |t| format!("{t:+}")),
+            kb(mem.kstack),
+            b(mem.per_conn(mem.kstack))
+        ),
+        format!(
+            "tool memory   RSS {} ({})",
+            kb(mem.tool_rss),
+            b(mem.per_conn(mem.tool_rss))
+        ),
+    ]
 }
 
 struct Held {

@@ -9,6 +9,7 @@ mod churn;
 mod cli;
 mod conn;
 mod idle;
+mod limits;
 mod room;
 mod stats;
 mod sysinfo;
@@ -27,6 +28,8 @@ pub struct Outcome {
     pub ok: bool,
     /// The run could not take place as asked (setup failed).
     pub fatal: Option<String>,
+    /// The server limit that refused part of the load, in one line with the flags that lift it.
+    pub limited_by: Option<String>,
     /// Mode-specific JSON fields.
     pub json: serde_json::Map<String, Value>,
     /// Human-readable table lines.
@@ -65,41 +68,8 @@ fn header(o: &Opts, url: &str) -> Value {
 
 fn main() {
     conn::init_clock();
-    let o = match Opts::parse() {
-        Ok(o) => o,
-        Err(e) => {
-            eprintln!("wschat-load: {e}\n(see wschat-load --help)");
-            std::process::exit(2);
-        }
-    };
-    let target = match conn::Target::parse(&o.url, o.allow_remote) {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("wschat-load: {e}");
-            std::process::exit(2);
-        }
-    };
-
-    // Watchdog: the whole run is bounded by --timeout, whatever blocks.
-    {
-        let (o, url) = (o.clone(), o.url.clone());
-        std::thread::Builder::new()
-            .name("watchdog".into())
-            .spawn(move || {
-                std::thread::sleep(Duration::from_secs_f64(o.timeout));
-                let mut j = header(&o, &url);
-                j["ok"] = json!(false);
-                j["error"] = json!(format!(
-                    "timeout: the run took longer than --timeout {}s",
-                    o.timeout
-                ));
-                eprintln!("wschat-load: --timeout {}s expired, giving up", o.timeout);
-                emit(o.quiet, &[], &j);
-                std::process::exit(3);
-            })
-            .expect("spawn watchdog");
-    }
-
+    let (o, target) = parse_or_exit();
+    start_watchdog(&o);
     let started = conn::now_ns();
     let outcome = match o.mode {
         Mode::Fanout | Mode::Latency => room::run(&o, &target),
@@ -107,41 +77,80 @@ fn main() {
         Mode::Churn => churn::run(&o, &target),
     };
     let wall = (conn::now_ns() - started) as f64 / 1e9;
-
-    let mut j = header(&o, &o.url);
     let ok = outcome.ok && outcome.fatal.is_none();
+    let mut j = header(&o, &o.url);
     j["ok"] = json!(ok);
     j["error"] = json!(outcome.fatal);
+    j["limited_by"] = json!(outcome.limited_by);
     j["wall_s"] = json!((wall * 1000.0).round() / 1000.0);
-    if let Value::Object(m) = &mut j {
-        m.extend(outcome.json);
-    }
     let mut lines = vec![format!(
         "wschat-load {}  {} {}  ({})",
         o.mode.name(),
         if o.raw { "raw" } else { "wschat" },
         o.url,
-        if ok {
-            "ok".to_string()
-        } else {
-            format!(
-                "NOT OK{}",
-                outcome
-                    .fatal
-                    .as_ref()
-                    .map(|f| format!(": {f}"))
-                    .unwrap_or_default()
-            )
-        }
+        verdict(ok, &outcome)
     )];
-    lines.extend(outcome.lines.into_iter().map(|l| format!("  {l}")));
+    lines.extend(outcome.lines.iter().map(|l| format!("  {l}")));
+    if let Value::Object(m) = &mut j {
+        m.extend(outcome.json);
+    }
     lines.push(format!("  wall          {wall:.2}s"));
     emit(o.quiet, &lines, &j);
-    std::process::exit(if outcome.fatal.is_some() {
-        1
-    } else if ok {
-        0
-    } else {
-        2
+    std::process::exit(match (&outcome.fatal, ok) {
+        (Some(_), _) => 1,
+        (None, true) => 0,
+        (None, false) => 2,
     });
+}
+
+fn parse_or_exit() -> (Opts, conn::Target) {
+    let o = Opts::parse().unwrap_or_else(|e| {
+        eprintln!("wschat-load: {e}\n(see wschat-load --help)");
+        std::process::exit(2);
+    });
+    let target = conn::Target::parse(&o.url, o.allow_remote).unwrap_or_else(|e| {
+        eprintln!("wschat-load: {e}");
+        std::process::exit(2);
+    });
+    (o, target)
+}
+
+/// "ok", or "NOT OK: " and why, in one line: what failed, and the server limit behind it.
+fn verdict(ok: bool, outcome: &Outcome) -> String {
+    if ok {
+        return "ok".into();
+    }
+    let why: Vec<&str> = [&outcome.fatal, &outcome.limited_by]
+        .into_iter()
+        .flatten()
+        .map(String::as_str)
+        .collect();
+    if why.is_empty() {
+        "NOT OK".into()
+    } else {
+        format!("NOT OK: {}", why.join(": "))
+    }
+}
+
+/// The whole run is bounded by --timeout, whatever blocks.
+fn start_watchdog(o: &Opts) {
+    let o = o.clone();
+    let spawned = std::thread::Builder::new()
+        .name("watchdog".into())
+        .spawn(move || {
+            std::thread::sleep(Duration::from_secs_f64(o.timeout));
+            let mut j = header(&o, &o.url);
+            j["ok"] = json!(false);
+            j["error"] = json!(format!(
+                "timeout: the run took longer than --timeout {}s",
+                o.timeout
+            ));
+            eprintln!("wschat-load: --timeout {}s expired, giving up", o.timeout);
+            emit(o.quiet, &[], &j);
+            std::process::exit(3);
+        });
+    if let Err(e) = spawned {
+        eprintln!("wschat-load: cannot start the watchdog thread: {e}");
+        std::process::exit(1);
+    }
 }

@@ -10,9 +10,12 @@
 //! 3. RUN: senders send during warm-up + duration. Each message carries its sequence number and
 //!    send time, and counts as *measured* when that time falls after the warm-up.
 //! 4. STOP: senders have stopped; the main thread waits (at most --drain) until every connection
-//!    has received every message sent.
+//!    has received every message the server accepted.
 //! 5. CLOSE: every connection sends a close frame and waits (bounded) for the server's.
 //!
+//! A message the server refuses (an `error` `rate_limited` to its sender) reaches nobody: it is
+//! counted as *refused*. A sender the server closes leaves some messages *unanswered* (neither
+//! echoed nor refused). *Lost* counts only the rest: messages some member should have received.
 //! Receivers keep everything in thread-local state (counts, a latency histogram, per-sender
 //! sequence tracking) and hand it back when joined; the only shared writes in the hot path are
 //! each connection's own padded progress counter.
@@ -30,7 +33,8 @@ use tungstenite::error::Error as WsError;
 use crate::Outcome;
 use crate::cli::{Mode, Opts};
 use crate::conn::{self, ConnOpts, Frame, Target, Wire, Ws, XorShift, now_ns, sleep_until_ns};
-use crate::stats::{Hist, Seen, SeqTrack, Tally, group};
+use crate::limits;
+use crate::stats::{Hist, Seen, SeqTrack, Tally, fmt_ns, group};
 use crate::sysinfo::{CpuMark, MemMark, cpu_report};
 
 const SETUP: u32 = 0;
@@ -41,6 +45,15 @@ const CLOSE: u32 = 4;
 
 pub const CONN_STACK: usize = 128 * 1024;
 const SEC: u64 = 1_000_000_000;
+
+/// Seconds (a flag's value) as nanoseconds on the tool's clock.
+fn ns(secs: f64) -> u64 {
+    (secs * 1e9) as u64
+}
+
+fn secs_since(t: u64) -> f64 {
+    (now_ns() - t) as f64 / 1e9
+}
 
 #[repr(align(128))]
 #[derive(Default)]
@@ -55,6 +68,10 @@ struct Slot {
 #[derive(Default)]
 struct SenderSlot {
     sent: AtomicU64,
+    /// Messages the server refused (its rate limit): they reach nobody and are not lost.
+    refused: AtomicU64,
+    /// Messages of a sender the server closed that got neither echo nor refusal.
+    unanswered: AtomicU64,
     done: AtomicBool,
 }
 
@@ -76,6 +93,66 @@ struct Ctx {
     slots: Vec<Slot>,
     senders: Vec<SenderSlot>,
     gate: Gate,
+}
+
+impl Ctx {
+    fn new(o: &Opts, target: &Target) -> Ctx {
+        let token = conn::run_token();
+        let room = o.room.clone().unwrap_or_else(|| format!("wsload-{token}"));
+        let url = if o.raw {
+            target.base.clone()
+        } else {
+            target.url_for_room(Some(&room))
+        };
+        Ctx {
+            o: o.clone(),
+            wire: Wire::new(&token, !o.raw, o.size),
+            url,
+            target: target.clone(),
+            phase: AtomicU32::new(SETUP),
+            probe_round: AtomicU32::new(0),
+            registered: AtomicUsize::new(0),
+            failed: AtomicUsize::new(0),
+            dead: AtomicUsize::new(0),
+            run_start: AtomicU64::new(u64::MAX),
+            warm_end: AtomicU64::new(u64::MAX),
+            end: AtomicU64::new(u64::MAX),
+            close_deadline: AtomicU64::new(u64::MAX),
+            slots: (0..o.clients).map(|_| Slot::default()).collect(),
+            senders: (0..o.senders).map(|_| SenderSlot::default()).collect(),
+            gate: Gate::new(o.concurrency),
+        }
+    }
+
+    fn progress(&self) -> bool {
+        !self.o.quiet && self.o.warmup + self.o.duration > 3.0
+    }
+
+    fn sent(&self) -> u64 {
+        self.senders.iter().map(|s| s.sent.load(SeqCst)).sum()
+    }
+
+    fn refused(&self) -> u64 {
+        self.senders.iter().map(|s| s.refused.load(SeqCst)).sum()
+    }
+
+    /// Per sender, the messages no member is to expect: refused, or left unanswered.
+    fn not_expected(&self) -> Vec<u64> {
+        let n = |s: &SenderSlot| s.refused.load(SeqCst) + s.unanswered.load(SeqCst);
+        self.senders.iter().map(n).collect()
+    }
+
+    fn received(&self) -> u64 {
+        self.slots.iter().map(|s| s.recv.load(SeqCst)).sum()
+    }
+
+    /// An error once a registered connection has ended before the run.
+    fn all_alive(&self) -> Result<(), String> {
+        match self.dead.load(SeqCst) {
+            0 => Ok(()),
+            dead => Err(format!("{dead} connections ended before the run started")),
+        }
+    }
 }
 
 /// At most `max` connection handshakes at once.
@@ -131,319 +208,359 @@ struct ConnStats {
     tracks: Vec<SeqTrack>,
     // As a sender:
     sent: u64,
+    /// Own messages that came back (accepted and delivered to us).
+    echoed: u64,
     sent_measured: u64,
     send_lag: Hist,
     closed_cleanly: bool,
 }
 
+/// What the measured phases found (absent when setup failed).
+struct Measured {
+    cpu: (Value, String),
+    mem_after: MemMark,
+    drain_s: f64,
+}
+
+/// Everything `report` needs besides the context.
+struct Finished {
+    stats: Vec<ConnStats>,
+    errors: Tally,
+    not_joined: usize,
+    fatal: Option<String>,
+    setup_s: f64,
+    measured: Option<Measured>,
+    mem_before: MemMark,
+}
+
 pub fn run(o: &Opts, target: &Target) -> Outcome {
-    let token = conn::run_token();
-    let room = o.room.clone().unwrap_or_else(|| format!("wsload-{token}"));
-    let url = if o.raw {
-        target.base.clone()
-    } else {
-        target.url_for_room(Some(&room))
-    };
-    let ctx = Arc::new(Ctx {
-        o: o.clone(),
-        wire: Wire::new(&token, !o.raw, o.size),
-        url: url.clone(),
-        target: target.clone(),
-        phase: AtomicU32::new(SETUP),
-        probe_round: AtomicU32::new(0),
-        registered: AtomicUsize::new(0),
-        failed: AtomicUsize::new(0),
-        dead: AtomicUsize::new(0),
-        run_start: AtomicU64::new(u64::MAX),
-        warm_end: AtomicU64::new(u64::MAX),
-        end: AtomicU64::new(u64::MAX),
-        close_deadline: AtomicU64::new(u64::MAX),
-        slots: (0..o.clients).map(|_| Slot::default()).collect(),
-        senders: (0..o.senders).map(|_| SenderSlot::default()).collect(),
-        gate: Gate::new(o.concurrency),
-    });
-    let progress = !o.quiet && o.warmup + o.duration > 3.0;
+    let ctx = Arc::new(Ctx::new(o, target));
     let mem_before = MemMark::now(o.server_pid);
     let t_setup = now_ns();
+    let (handles, errors) = spawn_conns(&ctx);
+    let setup_deadline = t_setup + ns(o.setup_timeout);
+    let fatal = wait_registered(&ctx, t_setup, setup_deadline)
+        .and_then(|()| probe(&ctx, setup_deadline))
+        .err();
+    let setup_s = secs_since(t_setup);
+    let measured = fatal.is_none().then(|| measure(&ctx));
+    let (stats, not_joined, errors) = close_and_join(&ctx, handles, errors);
+    report(
+        &ctx,
+        Finished {
+            stats,
+            errors,
+            not_joined,
+            fatal,
+            setup_s,
+            measured,
+            mem_before,
+        },
+    )
+}
 
-    let mut spawn_errors = Tally::default();
-    let mut handles: Vec<Option<JoinHandle<ConnStats>>> = Vec::with_capacity(o.clients);
-    for i in 0..o.clients {
+/// One thread per connection; a thread that cannot start counts as a failed connection.
+fn spawn_conns(ctx: &Arc<Ctx>) -> (Vec<JoinHandle<ConnStats>>, Tally) {
+    let mut errors = Tally::default();
+    let mut handles = Vec::with_capacity(ctx.o.clients);
+    for i in 0..ctx.o.clients {
         let c = ctx.clone();
         match thread::Builder::new()
             .name(format!("conn-{i}"))
             .stack_size(CONN_STACK)
             .spawn(move || conn_main(&c, i))
         {
-            Ok(h) => handles.push(Some(h)),
+            Ok(h) => handles.push(h),
             Err(e) => {
-                spawn_errors.add(format!("spawn: {}", conn::io_kind(&e)));
+                errors.add(format!("spawn: {}", conn::io_kind(&e)));
                 ctx.failed.fetch_add(1, SeqCst);
-                handles.push(None);
             }
         }
     }
+    (handles, errors)
+}
 
-    // 1. Every connection up (and welcomed).
-    let setup_deadline = t_setup + (o.setup_timeout * 1e9) as u64;
+/// Phase 1: every connection up (and welcomed).
+fn wait_registered(ctx: &Ctx, t_setup: u64, deadline: u64) -> Result<(), String> {
+    let clients = ctx.o.clients;
     let mut next_note = t_setup + SEC;
-    let mut fatal = None;
     loop {
         let (reg, failed) = (ctx.registered.load(SeqCst), ctx.failed.load(SeqCst));
-        if failed > 0 && reg + failed >= o.clients {
-            fatal = Some(format!("{failed} of {} connections failed", o.clients));
-            break;
+        if failed > 0 && reg + failed >= clients {
+            return Err(format!("{failed} of {clients} connections failed"));
         }
-        if reg >= o.clients {
-            break;
+        if reg >= clients {
+            return Ok(());
         }
-        let dead = ctx.dead.load(SeqCst);
-        if dead > 0 {
-            fatal = Some(format!("{dead} connections ended before the run started"));
-            break;
-        }
-        if now_ns() > setup_deadline {
-            fatal = Some(format!(
-                "only {reg} of {} connections registered within --setup-timeout",
-                o.clients
+        ctx.all_alive()?;
+        if now_ns() > deadline {
+            return Err(format!(
+                "only {reg} of {clients} connections registered within --setup-timeout"
             ));
-            break;
         }
-        if progress && now_ns() >= next_note {
-            eprintln!(
-                "[setup] {reg}/{} connections registered, {failed} failed",
-                o.clients
-            );
+        if ctx.progress() && now_ns() >= next_note {
+            eprintln!("[setup] {reg}/{clients} connections registered, {failed} failed");
             next_note += SEC;
         }
         thread::sleep(Duration::from_millis(5));
     }
+}
 
-    // 2. Probe until every connection has seen one.
-    if fatal.is_none() {
-        ctx.phase.store(PROBE, SeqCst);
-        let mut round = 0;
-        let mut next_round = 0;
-        loop {
-            if now_ns() >= next_round {
-                round += 1;
-                ctx.probe_round.store(round, SeqCst);
-                next_round = now_ns() + SEC;
-            }
-            let seen = ctx
-                .slots
-                .iter()
-                .filter(|s| s.probe.load(SeqCst) >= 1)
-                .count();
-            if seen == o.clients {
-                break;
-            }
-            if now_ns() > setup_deadline {
-                fatal = Some(format!(
-                    "only {seen} of {} connections received the probe",
-                    o.clients
-                ));
-                break;
-            }
-            let dead = ctx.dead.load(SeqCst);
-            if dead > 0 {
-                fatal = Some(format!("{dead} connections ended before the run started"));
-                break;
-            }
-            thread::sleep(Duration::from_millis(2));
+/// Phase 2: probe until every connection has seen one.
+fn probe(ctx: &Ctx, deadline: u64) -> Result<(), String> {
+    ctx.phase.store(PROBE, SeqCst);
+    let (mut round, mut next_round) = (0, 0);
+    loop {
+        if now_ns() >= next_round {
+            round += 1;
+            ctx.probe_round.store(round, SeqCst);
+            next_round = now_ns() + SEC;
         }
+        let seen = ctx
+            .slots
+            .iter()
+            .filter(|s| s.probe.load(SeqCst) >= 1)
+            .count();
+        if seen == ctx.o.clients {
+            return Ok(());
+        }
+        if now_ns() > deadline {
+            return Err(format!(
+                "only {seen} of {} connections received the probe",
+                ctx.o.clients
+            ));
+        }
+        ctx.all_alive()?;
+        thread::sleep(Duration::from_millis(2));
     }
-    let setup_s = (now_ns() - t_setup) as f64 / 1e9;
+}
 
-    // 3. Run.
-    let mut cpu = None;
-    let mut drain_s = 0.0;
-    let mut mem_after = mem_before;
-    if fatal.is_none() {
-        let start = now_ns() + 1_000_000;
-        let warm_end = start + (o.warmup * 1e9) as u64;
-        let end = warm_end + (o.duration * 1e9) as u64;
-        ctx.run_start.store(start, SeqCst);
-        ctx.warm_end.store(warm_end, SeqCst);
-        ctx.end.store(end, SeqCst);
-        ctx.phase.store(RUN, SeqCst);
-        let mut cpu0 = None;
-        let mut next_tick = start + SEC;
-        let mut last = (start, 0u64, 0u64);
-        loop {
-            let now = now_ns();
-            if cpu0.is_none() && now >= warm_end {
-                cpu0 = Some(CpuMark::now(o.server_pid));
-            }
-            if now >= end {
-                break;
-            }
-            if now >= next_tick && progress {
-                let sent: u64 = ctx.senders.iter().map(|s| s.sent.load(Relaxed)).sum();
-                let recv: u64 = ctx.slots.iter().map(|s| s.recv.load(Relaxed)).sum();
-                let dt = (now - last.0) as f64 / 1e9;
-                eprintln!(
-                    "[{:5.1}s] {:8} sent {:>12} ({:>9.0}/s)  delivered {:>14} ({:>11.0}/s)",
-                    (now - start) as f64 / 1e9,
-                    if now < warm_end { "warm-up" } else { "measure" },
-                    group(sent),
-                    (sent - last.1) as f64 / dt,
-                    group(recv),
-                    (recv - last.2) as f64 / dt,
-                );
-                last = (now, sent, recv);
-            }
-            while next_tick <= now {
-                next_tick += SEC;
-            }
-            let wake = [end, next_tick, if cpu0.is_none() { warm_end } else { end }]
-                .into_iter()
-                .min()
-                .unwrap();
-            sleep_until_ns(wake.min(now_ns() + 200_000_000));
-        }
-        let cpu1 = CpuMark::now(o.server_pid);
-        mem_after = MemMark::now(o.server_pid);
-        cpu = Some(cpu_report(cpu0.unwrap_or(cpu1), cpu1));
-
-        // 4. Drain: senders finish, then wait until every connection has everything, or until
-        //    nothing new has arrived for --drain seconds (hard cap: --drain + 30 s).
-        ctx.phase.store(STOP, SeqCst);
-        let quiet_for = (o.drain * 1e9) as u64;
-        let hard_deadline = end + quiet_for + 30 * SEC;
-        let (mut last_recv, mut last_change) = (u64::MAX, end);
-        loop {
-            let done = ctx.senders.iter().all(|s| s.done.load(SeqCst));
-            let recv: u64 = ctx.slots.iter().map(|s| s.recv.load(SeqCst)).sum();
-            let now = now_ns();
-            if done {
-                let sent: u64 = ctx.senders.iter().map(|s| s.sent.load(SeqCst)).sum();
-                if recv >= sent * o.clients as u64 {
-                    break;
-                }
-            }
-            if recv != last_recv {
-                (last_recv, last_change) = (recv, now);
-            }
-            if now >= hard_deadline || now >= last_change + quiet_for {
-                break;
-            }
-            thread::sleep(Duration::from_millis(1));
-        }
-        drain_s = (now_ns() - end) as f64 / 1e9;
+/// Phases 3 and 4: the run, then the drain.
+fn measure(ctx: &Ctx) -> Measured {
+    let start = now_ns() + 1_000_000;
+    let warm_end = start + ns(ctx.o.warmup);
+    let end = warm_end + ns(ctx.o.duration);
+    ctx.run_start.store(start, SeqCst);
+    ctx.warm_end.store(warm_end, SeqCst);
+    ctx.end.store(end, SeqCst);
+    ctx.phase.store(RUN, SeqCst);
+    let cpu0 = watch_run(ctx, start, warm_end, end);
+    let cpu1 = CpuMark::now(ctx.o.server_pid);
+    let mem_after = MemMark::now(ctx.o.server_pid);
+    ctx.phase.store(STOP, SeqCst);
+    Measured {
+        cpu: cpu_report(cpu0.unwrap_or(cpu1), cpu1),
+        mem_after,
+        drain_s: drain(ctx, end),
     }
+}
 
-    // 5. Close, join (bounded).
+/// Sleeps through the run, printing progress once a second; returns the CPU mark taken at the
+/// end of the warm-up.
+fn watch_run(ctx: &Ctx, start: u64, warm_end: u64, end: u64) -> Option<CpuMark> {
+    let mut cpu0 = None;
+    let mut next_tick = start + SEC;
+    let mut last = (start, 0u64, 0u64);
+    loop {
+        let now = now_ns();
+        if cpu0.is_none() && now >= warm_end {
+            cpu0 = Some(CpuMark::now(ctx.o.server_pid));
+        }
+        if now >= end {
+            return cpu0;
+        }
+        if now >= next_tick && ctx.progress() {
+            last = print_progress(ctx, now, start, warm_end, last);
+        }
+        while next_tick <= now {
+            next_tick += SEC;
+        }
+        let wake = [end, next_tick, if cpu0.is_none() { warm_end } else { end }];
+        let wake = wake.into_iter().min().unwrap_or(end);
+        sleep_until_ns(wake.min(now_ns() + 200_000_000));
+    }
+}
+
+/// One progress line; returns the (time, sent, received) it was computed from.
+fn print_progress(
+    ctx: &Ctx,
+    now: u64,
+    start: u64,
+    warm_end: u64,
+    last: (u64, u64, u64),
+) -> (u64, u64, u64) {
+    let sent: u64 = ctx.senders.iter().map(|s| s.sent.load(Relaxed)).sum();
+    let recv: u64 = ctx.slots.iter().map(|s| s.recv.load(Relaxed)).sum();
+    let dt = (now - last.0) as f64 / 1e9;
+    eprintln!(
+        "[{:5.1}s] {:8} sent {:>12} ({:>9.0}/s)  delivered {:>14} ({:>11.0}/s)",
+        (now - start) as f64 / 1e9,
+        if now < warm_end { "warm-up" } else { "measure" },
+        group(sent),
+        (sent - last.1) as f64 / dt,
+        group(recv),
+        (recv - last.2) as f64 / dt,
+    );
+    (now, sent, recv)
+}
+
+/// Phase 4: senders finish, then wait until every connection has every accepted message, or
+/// until nothing new has arrived for --drain seconds (hard cap: --drain + 30 s). Returns its
+/// length in seconds.
+fn drain(ctx: &Ctx, end: u64) -> f64 {
+    let quiet_for = ns(ctx.o.drain);
+    let hard_deadline = end + quiet_for + 30 * SEC;
+    let (mut last_recv, mut last_change) = (u64::MAX, end);
+    loop {
+        let done = ctx.senders.iter().all(|s| s.done.load(SeqCst));
+        let recv = ctx.received();
+        let now = now_ns();
+        let accepted = ctx.sent().saturating_sub(ctx.refused());
+        if done && recv >= accepted * ctx.o.clients as u64 {
+            break;
+        }
+        if recv != last_recv {
+            (last_recv, last_change) = (recv, now);
+        }
+        if now >= hard_deadline || now >= last_change + quiet_for {
+            break;
+        }
+        thread::sleep(Duration::from_millis(1));
+    }
+    (now_ns() - end) as f64 / 1e9
+}
+
+/// Phase 5: close, then join the threads that finish in time.
+fn close_and_join(
+    ctx: &Ctx,
+    handles: Vec<JoinHandle<ConnStats>>,
+    mut errors: Tally,
+) -> (Vec<ConnStats>, usize, Tally) {
     let close_deadline = now_ns() + 2 * SEC;
     ctx.close_deadline.store(close_deadline, SeqCst);
     ctx.phase.store(CLOSE, SeqCst);
-    let join_deadline = close_deadline + (o.connect_timeout * 1e9) as u64 + SEC;
-    let mut stats = Vec::with_capacity(o.clients);
-    let mut not_joined = 0;
-    while now_ns() < join_deadline
-        && handles
-            .iter()
-            .any(|h| h.as_ref().is_some_and(|h| !h.is_finished()))
-    {
-        thread::sleep(Duration::from_millis(5));
-    }
-    for h in handles.iter_mut() {
-        match h.take() {
-            Some(h) if h.is_finished() => match h.join() {
-                Ok(s) => stats.push(s),
-                Err(_) => spawn_errors.add("connection thread panicked"),
-            },
-            Some(_) => not_joined += 1,
-            None => {}
+    let join_deadline = close_deadline + ns(ctx.o.connect_timeout) + SEC;
+    let (results, not_joined) = conn::join_finished(handles, join_deadline);
+    let mut stats = Vec::with_capacity(results.len());
+    for result in results {
+        match result {
+            Ok(s) => stats.push(s),
+            Err(_) => errors.add("connection thread panicked"),
         }
     }
-
-    report(
-        &ctx,
-        o,
-        stats,
-        spawn_errors,
-        not_joined,
-        fatal,
-        setup_s,
-        drain_s,
-        cpu,
-        mem_before,
-        mem_after,
-    )
+    (stats, not_joined, errors)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn report(
-    ctx: &Ctx,
-    o: &Opts,
-    stats: Vec<ConnStats>,
-    mut errors: Tally,
-    not_joined: usize,
-    fatal: Option<String>,
-    setup_s: f64,
-    drain_s: f64,
-    cpu: Option<(Value, String)>,
-    mem_before: MemMark,
-    mem_after: MemMark,
-) -> Outcome {
-    let sent_final: Vec<u64> = ctx.senders.iter().map(|s| s.sent.load(SeqCst)).collect();
-    let mut server_closes = Tally::default();
-    let mut server_errors = Tally::default();
-    let (mut lat, mut echo, mut lag, mut connect) = (
-        Hist::default(),
-        Hist::default(),
-        Hist::default(),
-        Hist::default(),
-    );
-    let (mut unique, mut measured, mut dups, mut late, mut lost, mut foreign, mut other) =
-        (0, 0, 0, 0, 0, 0, 0);
-    let (mut sent, mut sent_measured, mut registered, mut clean) = (0u64, 0u64, 0u64, 0u64);
-    for s in &stats {
-        errors.merge(&s.errors);
-        server_closes.merge(&s.server_closes);
-        server_errors.merge(&s.server_errors);
-        lat.merge(&s.lat);
-        echo.merge(&s.echo);
-        lag.merge(&s.send_lag);
-        if s.registered {
-            registered += 1;
-            connect.record(s.connect_ns);
-            lost += s
-                .tracks
-                .iter()
-                .zip(&sent_final)
-                .map(|(t, &n)| t.lost(n))
-                .sum::<u64>();
-        }
-        unique += s.unique;
-        measured += s.measured;
-        dups += s.dups;
-        late += s.late;
-        foreign += s.foreign;
-        other += s.other_frames;
-        sent += s.sent;
-        sent_measured += s.sent_measured;
-        clean += s.closed_cleanly as u64;
-    }
-    let receivers = o.clients as u64;
-    let expected_measured = sent_measured * receivers;
-    let ran = fatal.is_none();
-    let ok = ran
-        && registered == receivers
-        && lost == 0
-        && dups == 0
-        && late == 0
-        && foreign == 0
-        && measured == expected_measured
-        && measured > 0
-        && errors.total() == 0
-        && server_closes.total() == 0
-        && server_errors.total() == 0
-        && not_joined == 0;
-    let per_s = |n: u64| if ran { n as f64 / o.duration } else { 0.0 };
-    let round1 = |x: f64| (x * 10.0).round() / 10.0;
+// ---------------------------------------------------------------------------------------------
+// The report
 
+/// The connections' figures, summed.
+#[derive(Default)]
+struct Totals {
+    errors: Tally,
+    server_closes: Tally,
+    server_errors: Tally,
+    lat: Hist,
+    echo: Hist,
+    lag: Hist,
+    connect: Hist,
+    unique: u64,
+    measured: u64,
+    dups: u64,
+    late: u64,
+    /// Messages some member should have received and did not, counted per member.
+    lost: u64,
+    /// Messages the server refused (they reach no member).
+    refused: u64,
+    /// Messages of senders the server closed that got neither echo nor refusal.
+    unanswered: u64,
+    foreign: u64,
+    other: u64,
+    sent: u64,
+    sent_measured: u64,
+    registered: u64,
+    clean: u64,
+}
+
+impl Totals {
+    fn sum(ctx: &Ctx, f: &Finished) -> Totals {
+        let sent: Vec<u64> = ctx.senders.iter().map(|s| s.sent.load(SeqCst)).collect();
+        let not_expected = ctx.not_expected();
+        let refused = ctx.refused();
+        let mut t = Totals {
+            errors: f.errors.clone(),
+            refused,
+            unanswered: not_expected.iter().sum::<u64>() - refused,
+            ..Totals::default()
+        };
+        for s in &f.stats {
+            t.add(s, &sent, &not_expected);
+        }
+        t
+    }
+
+    fn add(&mut self, s: &ConnStats, sent: &[u64], not_expected: &[u64]) {
+        self.errors.merge(&s.errors);
+        self.server_closes.merge(&s.server_closes);
+        self.server_errors.merge(&s.server_errors);
+        self.lat.merge(&s.lat);
+        self.echo.merge(&s.echo);
+        self.lag.merge(&s.send_lag);
+        if s.registered {
+            self.registered += 1;
+            self.connect.record(s.connect_ns);
+            // A refused or unanswered message is missing at every member, and is not lost.
+            let missing = s.tracks.iter().zip(sent).map(|(t, &n)| t.lost(n));
+            let lost = missing.zip(not_expected).map(|(m, &r)| m.saturating_sub(r));
+            self.lost += lost.sum::<u64>();
+        }
+        self.unique += s.unique;
+        self.measured += s.measured;
+        self.dups += s.dups;
+        self.late += s.late;
+        self.foreign += s.foreign;
+        self.other += s.other_frames;
+        self.sent += s.sent;
+        self.sent_measured += s.sent_measured;
+        self.clean += s.closed_cleanly as u64;
+    }
+
+    fn expected_measured(&self, ctx: &Ctx) -> u64 {
+        self.sent_measured * ctx.o.clients as u64
+    }
+
+    fn ok(&self, ctx: &Ctx, f: &Finished) -> bool {
+        f.fatal.is_none()
+            && self.registered == ctx.o.clients as u64
+            && self.lost + self.refused + self.unanswered + self.dups + self.late + self.foreign
+                == 0
+            && self.measured == self.expected_measured(ctx)
+            && self.measured > 0
+            && self.errors.total() + self.server_closes.total() + self.server_errors.total() == 0
+            && f.not_joined == 0
+    }
+
+    /// The server limit that refused part of the load, if one did.
+    fn limited_by(&self) -> Option<String> {
+        limits::first(&[&self.errors, &self.server_closes, &self.server_errors])
+    }
+}
+
+fn report(ctx: &Ctx, f: Finished) -> Outcome {
+    let t = Totals::sum(ctx, &f);
+    Outcome {
+        ok: t.ok(ctx, &f),
+        limited_by: t.limited_by(),
+        json: report_json(ctx, &f, &t),
+        lines: report_lines(ctx, &f, &t),
+        fatal: f.fatal,
+    }
+}
+
+fn report_json(ctx: &Ctx, f: &Finished, t: &Totals) -> serde_json::Map<String, Value> {
+    let o = &ctx.o;
+    let per_s = |n: u64| per_second(f, o, n);
+    let round1 = |x: f64| (x * 10.0).round() / 10.0;
     let mut json = serde_json::Map::new();
     let mut put = |k: &str, v: Value| {
         json.insert(k.to_string(), v);
@@ -460,279 +577,368 @@ fn report(
     put("room_url", json!(ctx.url));
     put(
         "connections",
-        json!({"wanted": o.clients, "registered": registered, "failed": ctx.failed.load(SeqCst),
-               "setup_s": (setup_s * 1000.0).round() / 1000.0, "connect_us": connect.json_us(),
-               "closed_cleanly": clean, "ended_early": ctx.dead.load(SeqCst),
-               "threads_not_joined": not_joined}),
+        json!({"wanted": o.clients, "registered": t.registered, "failed": ctx.failed.load(SeqCst),
+               "setup_s": (f.setup_s * 1000.0).round() / 1000.0, "connect_us": t.connect.json_us(),
+               "closed_cleanly": t.clean, "ended_early": ctx.dead.load(SeqCst),
+               "threads_not_joined": f.not_joined}),
     );
     put(
         "sent",
-        json!({"total": sent, "measured": sent_measured, "per_s": round1(per_s(sent_measured))}),
+        json!({"total": t.sent, "measured": t.sent_measured, "per_s": round1(per_s(t.sent_measured))}),
     );
     put(
         "deliveries",
-        json!({"total": unique, "measured": measured, "expected_measured": expected_measured,
-               "per_s": round1(per_s(measured))}),
+        json!({"total": t.unique, "measured": t.measured, "expected_measured": t.expected_measured(ctx),
+               "per_s": round1(per_s(t.measured))}),
     );
-    put("lost", json!(lost));
-    put("duplicated", json!(dups));
-    put("order_violations", json!(late));
-    put("foreign", json!(foreign));
-    put("latency_us", lat.json_us());
-    put("echo_latency_us", echo.json_us());
+    put("lost", json!(t.lost));
+    put("refused", json!(t.refused));
+    put("unanswered", json!(t.unanswered));
+    put("duplicated", json!(t.dups));
+    put("order_violations", json!(t.late));
+    put("foreign", json!(t.foreign));
+    put("latency_us", t.lat.json_us());
+    put("echo_latency_us", t.echo.json_us());
     if o.mode == Mode::Latency {
-        put("send_lag_us", lag.json_us());
+        put("send_lag_us", t.lag.json_us());
     }
+    let m = f.measured.as_ref();
+    let drain_s = m.map_or(0.0, |m| m.drain_s);
     put("drain_s", json!((drain_s * 1000.0).round() / 1000.0));
-    put("errors", errors.json());
-    put("server_closes", server_closes.json());
-    put("server_errors", server_errors.json());
-    put("other_frames", json!(other));
-    put(
-        "cpu",
-        cpu.as_ref().map(|c| c.0.clone()).unwrap_or(Value::Null),
-    );
+    put("errors", t.errors.json());
+    put("server_closes", t.server_closes.json());
+    put("server_errors", t.server_errors.json());
+    put("other_frames", json!(t.other));
+    put("cpu", m.map_or(Value::Null, |m| m.cpu.0.clone()));
+    let after = m.map_or(f.mem_before, |m| m.mem_after);
     put(
         "memory",
-        json!({"before": mem_before.json(), "after": mem_after.json()}),
+        json!({"before": f.mem_before.json(), "after": after.json()}),
     );
+    json
+}
 
-    let mut lines = vec![];
+/// Per second of the measured time (0 when the run did not take place).
+fn per_second(f: &Finished, o: &Opts, n: u64) -> f64 {
+    if f.measured.is_some() {
+        n as f64 / o.duration
+    } else {
+        0.0
+    }
+}
+
+fn report_lines(ctx: &Ctx, f: &Finished, t: &Totals) -> Vec<String> {
+    let o = &ctx.o;
     let what = match o.mode {
         Mode::Fanout => format!("window {} per sender", o.window),
         _ => format!("{} msg/s in total", o.rate),
     };
-    lines.push(format!(
-        "room          {} connections, {} sending ({what}), {} B messages",
-        o.clients, o.senders, o.size
-    ));
-    lines.push(format!(
-        "connections   {registered}/{} registered in {setup_s:.2}s (handshake {})",
-        o.clients,
-        if connect.count() > 0 {
-            format!(
-                "p50 {} max {}",
-                crate::stats::fmt_ns(connect.quantile(0.5)),
-                crate::stats::fmt_ns(connect.max())
-            )
-        } else {
-            "-".into()
-        }
-    ));
-    if ran {
+    let handshake = if t.connect.count() > 0 {
+        let (p50, max) = (t.connect.quantile(0.5), t.connect.max());
+        format!("p50 {} max {}", fmt_ns(p50), fmt_ns(max))
+    } else {
+        "-".into()
+    };
+    let mut lines = vec![
+        format!(
+            "room          {} connections, {} sending ({what}), {} B messages",
+            o.clients, o.senders, o.size
+        ),
+        format!(
+            "connections   {}/{} registered in {:.2}s (handshake {handshake})",
+            t.registered, o.clients, f.setup_s
+        ),
+    ];
+    if let Some(m) = &f.measured {
+        lines.extend(measured_lines(ctx, f, t, m));
+    }
+    lines.push(format!("errors        {}", t.errors.human()));
+    if t.server_closes.total() > 0 {
+        lines.push(format!("server closed {}", t.server_closes.human()));
+    }
+    if t.server_errors.total() > 0 {
+        lines.push(format!("server errors {}", t.server_errors.human()));
+    }
+    if f.not_joined > 0 {
         lines.push(format!(
-            "measured      {:.2}s after {:.2}s warm-up; drain took {drain_s:.3}s",
-            o.duration, o.warmup
+            "WARNING       {} connection threads did not finish in time",
+            f.not_joined
         ));
-        lines.push(format!(
+    }
+    lines
+}
+
+fn measured_lines(ctx: &Ctx, f: &Finished, t: &Totals, m: &Measured) -> Vec<String> {
+    let o = &ctx.o;
+    let per_s = |n: u64| per_second(f, o, n);
+    let mut integrity = format!(
+        "integrity     lost {}   refused {}   unanswered {}   duplicated {}   out of order {}",
+        t.lost, t.refused, t.unanswered, t.dups, t.late
+    );
+    if t.foreign > 0 {
+        integrity += &format!("   foreign {}", t.foreign);
+    }
+    let mut lines = vec![
+        format!(
+            "measured      {:.2}s after {:.2}s warm-up; drain took {:.3}s",
+            o.duration, o.warmup, m.drain_s
+        ),
+        format!(
             "sent          {} msgs measured ({:.1} msg/s), {} in all",
-            group(sent_measured),
-            per_s(sent_measured),
-            group(sent)
-        ));
-        lines.push(format!(
+            group(t.sent_measured),
+            per_s(t.sent_measured),
+            group(t.sent)
+        ),
+        format!(
             "deliveries    {} measured ({:.1}/s); expected {} = {} msgs x {} receivers",
-            group(measured),
-            per_s(measured),
-            group(expected_measured),
-            group(sent_measured),
-            receivers
-        ));
-        lines.push(format!(
-            "integrity     lost {lost}   duplicated {dups}   out of order {late}{}",
-            if foreign > 0 {
-                format!("   foreign {foreign}")
-            } else {
-                String::new()
-            }
-        ));
-        lines.push(format!(
-            "latency       {}  (send -> each member)",
-            lat.human()
-        ));
-        lines.push(format!("  own echo    {}", echo.human()));
-        if o.mode == Mode::Latency {
-            lines.push(format!("  send lag    {}", lag.human()));
-        }
-        if let Some((_, h)) = &cpu {
-            lines.push(format!("cpu           {h}"));
-        }
+            group(t.measured),
+            per_s(t.measured),
+            group(t.expected_measured(ctx)),
+            group(t.sent_measured),
+            o.clients
+        ),
+        integrity,
+        format!("latency       {}  (send -> each member)", t.lat.human()),
+        format!("  own echo    {}", t.echo.human()),
+    ];
+    if o.mode == Mode::Latency {
+        lines.push(format!("  send lag    {}", t.lag.human()));
     }
-    if ran {
-        lines.push(format!(
-            "closing       {clean} of {registered} with a closing handshake (close frame answered)"
-        ));
-    }
-    lines.push(format!("errors        {}", errors.human()));
-    if server_closes.total() > 0 {
-        lines.push(format!("server closed {}", server_closes.human()));
-    }
-    if server_errors.total() > 0 {
-        lines.push(format!("server errors {}", server_errors.human()));
-    }
-    if not_joined > 0 {
-        lines.push(format!(
-            "WARNING       {not_joined} connection threads did not finish in time"
-        ));
-    }
-    Outcome {
-        ok,
-        fatal,
-        json,
-        lines,
-    }
+    lines.push(format!("cpu           {}", m.cpu.1));
+    lines.push(format!(
+        "closing       {} of {} with a closing handshake (close frame answered)",
+        t.clean, t.registered
+    ));
+    lines
 }
 
 // ---------------------------------------------------------------------------------------------
 // One connection
+
+/// A sending connection's side: fanout keeps a window of messages in flight, latency hands the
+/// sending to a writer thread.
+struct Sending {
+    /// The sender's index (its messages carry it).
+    s: usize,
+    inflight: usize,
+    seq: u64,
+    /// Still to start (latency) or to go on (fanout) sending.
+    active: bool,
+    writer: Option<JoinHandle<ConnStats>>,
+}
+
+/// The connection ended before the close phase (closed by the server, or an error).
+struct Aborted;
 
 fn conn_main(ctx: &Arc<Ctx>, i: usize) -> ConnStats {
     let mut st = ConnStats {
         tracks: vec![SeqTrack::default(); ctx.o.senders],
         ..Default::default()
     };
-    let sender = (i < ctx.o.senders).then_some(i);
+    let mut sending = (i < ctx.o.senders).then_some(Sending {
+        s: i,
+        inflight: 0,
+        seq: 0,
+        active: true,
+        writer: None,
+    });
+    let Some(mut ws) = connect(ctx, i, &mut st) else {
+        if let Some(snd) = &sending {
+            ctx.senders[snd.s].done.store(true, SeqCst);
+        }
+        return st;
+    };
+    let aborted = conn_loop(ctx, i, &mut ws, &mut sending, &mut st).is_err();
+    if aborted {
+        ctx.dead.fetch_add(1, SeqCst);
+    }
+    if let Some(snd) = sending {
+        let s = snd.s;
+        finish_sending(ctx, snd, &mut st);
+        if aborted {
+            let slot = &ctx.senders[s];
+            let answered = slot.refused.load(SeqCst) + st.echoed;
+            let unanswered = slot.sent.load(SeqCst).saturating_sub(answered);
+            slot.unanswered.store(unanswered, SeqCst);
+        }
+    }
+    if !aborted {
+        st.closed_cleanly = conn::close(&mut ws, ctx.close_deadline.load(SeqCst));
+    }
+    st
+}
+
+/// Opens the connection (within the handshake gate) and waits for the welcome; counts it as
+/// registered or failed.
+fn connect(ctx: &Ctx, i: usize, st: &mut ConnStats) -> Option<Ws> {
     let (t0, opened) = {
         let _permit = ctx.gate.enter();
         let t0 = now_ns();
-        let opened = conn::open(
-            &ctx.url,
-            ctx.target.addr,
-            ConnOpts {
-                timeout: ctx.o.connect_timeout(),
-                read_buf: 8 * 1024,
-            },
-        )
-        .and_then(|mut ws| {
-            if ctx.o.raw {
-                Ok(ws)
-            } else {
-                wait_welcome(&mut ws).map(|_| ws)
+        let opts = ConnOpts {
+            timeout: ctx.o.connect_timeout(),
+            read_buf: 8 * 1024,
+        };
+        let opened = conn::open(&ctx.url, ctx.target.addr, opts).and_then(|mut ws| {
+            if !ctx.o.raw {
+                wait_welcome(&mut ws)?;
             }
+            Ok(ws)
         });
         (t0, opened)
     };
-    let mut ws = match opened {
+    let ws = match opened {
         Ok(ws) => ws,
         Err(kind) => {
             st.errors.add(kind);
             ctx.failed.fetch_add(1, SeqCst);
-            if let Some(s) = sender {
-                ctx.senders[s].done.store(true, SeqCst);
-            }
-            return st;
+            return None;
         }
     };
     st.connect_ns = now_ns() - t0;
     st.registered = true;
     ctx.registered.fetch_add(1, SeqCst);
-    let timeout = if sender.is_some() { 20 } else { 100 };
+    // Senders look at the clock more often: their window refills as echoes land.
+    let poll_ms = if i < ctx.o.senders { 20 } else { 100 };
     let _ = ws
-        .get_mut()
+        .get_ref()
         .tcp
-        .set_read_timeout(Some(Duration::from_millis(timeout)));
+        .set_read_timeout(Some(Duration::from_millis(poll_ms)));
+    Some(ws)
+}
 
-    let mut writer: Option<JoinHandle<ConnStats>> = None;
+/// Reads (and, for a sender, sends) until the close phase.
+fn conn_loop(
+    ctx: &Arc<Ctx>,
+    i: usize,
+    ws: &mut Ws,
+    sending: &mut Option<Sending>,
+    st: &mut ConnStats,
+) -> Result<(), Aborted> {
     let mut probe_sent = 0;
-    let (mut inflight, mut seq, mut sending) = (0usize, 0u64, sender.is_some());
-    let mut aborted = false;
     loop {
         let phase = ctx.phase.load(Acquire);
         if phase >= CLOSE {
-            break;
+            return Ok(());
         }
         if phase == PROBE && i == 0 {
-            let round = ctx.probe_round.load(Acquire);
-            if round > probe_sent {
-                probe_sent = round;
-                if let Err(e) = ws
-                    .write(Message::text(ctx.wire.probe(round)))
-                    .map_err(|e| conn::ws_kind(&e))
-                    .and_then(|_| ws.get_mut().push().map_err(|e| conn::io_kind(&e)))
-                {
-                    st.errors.add(format!("write: {e}"));
-                    aborted = true;
-                    break;
-                }
-            }
+            send_probe(ctx, ws, &mut probe_sent, st)?;
         }
-        if let (Some(s), true, true) = (sender, sending, phase >= RUN) {
-            match ctx.o.mode {
-                Mode::Latency => {
-                    sending = false;
-                    match spawn_writer(ctx, &mut ws, s) {
-                        Ok(h) => writer = Some(h),
-                        Err(e) => {
-                            st.errors.add(e);
-                            ctx.senders[s].done.store(true, SeqCst);
-                        }
-                    }
-                }
-                _ => {
-                    let (warm_end, end) = (ctx.warm_end.load(Relaxed), ctx.end.load(Relaxed));
-                    let mut failed = false;
-                    while inflight < ctx.o.window {
-                        let ts = now_ns();
-                        if ts >= end {
-                            break;
-                        }
-                        if let Err(e) = ws.write(Message::text(ctx.wire.message(s as u32, seq, ts)))
-                        {
-                            st.errors.add(format!("write: {}", conn::ws_kind(&e)));
-                            failed = true;
-                            break;
-                        }
-                        seq += 1;
-                        inflight += 1;
-                        st.sent += 1;
-                        st.sent_measured += (ts >= warm_end) as u64;
-                    }
-                    ctx.senders[s].sent.store(seq, Release);
-                    if failed || now_ns() >= end {
-                        sending = false;
-                        if ws.get_mut().push().is_err() && !failed {
-                            st.errors.add("write: failed");
-                        }
-                        ctx.senders[s].done.store(true, SeqCst);
-                        if failed {
-                            aborted = true;
-                            break;
-                        }
-                    }
-                }
-            }
+        if phase >= RUN
+            && let Some(snd) = sending.as_mut()
+            && snd.active
+        {
+            send(ctx, ws, snd, st)?;
         }
-        match ws.read() {
-            Ok(Message::Text(t)) => {
-                let own_landed = on_text(ctx, i, sender, &mut st, t.as_str());
-                if own_landed {
-                    inflight = inflight.saturating_sub(1);
-                }
-            }
-            Ok(Message::Close(frame)) => {
-                st.server_closes.add(conn::close_kind(&frame));
-                aborted = true;
-                break;
-            }
-            Ok(_) => {}
-            Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => {
-                st.errors.add(format!("read: {}", conn::ws_kind(&e)));
-                aborted = true;
-                break;
-            }
+        read_one(ctx, i, ws, sending.as_mut(), st)?;
+    }
+}
+
+fn send_probe(ctx: &Ctx, ws: &mut Ws, sent: &mut u32, st: &mut ConnStats) -> Result<(), Aborted> {
+    let round = ctx.probe_round.load(Acquire);
+    if round <= *sent {
+        return Ok(());
+    }
+    *sent = round;
+    ws.write(Message::text(ctx.wire.probe(round)))
+        .map_err(|e| conn::ws_kind(&e))
+        .and_then(|_| ws.get_mut().push().map_err(|e| conn::io_kind(&e)))
+        .map_err(|e| {
+            st.errors.add(format!("write: {e}"));
+            Aborted
+        })
+}
+
+fn send(ctx: &Arc<Ctx>, ws: &mut Ws, snd: &mut Sending, st: &mut ConnStats) -> Result<(), Aborted> {
+    if ctx.o.mode != Mode::Latency {
+        return fill_window(ctx, ws, snd, st);
+    }
+    snd.active = false;
+    match spawn_writer(ctx, ws, snd.s) {
+        Ok(h) => snd.writer = Some(h),
+        Err(e) => {
+            st.errors.add(e);
+            ctx.senders[snd.s].done.store(true, SeqCst);
         }
     }
-    if aborted {
-        ctx.dead.fetch_add(1, SeqCst);
+    Ok(())
+}
+
+/// Fanout: sends until --window messages are in flight (or the run is over).
+fn fill_window(
+    ctx: &Ctx,
+    ws: &mut Ws,
+    snd: &mut Sending,
+    st: &mut ConnStats,
+) -> Result<(), Aborted> {
+    let (warm_end, end) = (ctx.warm_end.load(Relaxed), ctx.end.load(Relaxed));
+    let mut failed = false;
+    while snd.inflight < ctx.o.window {
+        let ts = now_ns();
+        if ts >= end {
+            break;
+        }
+        let text = ctx.wire.message(snd.s as u32, snd.seq, ts);
+        if let Err(e) = ws.write(Message::text(text)) {
+            st.errors.add(format!("write: {}", conn::ws_kind(&e)));
+            failed = true;
+            break;
+        }
+        snd.seq += 1;
+        snd.inflight += 1;
+        st.sent += 1;
+        st.sent_measured += (ts >= warm_end) as u64;
     }
-    if let Some(s) = sender
-        && ctx.o.mode == Mode::Fanout
-    {
-        ctx.senders[s].sent.store(seq, SeqCst);
-        ctx.senders[s].done.store(true, SeqCst);
+    let slot = &ctx.senders[snd.s];
+    slot.sent.store(snd.seq, Release);
+    if failed || now_ns() >= end {
+        snd.active = false;
+        if ws.get_mut().push().is_err() && !failed {
+            st.errors.add("write: failed");
+        }
+        slot.done.store(true, SeqCst);
     }
-    if let Some(h) = writer {
+    if failed { Err(Aborted) } else { Ok(()) }
+}
+
+/// Reads one frame (or times out); a frame that lands (or refuses) one of ours frees a slot of
+/// the sender's window.
+fn read_one(
+    ctx: &Ctx,
+    i: usize,
+    ws: &mut Ws,
+    sending: Option<&mut Sending>,
+    st: &mut ConnStats,
+) -> Result<(), Aborted> {
+    match ws.read() {
+        Ok(Message::Text(t)) => {
+            let sender = sending.as_ref().map(|snd| snd.s);
+            if on_text(ctx, i, sender, st, t.as_str())
+                && let Some(snd) = sending
+            {
+                snd.inflight = snd.inflight.saturating_sub(1);
+            }
+            Ok(())
+        }
+        Ok(Message::Close(frame)) => {
+            st.server_closes.add(conn::close_kind(&frame));
+            Err(Aborted)
+        }
+        Ok(_) => Ok(()),
+        Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+        Err(e) => {
+            st.errors.add(format!("read: {}", conn::ws_kind(&e)));
+            Err(Aborted)
+        }
+    }
+}
+
+/// Marks the sender done and adds its writer thread's figures (latency).
+fn finish_sending(ctx: &Ctx, snd: Sending, st: &mut ConnStats) {
+    if ctx.o.mode == Mode::Fanout {
+        ctx.senders[snd.s].sent.store(snd.seq, SeqCst);
+        ctx.senders[snd.s].done.store(true, SeqCst);
+    }
+    if let Some(h) = snd.writer {
         match h.join() {
             Ok(w) => {
                 st.sent += w.sent;
@@ -743,10 +949,6 @@ fn conn_main(ctx: &Arc<Ctx>, i: usize) -> ConnStats {
             Err(_) => st.errors.add("writer thread panicked"),
         }
     }
-    if !aborted {
-        st.closed_cleanly = conn::close(&mut ws, ctx.close_deadline.load(SeqCst));
-    }
-    st
 }
 
 /// Reads until the first frame, which must be wschat's `welcome`.
@@ -775,48 +977,59 @@ fn on_text(ctx: &Ctx, i: usize, sender: Option<usize>, st: &mut ConnStats, text:
             sender: from,
             seq,
             ts,
-        } => {
-            let now = now_ns();
-            let Some(track) = st.tracks.get_mut(from as usize) else {
-                st.foreign += 1;
-                return false;
-            };
-            let seen = track.see(seq);
-            if seen == Seen::Duplicate {
-                st.dups += 1;
-                return false;
-            }
-            st.late += (seen == Seen::Late) as u64;
-            st.unique += 1;
-            ctx.slots[i].recv.store(st.unique, Relaxed);
-            let own = sender == Some(from as usize);
-            if ts >= ctx.warm_end.load(Relaxed) && ts < ctx.end.load(Relaxed) {
-                st.measured += 1;
-                let l = now.saturating_sub(ts);
-                st.lat.record(l);
-                if own {
-                    st.echo.record(l);
-                }
-            }
-            own
-        }
+        } => on_message(ctx, i, sender, st, (from as usize, seq, ts)),
         Frame::Probe(n) => {
             ctx.slots[i].probe.fetch_max(n, SeqCst);
             false
         }
         Frame::Other => {
             st.other_frames += 1;
-            match conn::error_code(text) {
-                Some(code) => {
-                    // A refused message of ours will never land: free its window slot.
-                    let refused = sender.is_some() && code == "rate_limited";
-                    st.server_errors.add(code);
-                    refused
-                }
-                None => false,
+            let Some(code) = conn::error_code(text) else {
+                return false;
+            };
+            // A refused message of ours will never land: free its window slot.
+            let refused = code == limits::RATE_LIMITED;
+            if let (Some(s), true) = (sender, refused) {
+                ctx.senders[s].refused.fetch_add(1, SeqCst);
             }
+            st.server_errors.add(code);
+            refused && sender.is_some()
         }
     }
+}
+
+/// One of the run's messages, `(sender, seq, send time)`: counted once, timed if measured.
+fn on_message(
+    ctx: &Ctx,
+    i: usize,
+    sender: Option<usize>,
+    st: &mut ConnStats,
+    (from, seq, ts): (usize, u64, u64),
+) -> bool {
+    let now = now_ns();
+    let Some(track) = st.tracks.get_mut(from) else {
+        st.foreign += 1;
+        return false;
+    };
+    let seen = track.see(seq);
+    if seen == Seen::Duplicate {
+        st.dups += 1;
+        return false;
+    }
+    st.late += (seen == Seen::Late) as u64;
+    st.unique += 1;
+    ctx.slots[i].recv.store(st.unique, Relaxed);
+    let own = sender == Some(from);
+    st.echoed += own as u64;
+    if ts >= ctx.warm_end.load(Relaxed) && ts < ctx.end.load(Relaxed) {
+        st.measured += 1;
+        let l = now.saturating_sub(ts);
+        st.lat.record(l);
+        if own {
+            st.echo.record(l);
+        }
+    }
+    own
 }
 
 /// Latency mode: a thread that writes this sender's messages on a clone of the socket at
