@@ -21,6 +21,7 @@
 //! polling client upgrades, its outlet takes over the WebSocket's way ([`Outlet::take_over`]), so
 //! the dispatcher keeps one outlet per client whatever the transport.
 
+use std::collections::HashMap;
 use std::io::{self, IoSlice, Write};
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
@@ -42,6 +43,8 @@ const FRAMES_PER_WRITE: usize = 64;
 const MAX_HEADER_BYTES: usize = 10;
 /// Buffer capacity kept once the backlog is written; a bigger burst's buffer is released.
 const KEEP_BUFFER_BYTES: usize = 16 * 1024;
+/// Entries of the socket.io forms table kept between batches; a bigger batch's is released.
+const KEEP_FORMS: usize = 1024;
 
 /// A client over the total budget is dropped only if it holds at least this much of it: a
 /// client with a small backlog is not punished for the others'.
@@ -198,10 +201,10 @@ impl Outlet {
 
     // ----- the dispatcher's side -----
 
-    /// Sends `frames` (wschat's frames, turned into the client's form) in order: at once if the
-    /// socket takes them, else they wait for the session. Never blocks. Returns what is waiting
-    /// now.
-    pub fn send(&self, frames: &[Frame]) -> Backlog {
+    /// Sends `frames` (wschat's frames, turned into the client's form, through `forms`) in
+    /// order: at once if the socket takes them, else they wait for the session. Never blocks.
+    /// Returns what is waiting now.
+    pub fn send(&self, frames: &[Frame], forms: &mut SocketIoForms) -> Backlog {
         let mut state = self.lock();
         if state.shut {
             return Backlog::default();
@@ -211,7 +214,7 @@ impl Outlet {
             Form::SocketIo { full } => {
                 let events: Vec<Frame> = frames
                     .iter()
-                    .filter_map(|frame| socketio::from_server_frame(frame, full))
+                    .filter_map(|frame| forms.get(frame, full))
                     .collect();
                 self.deliver(&mut state, &events)
             }
@@ -447,6 +450,34 @@ impl Outlet {
     }
 }
 
+/// One batch's frames in socket.io's form, each turned once for all the batch's socket.io
+/// clients: a broadcast is one frame shared by every recipient (the same bytes), so its form is
+/// found by the bytes' address. Cleared after each batch, while the frames are still alive (an
+/// address is never reused within one).
+#[derive(Default)]
+pub struct SocketIoForms {
+    turned: HashMap<(usize, usize, bool), Option<Frame>>,
+}
+
+impl SocketIoForms {
+    fn get(&mut self, frame: &Frame, full: bool) -> Option<Frame> {
+        let key = (frame.as_str().as_ptr() as usize, frame.len(), full);
+        let turned = self.turned.entry(key);
+        turned
+            .or_insert_with(|| socketio::from_server_frame(frame, full))
+            .clone()
+    }
+
+    /// Forgets the batch (keeping the table's memory for the next, unless it grew large).
+    pub fn clear(&mut self) {
+        if self.turned.capacity() > KEEP_FORMS {
+            self.turned = HashMap::new();
+        } else {
+            self.turned.clear();
+        }
+    }
+}
+
 impl Bounds {
     /// Whether a client with `frames` and `bytes` waiting is too slow, when `total` bytes wait
     /// for all clients together: past its own bound, or past the total budget holding more than
@@ -495,4 +526,96 @@ fn append_frame(out: &mut Vec<u8>, frame: &Frame) {
     let header_len = text_header(&mut header, frame.len());
     out.extend_from_slice(&header[..header_len]);
     out.extend_from_slice(frame.as_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::net::TcpListener;
+
+    const BOUNDS: Bounds = Bounds {
+        frames: 100,
+        bytes: 1 << 20,
+        total_bytes: 1 << 20,
+    };
+
+    /// A polling session's queue, as a list.
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<Frame>>);
+
+    impl Queue for Recorder {
+        fn push(&self, frames: &[Frame]) -> Backlog {
+            self.0.lock().unwrap().extend_from_slice(frames);
+            Backlog::default()
+        }
+        fn close(&self, _reason: &'static str) {}
+    }
+
+    fn chat_frame(text: &str) -> Frame {
+        format!(r#"{{"type":"message","id":1,"room":"lobby","from":"ada","text":"{text}"}}"#).into()
+    }
+
+    /// A connected pair: the server's end and the client's.
+    fn socket_pair() -> (Arc<TcpStream>, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let server = listener.accept().unwrap().0;
+        client
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        (Arc::new(server), client)
+    }
+
+    /// Reads one unmasked text frame of under 126 bytes.
+    fn read_text(client: &mut TcpStream) -> String {
+        let mut header = [0u8; 2];
+        client.read_exact(&mut header).unwrap();
+        assert_eq!(header[0], 0x81, "a final text frame");
+        let mut payload = vec![0u8; usize::from(header[1])];
+        client.read_exact(&mut payload).unwrap();
+        String::from_utf8(payload).unwrap()
+    }
+
+    #[test]
+    fn a_socketio_outlet_queues_events_turned_once_per_batch() {
+        let queue = Arc::new(Recorder::default());
+        let weak: Weak<dyn Queue> = Arc::downgrade(&queue) as Weak<Recorder>;
+        let outlet = Outlet::queued(weak, Arc::new(Metrics::default()), BOUNDS);
+        let mut forms = SocketIoForms::default();
+        let frame = chat_frame("hi");
+        outlet.send(&[frame.clone()], &mut forms);
+        assert_eq!(*queue.0.lock().unwrap(), [r#"42["chat message","hi"]"#]);
+        // The same bytes again in the batch: the same turned frame, not a new one.
+        let first = forms.get(&frame, false).unwrap();
+        let again = forms.get(&frame.clone(), false).unwrap();
+        assert_eq!(first.as_str().as_ptr(), again.as_str().as_ptr());
+        forms.clear();
+        assert!(forms.turned.is_empty());
+    }
+
+    #[test]
+    fn an_upgrade_moves_the_client_to_the_socket_in_order() {
+        let (server, mut client) = socket_pair();
+        let metrics = Arc::new(Metrics::default());
+        let doorbell = Doorbell::for_current_thread();
+        let socket = Outlet::new(server, doorbell, metrics.clone(), BOUNDS);
+        let queue = Arc::new(Recorder::default());
+        let weak: Weak<dyn Queue> = Arc::downgrade(&queue) as Weak<Recorder>;
+        let polling = Outlet::queued(weak, metrics, BOUNDS);
+        socket.send_as_is(&["3probe".into()]);
+        polling.take_over(&socket, || vec!["4left in the queue".into()]);
+        let mut forms = SocketIoForms::default();
+        polling.send(&[chat_frame("after")], &mut forms);
+        polling.drain().unwrap(); // as the session does once it took the outlet over
+        assert_eq!(read_text(&mut client), "3probe");
+        assert_eq!(read_text(&mut client), "4left in the queue");
+        assert_eq!(read_text(&mut client), r#"42["chat message","after"]"#);
+        assert!(
+            queue.0.lock().unwrap().is_empty(),
+            "nothing went to the queue"
+        );
+        // The old outlet is shut: nothing more leaves through it.
+        assert_eq!(socket.send_as_is(&["4late".into()]), Backlog::default());
+    }
 }

@@ -232,6 +232,12 @@ fn post(reply: &Reply<'_>, link: &Link, buffered: &mut Vec<u8>) -> Next {
     let Ok(body) = request::read_body(reply.stream, buffered, length, deadline) else {
         return Next::Http { keep_open: false };
     };
+    // Reading is rate-limited as a session's is, by not reading: the answer (and so the
+    // client's next POST) waits until time pays the debt.
+    let now = Instant::now();
+    if let Some(paid) = link.charge_read(body.len(), now) {
+        thread::sleep(paid.saturating_duration_since(now));
+    }
     match link.post(&body, &front.env()) {
         Ok(()) => reply.ok(b"ok"),
         Err(e) => reply.error(&e),

@@ -30,6 +30,7 @@ use crate::engineio::{EioError, Packet, Transport};
 use crate::metrics::Metrics;
 use crate::outlet::{self, Backlog, Bounds, Form, Outlet, Queue};
 use crate::protocol::{ChatError, Command, DEFAULT_ROOM, Frame};
+use crate::ratelimit::{TokenBucket, byte_burst};
 use crate::session::{Env, Gate};
 use crate::socketio::{self, ConnectOptions, Incoming};
 
@@ -69,6 +70,9 @@ struct State {
     /// Engine.IO's `open` packet, until the first transport sends it.
     open: Option<String>,
     gate: Gate,
+    /// Bytes read from the client's `POST` bodies (`--rate-bytes`): in debt, the door waits
+    /// before answering, as a session stops reading.
+    read: TokenBucket,
     /// The dispatcher knows the client (its CONNECT was accepted).
     joined: bool,
     /// The dispatcher was told the client left.
@@ -101,6 +105,11 @@ impl Link {
             eio,
             open: Some(open),
             gate: Gate::new(new.ip, env.settings, new.now),
+            read: TokenBucket::new(
+                env.settings.rate_bytes,
+                byte_burst(env.settings.rate_bytes, env.settings.max_message_bytes),
+                new.now,
+            ),
             joined: false,
             left: false,
             counted: 0,
@@ -230,6 +239,14 @@ impl Link {
             }
         }
         Ok(())
+    }
+
+    /// Charges a `POST` body to the client's read rate; returns when its debt is paid, if it
+    /// is in debt.
+    pub fn charge_read(&self, bytes: usize, now: Instant) -> Option<Instant> {
+        let mut state = self.lock();
+        state.read.charge(bytes as f64, now);
+        state.read.debt_paid_at()
     }
 
     /// Runs the session's clock while it polls (pings, the pong deadline); a session on its
