@@ -584,7 +584,7 @@ mod tests {
         let outlet = Outlet::queued(weak, Arc::new(Metrics::default()), BOUNDS);
         let mut forms = SocketIoForms::default();
         let frame = chat_frame("hi");
-        outlet.send(&[frame.clone()], &mut forms);
+        outlet.send(std::slice::from_ref(&frame), &mut forms);
         assert_eq!(*queue.0.lock().unwrap(), [r#"42["chat message","hi"]"#]);
         // The same bytes again in the batch: the same turned frame, not a new one.
         let first = forms.get(&frame, false).unwrap();
