@@ -127,7 +127,7 @@ impl Default for Config {
             http_timeout: Duration::from_secs(10),
             load_test: false,
             conn_rate_per_ip: 50.0,
-            rate_bytes: 64.0 * 1024.0,
+            rate_bytes: 16.0 * 1024.0,
             rate_bytes_per_ip: 128.0 * 1024.0,
             room_rate_bytes: 256.0 * 1024.0,
             backlog_bytes: 32 << 20,
@@ -181,7 +181,7 @@ USAGE: wschat [FLAGS]
   --handshake-timeout SECS  total time to finish the handshake (default 5)
   --http-timeout SECS    drop an HTTP connection idle this long (default 10)
   --conn-rate-per-ip R   new connections per second per address, 0 = no limit (default 50)
-  --rate-bytes N         bytes per second read from one connection (default 65536)
+  --rate-bytes N         bytes per second read from one connection (default 16384)
   --rate-bytes-per-ip N  chat bytes per second per address, escaped (default 131072)
   --room-rate-bytes N    chat bytes per second per room (default 262144)
   --backlog-bytes N      bytes waiting for all slow clients together (default 33554432)

@@ -13,10 +13,9 @@ use std::thread::{self, JoinHandle};
 
 use crossbeam_channel::{Receiver, Sender, bounded};
 
-use crate::dispatcher::ClientId;
 use crate::metrics::Metrics;
 use crate::outlet::{Outlet, SocketIoForms};
-use crate::protocol::Frame;
+use crate::protocol::{ClientId, Frame};
 
 /// Most courier threads, whatever the core count: past a few, waking them costs more than the
 /// writes they share.

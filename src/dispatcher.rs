@@ -29,8 +29,7 @@ use crate::outlet::Outlet;
 use crate::protocol::{self, ChatError, ChatMessage, Command, Frame, RoomState, ServerEvent};
 use crate::ratelimit::TokenBucket;
 
-/// Connection ids, unique for the life of the process.
-pub type ClientId = u64;
+pub use crate::protocol::ClientId;
 
 /// Most events handled before history is committed and frames are delivered: bounds the delay a
 /// busy dispatcher adds before the first frame of a batch goes out.

@@ -52,10 +52,30 @@ fn run(config: Config) -> ExitCode {
         handle.page_url(),
         handle.ws_url()
     );
+    if handle.addr().ip().is_unspecified() {
+        print_lan_urls(handle.addr().port());
+    }
     let _ = stop_rx.recv();
     log::info!("signal received: shutting down");
     handle.shutdown();
     ExitCode::SUCCESS
+}
+
+/// Bound to every address: say where the machine's neighbours can open the page too.
+fn print_lan_urls(port: u16) {
+    let addresses = if_addrs::get_if_addrs().unwrap_or_default();
+    let lan: Vec<String> = addresses
+        .iter()
+        .filter(|a| !a.is_loopback() && a.ip().is_ipv4())
+        .map(|a| format!("http://{}:{port}/", a.ip()))
+        .collect();
+    if lan.is_empty() {
+        println!(
+            "  listening on all addresses, but this machine has no network address besides loopback"
+        );
+    } else {
+        println!("  from other machines: {}", lan.join("  "));
+    }
 }
 
 /// glibc gives threads up to 8 malloc arenas per core, and keeps what a thread freed in its own

@@ -15,6 +15,9 @@ use crate::names::{self, NameError};
 /// A serialised server event, shared by every recipient without copying (a reference count).
 pub type Frame = Utf8Bytes;
 
+/// Connection ids, unique for the life of the process (`client_id` in `welcome`).
+pub type ClientId = u64;
+
 /// Longest room name, in characters.
 pub const MAX_ROOM_CHARS: usize = 64;
 /// The room a connection enters when it names none.

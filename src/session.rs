@@ -9,15 +9,18 @@
 //! The session thread parks on its [`Doorbell`] until the [`Reactor`] rings (its socket has
 //! bytes) or its [`Outlet`] does (frames the socket did not take at once are waiting), or a
 //! keepalive ping is due. It reads without blocking and feeds tungstenite; it writes what waits in
-//! the outlet, blocking (with a timeout) only when the client stops reading; the dispatcher then
-//! sees the outlet's backlog grow and drops the client as too slow. An idle connection costs no
-//! CPU, and a broadcast usually reaches a client without waking its thread at all.
+//! the outlet without blocking either, when the reactor says the socket has room (only its very
+//! last writes, the close, block, for at most [`CLOSE_TIMEOUT`] each). A client that stops reading
+//! lets its backlog grow until the outlet calls it too slow, or until nothing has gone out for
+//! [`WRITE_TIMEOUT`]. An idle connection costs no CPU, and a broadcast usually reaches a client
+//! without waking its thread at all.
 //!
-//! The session parses and rate-limits what the client sends ([`Gate`]), and answers malformed
-//! input itself; everything else goes to the dispatcher. It knows nothing of rooms or other
-//! clients. A socket.io client's WebSocket is a session too, in socket.io's dialect: its text
-//! frames go to its [`Link`] (which applies the same [`Gate`]), its pings are Engine.IO's `2`, and
-//! when a polling client upgrades here the session takes over the client's outlet.
+//! The session parses and rate-limits what the client sends ([`Gate`]; a client that sends more
+//! bytes than `--rate-bytes` is simply not read for a while), and answers malformed input itself;
+//! everything else goes to the dispatcher. It knows nothing of rooms or other clients. A socket.io
+//! client's WebSocket is a session too, in socket.io's dialect: its text frames go to its [`Link`]
+//! (which applies the same [`Gate`]), its pings are Engine.IO's `2`, and when a polling client
+//! upgrades here the session takes over the client's outlet.
 
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Shutdown, TcpStream};

@@ -217,3 +217,25 @@ fn logs_connects_and_disconnects_and_at_debug_the_messages_and_handshakes() {
     );
     assert!(log.contains("101 Switching Protocols"), "{log}");
 }
+
+#[test]
+fn bound_to_every_address_it_says_where_neighbours_connect() {
+    let mut child = wschat(&["--bind", "0.0.0.0", "--port", "0"])
+        .spawn()
+        .expect("binary starts");
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let (mut first, mut second) = (String::new(), String::new());
+    out.read_line(&mut first).unwrap();
+    out.read_line(&mut second).unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        first.starts_with("wschat listening: http://127.0.0.1:"),
+        "{first}"
+    );
+    assert!(
+        second.contains("from other machines: http://")
+            || second.contains("no network address besides loopback"),
+        "{second}"
+    );
+}

@@ -147,7 +147,7 @@ fn pings(opts: &Opts, deadline: Instant) -> Report {
     Report {
         name: "pings",
         what: "10 clients send pings as fast as they can and read nothing",
-        got: format!("{dropped} of 10 pingers dropped as too slow"),
+        got: format!("{dropped} of 10 dropped as too slow; the others are read at --rate-bytes"),
     }
 }
 
