@@ -8,9 +8,10 @@
 //! 101, the socket belongs to the session. Reading the request is [`crate::request`]'s job.
 
 use std::io::{self, Write};
-use std::net::{IpAddr, TcpStream, UdpSocket};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream, UdpSocket};
+use std::time::Duration;
 
-use crate::metrics::Rejection;
+use crate::metrics::{Metrics, Rejection};
 use crate::protocol::{self, DEFAULT_ROOM};
 use crate::request::Request;
 
@@ -249,6 +250,50 @@ pub fn switching_response(accept_key: &str, protocol: Option<&str>) -> String {
 /// Writes a whole response (handshake answers are small: one write, bounded by the write timeout).
 pub fn send(stream: &TcpStream, response: &str) -> io::Result<()> {
     (&*stream).write_all(response.as_bytes())
+}
+
+/// Answers a refused upgrade (or socket.io request), closes the connection's writing side, and
+/// logs it sparingly: a flood of refusals would flood the log too, so the 1st, 2nd, 4th, 8th...
+/// of each kind. `page_url` is where a lost browser should go instead.
+pub fn refuse(
+    metrics: &Metrics,
+    page_url: &str,
+    stream: &TcpStream,
+    peer: SocketAddr,
+    refusal: &Refusal,
+) {
+    let refused = metrics.reject(refusal.kind());
+    if refused.is_power_of_two() {
+        log::info!("refused a WebSocket from {peer}: {refusal} ({refused} of this kind so far)");
+    }
+    let response = refusal.response(page_url);
+    log::debug!("handshake response to {peer}:\n{response}");
+    let _ = send(stream, &response);
+    let _ = stream.shutdown(Shutdown::Write);
+}
+
+/// Answers `101` (within `timeout`) and readies the socket for its session: no more timeouts
+/// (the session never blocks on it), no Nagle. False if the connection was lost.
+pub fn switch_protocols(
+    stream: &TcpStream,
+    request: &Request,
+    response: &str,
+    timeout: Duration,
+) -> bool {
+    log::debug!("handshake response to {}:\n{response}", request.peer);
+    let setup = stream
+        .set_write_timeout(Some(timeout))
+        .and_then(|()| send(stream, response))
+        .and_then(|()| stream.set_read_timeout(None))
+        .and_then(|()| stream.set_write_timeout(None))
+        .and_then(|()| stream.set_nodelay(true));
+    if let Err(e) = &setup {
+        log::debug!(
+            "connection from {} lost during the handshake: {e}",
+            request.peer
+        );
+    }
+    setup.is_ok()
 }
 
 #[cfg(test)]

@@ -21,14 +21,14 @@ use log::{debug, info, warn};
 
 use crate::admission::{Admission, Ticket, Turned};
 use crate::dispatcher::Event;
-use crate::handshake::{self, Policy, Refusal};
+use crate::handshake::{self, Policy};
 use crate::http::{self, HttpShared};
 use crate::metrics::{Metrics, Rejection};
 use crate::ratelimit::AddressBuckets;
 use crate::reactor::Reactor;
 use crate::request::{self, HeadError, Request};
 use crate::session::{self, Env, Joining, SESSION_STACK_BYTES, Settings};
-use crate::sio_door::{self, Next, SioDoor};
+use crate::sio_door::{self, Door, Next, SioDoor};
 
 /// Pause after a failed `accept` (e.g. out of file descriptors), so the loop does not spin.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
@@ -103,6 +103,20 @@ impl Front {
     /// A fresh id for a connection or a socket.io client (the two never share one).
     pub fn next_id(&self) -> u64 {
         self.next_id.fetch_add(1, Relaxed)
+    }
+
+    /// What the socket.io door borrows.
+    fn sio_door(&self) -> Door<'_> {
+        Door {
+            sio: &self.sio,
+            env: self.env(),
+            policy: &self.policy,
+            admission: &self.admission,
+            head_timeout: self.head_timeout,
+            http_timeout: self.http_timeout,
+            page_url: &self.page_url,
+            ids: &self.next_id,
+        }
     }
 
     /// What a session borrows from the server.
@@ -293,7 +307,7 @@ fn at_the_door(
         };
         debug!("request from {peer}:\n{}", request_log(&request));
         let keep_open = if sio_door::is_socketio_path(request.path()) {
-            match sio_door::serve(front, stream, &request, &mut buffered, ticket) {
+            match sio_door::serve(&front.sio_door(), stream, &request, &mut buffered, ticket) {
                 Next::Http { keep_open } => keep_open,
                 Next::WebSocket(link, ip) => {
                     buffered.shrink_to_fit();
@@ -369,36 +383,20 @@ fn check_upgrade(
     match upgrade {
         Ok(upgrade) => {
             let response = handshake::accept_response(&upgrade);
-            switch_protocols(front, stream, request, &response).then_some(upgrade)
+            handshake::switch_protocols(stream, request, &response, front.head_timeout)
+                .then_some(upgrade)
         }
         Err(refusal) => {
-            refuse(front, stream, request.peer, &refusal);
+            handshake::refuse(
+                &front.metrics,
+                &front.page_url,
+                stream,
+                request.peer,
+                &refusal,
+            );
             None
         }
     }
-}
-
-/// Answers `101` and readies the socket for its session; false if the connection was lost.
-pub fn switch_protocols(
-    front: &Front,
-    stream: &TcpStream,
-    request: &Request,
-    response: &str,
-) -> bool {
-    debug!("handshake response to {}:\n{response}", request.peer);
-    let setup = stream
-        .set_write_timeout(Some(front.head_timeout))
-        .and_then(|()| handshake::send(stream, response))
-        .and_then(|()| stream.set_read_timeout(None))
-        .and_then(|()| stream.set_write_timeout(None))
-        .and_then(|()| stream.set_nodelay(true));
-    if let Err(e) = &setup {
-        debug!(
-            "connection from {} lost during the handshake: {e}",
-            request.peer
-        );
-    }
-    setup.is_ok()
 }
 
 /// The connection is a WebSocket client now: hand it to its session.
@@ -424,17 +422,4 @@ fn request_log(request: &Request) -> String {
         text.push_str(&format!("\n{name}: {value}"));
     }
     text
-}
-
-/// Answers a refused upgrade (or socket.io request) and logs it, sparingly.
-pub fn refuse(front: &Front, stream: &TcpStream, peer: SocketAddr, refusal: &Refusal) {
-    let refused = front.metrics.reject(refusal.kind());
-    // A flood of refusals would flood the log too: say it the 1st, 2nd, 4th, 8th... time.
-    if refused.is_power_of_two() {
-        info!("refused a WebSocket from {peer}: {refusal} ({refused} of this kind so far)");
-    }
-    let response = refusal.response(&front.page_url);
-    debug!("handshake response to {peer}:\n{response}");
-    let _ = handshake::send(stream, &response);
-    let _ = stream.shutdown(Shutdown::Write);
 }

@@ -18,9 +18,10 @@
 //! The session parses and rate-limits what the client sends ([`Gate`]; a client that sends more
 //! bytes than `--rate-bytes` is simply not read for a while), and answers malformed input itself;
 //! everything else goes to the dispatcher. It knows nothing of rooms or other clients. A socket.io
-//! client's WebSocket is a session too, in socket.io's dialect: its text frames go to its [`Link`]
-//! (which applies the same [`Gate`]), its pings are Engine.IO's `2`, and when a polling client
-//! upgrades here the session takes over the client's outlet.
+//! client's WebSocket is a session too, in socket.io's dialect: its text frames go to the
+//! [`Carried`] protocol (socket.io's link, which applies the same [`Gate`]), its pings are
+//! Engine.IO's `2`, and when a polling client upgrades here the session takes over the client's
+//! outlet. The session never looks inside socket.io's packets.
 
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Shutdown, TcpStream};
@@ -39,10 +40,9 @@ use crate::doorbell::{Doorbell, READABLE, WAITING, WRITABLE};
 use crate::handshake::Upgrade;
 use crate::metrics::Metrics;
 use crate::outlet::{self, Outlet};
-use crate::protocol::{self, ChatError, Command};
+use crate::protocol::{self, ChatError, Command, Frame};
 use crate::ratelimit::{AddressBuckets, FloodDetector, TokenBucket};
 use crate::reactor::{Reactor, Registration};
-use crate::sio_link::{Heard, Link};
 
 /// tungstenite's read buffer per connection: small, since an idle connection keeps it; a large
 /// message only takes more (cheap, non-blocking) reads.
@@ -100,7 +100,7 @@ pub struct Joining {
     pub since: Option<u64>,
     /// A socket.io client's session (its WebSocket transport): it joins the dispatcher at its
     /// socket.io CONNECT, not here.
-    pub link: Option<Arc<Link>>,
+    pub link: Option<Arc<dyn Carried>>,
 }
 
 impl Joining {
@@ -117,7 +117,7 @@ impl Joining {
     }
 
     /// A socket.io session's WebSocket from `ip`.
-    pub fn socketio(id: ClientId, ip: IpAddr, link: Arc<Link>) -> Joining {
+    pub fn socketio(id: ClientId, ip: IpAddr, link: Arc<dyn Carried>) -> Joining {
         Joining {
             id,
             ip,
@@ -229,7 +229,7 @@ struct LeaveOnDrop {
     metrics: Arc<Metrics>,
     events: Sender<Event>,
     /// A socket.io client's link, which knows whether this WebSocket was its transport.
-    link: Option<Arc<Link>>,
+    link: Option<Arc<dyn Carried>>,
     reason: String,
 }
 
@@ -238,7 +238,7 @@ impl Drop for LeaveOnDrop {
         self.metrics.connections_now.fetch_sub(1, Relaxed);
         let reason = std::mem::take(&mut self.reason);
         match &self.link {
-            Some(link) => link.websocket_ended(reason, &self.events),
+            Some(link) => link.ended(reason, &self.events),
             None => {
                 let _ = self.events.send(Event::Disconnect {
                     id: self.id,
@@ -329,12 +329,43 @@ impl Gate {
     }
 }
 
+/// A protocol carried in a session's text frames in place of wschat's own (socket.io's, whose
+/// link implements it): the session does the WebSocket's I/O and keeps its limits on bytes and
+/// time; the carried protocol says what each frame means.
+pub trait Carried: Send + Sync {
+    /// The session starts carrying it, with `outlet` as its own: the frame to send first, if any.
+    fn attach(&self, outlet: &Arc<Outlet>) -> Option<Frame>;
+    /// One text frame from the client.
+    fn heard(&self, text: &str, env: &Env<'_>, now: Instant) -> Heard;
+    /// The client's outlet, which the session takes over on [`Heard::Upgraded`].
+    fn outlet(&self) -> Option<Arc<Outlet>>;
+    /// What waited for the client's old way when it upgraded, to send first.
+    fn take_waiting(&self) -> Vec<Frame>;
+    /// The keepalive ping, once this WebSocket is the client's transport.
+    fn ping(&self) -> Option<Frame>;
+    /// The session ended, for `reason`.
+    fn ended(&self, reason: String, events: &Sender<Event>);
+}
+
+/// What a frame of a [`Carried`] protocol asks of the session.
+pub enum Heard {
+    Nothing,
+    /// Write this on the WebSocket now (socket.io's `3probe`).
+    Reply(Frame),
+    /// The client moved to this WebSocket: take its outlet over.
+    Upgraded,
+    /// Close the WebSocket normally (the client closed, or a limit ended its session).
+    End(&'static str),
+    /// The client broke the protocol: close the WebSocket with 1002.
+    Broken(&'static str),
+}
+
 /// How a session reads its client's text frames.
 enum Dialect {
     /// wschat's own protocol: each frame a command, limited by the session's gate.
     Raw(Gate),
     /// Engine.IO packets of a socket.io client; its link parses, limits and forwards them.
-    SocketIo(Arc<Link>),
+    SocketIo(Arc<dyn Carried>),
 }
 
 /// What wakes a session, and what it then looks at.
@@ -375,7 +406,7 @@ impl<'a> Session<'a> {
     fn boxed(
         id: ClientId,
         ip: IpAddr,
-        link: Option<Arc<Link>>,
+        link: Option<Arc<dyn Carried>>,
         conn: Conn,
         leftover: Vec<u8>,
         wakes: Wakes,
@@ -387,7 +418,7 @@ impl<'a> Session<'a> {
     fn new(
         id: ClientId,
         ip: IpAddr,
-        link: Option<Arc<Link>>,
+        link: Option<Arc<dyn Carried>>,
         conn: Conn,
         leftover: Vec<u8>,
         wakes: Wakes,
@@ -577,7 +608,7 @@ impl<'a> Session<'a> {
                 Ok(gate.admit(&command, env.metrics, now)?.then_some(command))
             }),
             Dialect::SocketIo(link) => {
-                let heard = link.heard_websocket(text, &env, now);
+                let heard = link.heard(text, &env, now);
                 return self.on_heard(heard);
             }
         };
@@ -610,7 +641,7 @@ impl<'a> Session<'a> {
             return Ok(());
         };
         self.ws.flush().map_err(stop_for)?; // the `3probe` first, on the old outlet
-        outlet.take_over(&self.wakes.outlet, || link.take_websocket());
+        outlet.take_over(&self.wakes.outlet, || link.take_waiting());
         self.wakes.outlet = outlet.clone();
         self.ws.get_mut().outlet = outlet;
         self.drain_outlet()
@@ -661,7 +692,7 @@ impl<'a> Session<'a> {
             Dialect::Raw(_) => Some(Message::Ping(Default::default())),
             // Engine.IO's own ping, once the WebSocket is the session's transport (a probe
             // answered with anything but `3probe` fails).
-            Dialect::SocketIo(link) => link.is_websocket().then(|| Message::text("2")),
+            Dialect::SocketIo(link) => link.ping().map(Message::Text),
         };
         if let Some(ping) = ping {
             self.ws.write(ping).map_err(stop_for)?;

@@ -1,5 +1,5 @@
 //! The socket.io door: `/socket.io/` on the one port, where socket.io 4 clients (Engine.IO 4)
-//! arrive. It runs Engine.IO's transports on the connection's own thread, as the front door
+//! arrive. It runs Engine.IO's transports on the connection's own thread, as the door door
 //! hands them over ([`crate::listener`]):
 //!
 //! * `GET` without `sid`: a new polling session (a [`Link`], counted as a client), answered
@@ -17,7 +17,7 @@
 
 use std::net::{IpAddr, TcpStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -25,14 +25,14 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::Sender;
 use log::{info, warn};
 
-use crate::admission::Ticket;
+use crate::admission::{Admission, Ticket};
 use crate::dispatcher::Event;
 use crate::eio_session::{self, CloseReason, Registry, RegistryLimits};
 use crate::engineio::{self, EioError, Transport};
-use crate::handshake::{self, Refusal};
-use crate::listener::{self, Front};
+use crate::handshake::{self, Policy, Refusal};
 use crate::metrics::Rejection;
 use crate::request::{self, Request};
+use crate::session::Env;
 use crate::sio_link::{Link, NewLink};
 
 /// Where socket.io clients fetch the client script.
@@ -47,6 +47,28 @@ pub enum Next {
     Http { keep_open: bool },
     /// Answered `101`: the connection is this link's WebSocket now.
     WebSocket(Arc<Link>, IpAddr),
+}
+
+/// What the socket.io door borrows from the front door ([`crate::listener`]) for a request.
+pub struct Door<'a> {
+    pub sio: &'a SioDoor,
+    pub env: Env<'a>,
+    pub policy: &'a Policy,
+    pub admission: &'a Arc<Admission>,
+    /// The `101` must leave within this.
+    pub head_timeout: Duration,
+    /// A body must arrive, and an answer leave, within this.
+    pub http_timeout: Duration,
+    /// Where a lost browser should go instead (in refusals).
+    pub page_url: &'a str,
+    /// The front door's ids, shared by connections and socket.io clients.
+    pub ids: &'a AtomicU64,
+}
+
+impl Door<'_> {
+    fn next_id(&self) -> u64 {
+        self.ids.fetch_add(1, Relaxed)
+    }
 }
 
 /// The live socket.io sessions and what every one of them shares.
@@ -120,19 +142,19 @@ impl SioDoor {
 
 /// Answers one request for `/socket.io/...`.
 pub fn serve(
-    front: &Front,
+    door: &Door<'_>,
     stream: &TcpStream,
     request: &Request,
     buffered: &mut Vec<u8>,
     ticket: &mut Ticket,
 ) -> Next {
     let reply = Reply {
-        front,
+        door,
         stream,
         request,
     };
     if request.path() == CLIENT_SCRIPT_PATH {
-        return reply.client_script(&front.sio.client_script);
+        return reply.client_script(&door.sio.client_script);
     }
     if request.path().trim_end_matches('/') != "/socket.io" {
         return reply.text(
@@ -140,7 +162,7 @@ pub fn serve(
             "no such socket.io resource; the endpoint is /socket.io/\n",
         );
     }
-    if let Err(refusal) = handshake::check_origin(request, &front.policy) {
+    if let Err(refusal) = handshake::check_origin(request, door.policy) {
         return reply.refused(&refusal);
     }
     let query = match engineio::parse_query(request.query()) {
@@ -152,11 +174,11 @@ pub fn serve(
         (Transport::WebSocket, sid, _) => websocket(&reply, sid, ticket),
         (Transport::Polling, None, "GET") => open_polling(&reply),
         (Transport::Polling, None, _) => reply.error(&EioError::BadHandshakeMethod),
-        (Transport::Polling, Some(sid), "GET") => match front.sio.get(&sid) {
+        (Transport::Polling, Some(sid), "GET") => match door.sio.get(&sid) {
             Some(link) => poll(&reply, &link),
             None => reply.error(&EioError::UnknownSid),
         },
-        (Transport::Polling, Some(sid), "POST") => match front.sio.get(&sid) {
+        (Transport::Polling, Some(sid), "POST") => match door.sio.get(&sid) {
             Some(link) => post(&reply, &link, buffered),
             None => reply.error(&EioError::UnknownSid),
         },
@@ -166,20 +188,20 @@ pub fn serve(
 
 /// A new polling session: a client slot, a registry entry, and its `open` packet.
 fn open_polling(reply: &Reply<'_>) -> Next {
-    let front = reply.front;
-    let ip = reply.request.client_ip(front.policy.trusted_proxy);
-    let slot = match front.admission.client_slot(ip) {
+    let door = reply.door;
+    let ip = reply.request.client_ip(door.policy.trusted_proxy);
+    let slot = match door.admission.client_slot(ip) {
         Ok(slot) => slot,
         Err(refusal) => return reply.refused(&refusal),
     };
     let new = NewLink {
-        id: front.next_id(),
+        id: door.next_id(),
         ip,
         query: reply.request.query(),
         slot: Some(slot),
         now: Instant::now(),
     };
-    match register(front, ip, Transport::Polling, new) {
+    match register(door, ip, Transport::Polling, new) {
         Ok(link) => match link.take_open() {
             Some(open) => reply.ok(open.as_bytes()),
             None => reply.error(&EioError::SessionClosed),
@@ -190,21 +212,21 @@ fn open_polling(reply: &Reply<'_>) -> Next {
 
 /// Stores a new link under a fresh session id.
 fn register(
-    front: &Front,
+    door: &Door<'_>,
     ip: IpAddr,
     transport: Transport,
     new: NewLink<'_>,
 ) -> Result<Arc<Link>, EioError> {
-    let env = front.env();
-    let limits = front.sio.limits;
-    let mut registry = front.sio.registry();
+    let env = door.env;
+    let limits = door.sio.limits;
+    let mut registry = door.sio.registry();
     let sid = registry.insert_with(ip, |sid| Link::open(sid, transport, new, limits, &env))?;
     registry.get(&sid).cloned().ok_or(EioError::UnknownSid)
 }
 
 /// The long poll: waits up to a ping interval for packets (the server's ping comes within it).
 fn poll(reply: &Reply<'_>, link: &Link) -> Next {
-    match link.poll(reply.front.sio.limits.ping_interval) {
+    match link.poll(reply.door.sio.limits.ping_interval) {
         Ok(body) => {
             let next = reply.ok(body.as_bytes());
             if let Next::Http { keep_open: false } = next {
@@ -218,17 +240,17 @@ fn poll(reply: &Reply<'_>, link: &Link) -> Next {
 
 /// The client's packets, in a body of at most `maxPayload` bytes.
 fn post(reply: &Reply<'_>, link: &Link, buffered: &mut Vec<u8>) -> Next {
-    let front = reply.front;
+    let door = reply.door;
     let length = match reply.request.content_length() {
         Ok(length) => length,
         Err(why) => return reply.close_with(400, why),
     };
-    if length > front.sio.limits.max_payload {
+    if length > door.sio.limits.max_payload {
         link.close(CloseReason::BadPacket);
-        let error = EioError::PayloadTooLarge(front.sio.limits.max_payload);
+        let error = EioError::PayloadTooLarge(door.sio.limits.max_payload);
         return reply.close_with(413, &error.json_body());
     }
-    let deadline = Instant::now() + front.http_timeout;
+    let deadline = Instant::now() + door.http_timeout;
     let Ok(body) = request::read_body(reply.stream, buffered, length, deadline) else {
         return Next::Http { keep_open: false };
     };
@@ -238,7 +260,7 @@ fn post(reply: &Reply<'_>, link: &Link, buffered: &mut Vec<u8>) -> Next {
     if let Some(paid) = link.charge_read(body.len(), now) {
         thread::sleep(paid.saturating_duration_since(now));
     }
-    match link.post(&body, &front.env()) {
+    match link.post(&body, &door.env) {
         Ok(()) => reply.ok(b"ok"),
         Err(e) => reply.error(&e),
     }
@@ -246,14 +268,14 @@ fn post(reply: &Reply<'_>, link: &Link, buffered: &mut Vec<u8>) -> Next {
 
 /// A WebSocket for a session: a probe of a polling one (with `sid`), or a new one.
 fn websocket(reply: &Reply<'_>, sid: Option<String>, ticket: &mut Ticket) -> Next {
-    let (front, request) = (reply.front, reply.request);
+    let (door, request) = (reply.door, reply.request);
     let accept_key = match handshake::accept_key(request) {
         Ok(key) => key,
         Err(refusal) => return reply.refused(&refusal),
     };
-    let ip = request.client_ip(front.policy.trusted_proxy);
+    let ip = request.client_ip(door.policy.trusted_proxy);
     let link = match sid {
-        Some(sid) => match front.sio.get(&sid) {
+        Some(sid) => match door.sio.get(&sid) {
             Some(link) if link.accepts_probe() => {
                 ticket.leave_door(); // the session holds the client slot
                 link
@@ -266,21 +288,21 @@ fn websocket(reply: &Reply<'_>, sid: Option<String>, ticket: &mut Ticket) -> Nex
                 return reply.refused(&refusal);
             }
             let new = NewLink {
-                id: front.next_id(),
+                id: door.next_id(),
                 ip,
                 query: request.query(),
                 slot: None,
                 now: Instant::now(),
             };
-            match register(front, ip, Transport::WebSocket, new) {
+            match register(door, ip, Transport::WebSocket, new) {
                 Ok(link) => link,
                 Err(e) => return reply.error(&e),
             }
         }
     };
     let response = handshake::switching_response(&accept_key, None);
-    if !listener::switch_protocols(front, reply.stream, request, &response) {
-        link.websocket_ended("lost during the handshake".into(), &front.events);
+    if !handshake::switch_protocols(reply.stream, request, &response, door.head_timeout) {
+        link.websocket_ended("lost during the handshake".into(), door.env.events);
         return Next::Http { keep_open: false };
     }
     Next::WebSocket(link, ip)
@@ -288,7 +310,7 @@ fn websocket(reply: &Reply<'_>, sid: Option<String>, ticket: &mut Ticket) -> Nex
 
 /// How a socket.io request is answered.
 struct Reply<'a> {
-    front: &'a Front,
+    door: &'a Door<'a>,
     stream: &'a TcpStream,
     request: &'a Request,
 }
@@ -309,7 +331,7 @@ impl Reply<'_> {
 
     /// Engine.IO's error answer: its status, and `{"code":..,"message":..}`.
     fn error(&self, error: &EioError) -> Next {
-        let refused = self.front.metrics.reject(Rejection::BadRequest);
+        let refused = self.door.env.metrics.reject(Rejection::BadRequest);
         if refused.is_power_of_two() {
             info!(
                 "socket.io request from {} refused: {error} ({refused} bad requests so far)",
@@ -327,7 +349,14 @@ impl Reply<'_> {
 
     /// A refusal of the WebSocket kind (origin, client caps, a bad upgrade).
     fn refused(&self, refusal: &Refusal) -> Next {
-        listener::refuse(self.front, self.stream, self.request.peer, refusal);
+        let door = self.door;
+        handshake::refuse(
+            door.env.metrics,
+            door.page_url,
+            self.stream,
+            self.request.peer,
+            refusal,
+        );
         Next::Http { keep_open: false }
     }
 
@@ -369,7 +398,7 @@ impl Reply<'_> {
         let head_only = self.request.method == "HEAD";
         let written = self
             .stream
-            .set_write_timeout(Some(self.front.http_timeout))
+            .set_write_timeout(Some(self.door.http_timeout))
             .and_then(|()| write_all(self.stream, head.as_bytes()))
             .and_then(|()| {
                 if head_only {

@@ -24,28 +24,15 @@ use crossbeam_channel::Sender;
 use serde_json::Value;
 
 use crate::admission::ClientSlot;
-use crate::dispatcher::{ClientId, Connect, Event};
+use crate::dispatcher::{Connect, Event};
 use crate::eio_session::{self, CloseReason, Inbound};
 use crate::engineio::{EioError, Packet, Transport};
 use crate::metrics::Metrics;
 use crate::outlet::{self, Backlog, Bounds, Form, Outlet, Queue};
-use crate::protocol::{ChatError, Command, DEFAULT_ROOM, Frame};
+use crate::protocol::{ChatError, ClientId, Command, DEFAULT_ROOM, Frame};
 use crate::ratelimit::{TokenBucket, byte_burst};
-use crate::session::{Env, Gate};
+use crate::session::{Carried, Env, Gate, Heard};
 use crate::socketio::{self, ConnectOptions, Incoming};
-
-/// What a packet on the session's WebSocket asks of it.
-pub enum Heard {
-    Nothing,
-    /// Write this on the WebSocket now (the `3probe`).
-    Reply(Frame),
-    /// The client moved to this WebSocket: take its outlet over.
-    Upgraded,
-    /// Close the WebSocket normally (the client closed, or a limit ended the session).
-    End(&'static str),
-    /// The client broke the protocol: close the WebSocket with 1002.
-    Broken(&'static str),
-}
 
 pub struct Link {
     /// The dispatcher's id for this client.
@@ -442,6 +429,35 @@ impl Link {
         if let Some(outlet) = self.outlet() {
             outlet.send_as_is(&[frame]);
         }
+    }
+}
+
+/// The link as the session of its WebSocket sees it.
+impl Carried for Link {
+    fn attach(&self, outlet: &Arc<Outlet>) -> Option<Frame> {
+        Link::attach(self, outlet)
+    }
+
+    fn heard(&self, text: &str, env: &Env<'_>, now: Instant) -> Heard {
+        self.heard_websocket(text, env, now)
+    }
+
+    fn outlet(&self) -> Option<Arc<Outlet>> {
+        Link::outlet(self)
+    }
+
+    fn take_waiting(&self) -> Vec<Frame> {
+        self.take_websocket()
+    }
+
+    /// Engine.IO's own ping (a probe answered with anything but `3probe` fails, so none before
+    /// the upgrade).
+    fn ping(&self) -> Option<Frame> {
+        self.is_websocket().then(|| Frame::from("2"))
+    }
+
+    fn ended(&self, reason: String, events: &Sender<Event>) {
+        self.websocket_ended(reason, events)
     }
 }
 
