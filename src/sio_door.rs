@@ -12,7 +12,8 @@
 //! * `GET /socket.io/socket.io.js`: the file `--socketio-client` names (wschat ships none).
 //!
 //! It owns the registry of live sessions, and the sweep that keeps polling sessions' time
-//! (pings, the pong deadline) and forgets ended ones. Every request passes the origin check of
+//! (pings, the pong deadline) and forgets ended ones; what it needs of the server it borrows from
+//! the front door as a [`Door`]. Every request passes the origin check of
 //! WebSockets; what a client may send is its link's business, and chat the dispatcher's.
 
 use std::net::{IpAddr, TcpStream};
