@@ -655,11 +655,16 @@ impl Hub {
         else {
             return Ok(());
         };
+        let (room, from) = (sender.room.clone(), sender.name.clone());
+        let (to, receiver_room) = (receiver.name.clone(), receiver.room.clone());
+        // What the receiver reads counts against its room's budget, as the room's own messages
+        // do: however many addresses whisper to one member, it never reads more than its room.
+        self.take_room_bytes(&receiver_room, &from, &text)?;
         let message = ChatMessage {
             id: self.history.take_unstored_id(),
-            room: sender.room.clone(),
-            from: sender.name.clone(),
-            to: Some(receiver.name.clone()),
+            room,
+            from,
+            to: Some(to),
             text,
             ts: protocol::now_ms(),
             private: true,

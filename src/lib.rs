@@ -6,21 +6,27 @@
 //! ## A tour, following one message
 //!
 //! ```text
-//!                         +--------------------+
-//!  browser --HTTP------>  | http (tiny_http)   |  page, /config.json, /api, /metrics
-//!                         +---------+----------+
-//!                                   | Event (+ reply channel)
-//!  client --WebSocket--> listener   v
-//!    accept loop --> one thread per connection:     +------------------+
-//!        [session thread] --Event::Commands-------> | dispatcher (hub) |--> history file
-//!          ^  ^ doorbell: "socket readable"         +--------+---------+
-//!          |  +---- [reactor thread] (epoll)                 | each client's frames, written
-//!          |                                                 v without blocking (+ couriers)
-//!  socket <+------ "a backlog waits" ---------------- [outlet per client] -----> socket
+//!  browser, client --> one port: [accept loop] --admission--> one thread per connection:
+//!                        [front door: read the request head]
+//!                          | plain HTTP                        | GET /chat + Upgrade
+//!                          v answered on this thread (http)    v
+//!                          | Event (+ reply channel)   [session thread] --Event::Commands--+
+//!                          |                             ^  ^ doorbell: "socket readable"  |
+//!                          |                             |  +-- [reactor thread] (epoll)   |
+//!                          v                             |                                 v
+//!                     +--------------------------------------------------------------------+
+//!                     | dispatcher (hub): clients, names, rooms, history --> history file  |
+//!                     +----------------------------------+---------------------------------+
+//!                                                        | each client's frames, written
+//!                                                        v without blocking (+ couriers)
+//!  socket <------ "a backlog waits" (session) ---- [outlet per client] -----> socket
 //! ```
 //!
-//! 1. [`listener`] accepts a TCP connection and gives it a thread, which reads the HTTP upgrade
-//!    request and checks it ([`handshake`]): path, origin, limits.
+//! 1. [`listener`] accepts a TCP connection on the one public port, if [`admission`] lets it
+//!    (descriptor budget, per-address shares and rates), and gives it a thread, the front door:
+//!    it reads a request head ([`request`], bounded in size and time) and either answers plain
+//!    HTTP on the spot ([`http`]: the page, the API, health, metrics) or checks a WebSocket
+//!    upgrade ([`handshake`]: path, origin, client caps).
 //! 2. The thread becomes the client's [`session`]: it owns the tungstenite state and parks on a
 //!    [`doorbell`], which the [`reactor`] (one thread watching every client socket) rings when the
 //!    socket has bytes. It reads without blocking and parses frames ([`protocol`]). A parked
@@ -112,7 +118,7 @@ pub enum StartError {
     #[error("--data-dir {}: {problem}", dir.display())]
     History {
         dir: std::path::PathBuf,
-        /// What is wrong, as the user sees it (see [`data_dir_problem`]).
+        /// What is wrong, as the user sees it (see `data_dir_problem`).
         problem: String,
         source: io::Error,
     },

@@ -78,7 +78,7 @@ pub fn byte_burst(rate: f64, largest_message: usize) -> f64 {
 const MAX_TRACKED_ADDRESSES: usize = 16_384;
 
 /// One token bucket per client address (an IPv6 client is its /64: one host usually holds a
-/// whole one). Memory is bounded: past [`MAX_TRACKED_ADDRESSES`], buckets that have refilled
+/// whole one). Memory is bounded: past `MAX_TRACKED_ADDRESSES`, buckets that have refilled
 /// are forgotten, and if every one is busy the table starts over (failing open, logged).
 pub struct AddressBuckets {
     rate: f64,

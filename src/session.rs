@@ -10,9 +10,9 @@
 //! bytes) or its [`Outlet`] does (frames the socket did not take at once are waiting), or a
 //! keepalive ping is due. It reads without blocking and feeds tungstenite; it writes what waits in
 //! the outlet without blocking either, when the reactor says the socket has room (only its very
-//! last writes, the close, block, for at most [`CLOSE_TIMEOUT`] each). A client that stops reading
+//! last writes, the close, block, for at most `CLOSE_TIMEOUT` each). A client that stops reading
 //! lets its backlog grow until the outlet calls it too slow, or until nothing has gone out for
-//! [`WRITE_TIMEOUT`]. An idle connection costs no CPU, and a broadcast usually reaches a client
+//! `WRITE_TIMEOUT`. An idle connection costs no CPU, and a broadcast usually reaches a client
 //! without waking its thread at all.
 //!
 //! The session parses and rate-limits what the client sends ([`Gate`]; a client that sends more
@@ -412,18 +412,6 @@ impl<'a> Session<'a> {
         wakes: Wakes,
         env: &Env<'a>,
     ) -> Box<Session<'a>> {
-        Box::new(Session::new(id, ip, link, conn, leftover, wakes, env))
-    }
-
-    fn new(
-        id: ClientId,
-        ip: IpAddr,
-        link: Option<Arc<dyn Carried>>,
-        conn: Conn,
-        leftover: Vec<u8>,
-        wakes: Wakes,
-        env: &Env<'a>,
-    ) -> Session<'a> {
         let settings = env.settings;
         let config = WebSocketConfig::default()
             .read_buffer_size(READ_BUFFER_BYTES)
@@ -431,7 +419,7 @@ impl<'a> Session<'a> {
             .max_message_size(Some(settings.max_message_bytes))
             .max_frame_size(Some(settings.max_message_bytes));
         let now = Instant::now();
-        Session {
+        Box::new(Session {
             id,
             ws: WebSocket::from_partially_read(conn, leftover, Role::Server, Some(config)),
             wakes,
@@ -454,7 +442,7 @@ impl<'a> Session<'a> {
             commands: Vec::new(),
             stalled_since: None,
             write_armed: false,
-        }
+        })
     }
 
     fn run(&mut self) -> String {

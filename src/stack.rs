@@ -8,12 +8,22 @@
 //! connections this is a third of their memory.
 //!
 //! This module only ever touches memory below the caller's frame, and only this thread's stack.
+//! It needs Linux (`pthread_getattr_np` to find the stack, and `MADV_DONTNEED`'s zero-fill
+//! semantics); elsewhere [`release_unused`] does nothing and idle connections simply keep the
+//! pages they touched.
 
-/// Room left below this module's frame for the calls it still makes (`madvise` itself).
+/// Room left below this module's frame for the calls it still makes (`madvise` itself). A
+/// heuristic, not a guarantee: the libc wrapper of a syscall needs far less than this.
+#[cfg(target_os = "linux")]
 const MARGIN_BYTES: usize = 512;
+
+/// On systems other than Linux: nothing to do (see the module's documentation).
+#[cfg(not(target_os = "linux"))]
+pub fn release_unused() {}
 
 /// Returns this thread's stack pages below the caller to the kernel. Cheap enough for a
 /// keepalive tick: no syscall but the `madvise`.
+#[cfg(target_os = "linux")]
 #[inline(never)] // the marker below must be in this function's own, small frame
 pub fn release_unused() {
     let marker = 0u8;
@@ -26,13 +36,17 @@ pub fn release_unused() {
     let start = low.next_multiple_of(page);
     let end = here.saturating_sub(MARGIN_BYTES) / page * page;
     if end > start {
-        // SAFETY: [start, end) lies in this thread's stack, below every live frame (ours is
-        // above `end`, and the kernel does not run on it), so no live data is discarded.
+        // SAFETY: [start, end) lies in this thread's stack (between its lowest usable address,
+        // from pthread, and this frame's marker), below every live frame: ours is above `end`,
+        // and only the MARGIN_BYTES heuristic stands between `end` and the frames madvise's
+        // wrapper pushes. Pages given back read as zeros, which a stack below its pointer may
+        // hold; no live data is discarded.
         unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED) };
     }
 }
 
 /// The lowest usable address of this thread's stack (above its guard page).
+#[cfg(target_os = "linux")]
 fn stack_low() -> Option<usize> {
     // SAFETY: `attr` is initialised by pthread_getattr_np before use and destroyed after.
     unsafe {
@@ -48,7 +62,7 @@ fn stack_low() -> Option<usize> {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, target_os = "linux"))]
 mod tests {
     use super::*;
 

@@ -393,7 +393,7 @@ fn text_is_charged_as_it_is_sent_on_escaped() {
 }
 
 #[test]
-fn a_room_carries_at_most_its_byte_rate_however_many_senders() {
+fn a_member_reads_at_most_its_rooms_byte_rate_however_many_senders() {
     let mut cfg = config();
     cfg.room_rate_bytes = 64.0 * 1024.0; // burst 256 KiB (4 s)
     let server = start(cfg);
@@ -403,11 +403,16 @@ fn a_room_carries_at_most_its_byte_rate_however_many_senders() {
     let senders: Vec<_> = (0..4)
         .map(|i| {
             thread::spawn(move || {
-                let mut s = Client::connect(addr, &format!("/chat?name=s{i}"));
+                // Half speak in the reader's room, half whisper to it from another room.
+                let room = if i % 2 == 0 { "lobby" } else { "elsewhere" };
+                let mut s = Client::connect(addr, &format!("/chat/{room}?name=s{i}"));
                 s.expect("welcome");
                 let text = "x".repeat(16 * 1024);
                 while started.elapsed() < Duration::from_secs(2) {
-                    s.send(&text);
+                    match i % 2 {
+                        0 => s.send(&text),
+                        _ => s.send_json(json!({"type":"message","text":text,"to":"reader"})),
+                    }
                     thread::sleep(Duration::from_millis(20));
                 }
             })
