@@ -139,15 +139,53 @@ pub struct Ticket {
     /// Set while the connection is at the door.
     door: Option<IpAddr>,
     /// Set once it is a WebSocket client.
-    client: Option<IpAddr>,
+    client: Option<ClientSlot>,
 }
 
 impl Ticket {
     /// Leaves the door and becomes a WebSocket client from `client_ip`, if the client caps allow.
     pub fn become_client(&mut self, client_ip: IpAddr) -> Result<(), Refusal> {
-        let limits = &self.admission.limits;
-        let key = address_key(client_ip);
+        self.client = Some(self.admission.client_slot(client_ip)?);
+        self.leave_door();
+        Ok(())
+    }
+
+    /// Leaves the door without becoming a client of its own: a socket.io session's WebSocket,
+    /// whose session already holds a [`ClientSlot`].
+    pub fn leave_door(&mut self) {
+        if let Some(door) = self.door.take() {
+            let mut counts = self.admission.counts();
+            let counts = &mut *counts;
+            leave(&mut counts.at_door, &mut counts.at_door_from, door);
+        }
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.client = None; // gives the client slot back first: the lock is not reentrant
         let mut counts = self.admission.counts();
+        counts.connections -= 1;
+        let counts = &mut *counts;
+        if let Some(door) = self.door {
+            leave(&mut counts.at_door, &mut counts.at_door_from, door);
+        }
+    }
+}
+
+/// A client counted against `--max-clients` and `--max-clients-per-ip` until dropped: held by a
+/// WebSocket connection's [`Ticket`], or by a socket.io session that lives across requests.
+pub struct ClientSlot {
+    admission: Arc<Admission>,
+    key: IpAddr,
+}
+
+impl Admission {
+    /// A client slot for `client_ip`, if the client caps allow.
+    pub fn client_slot(self: &Arc<Self>, client_ip: IpAddr) -> Result<ClientSlot, Refusal> {
+        let limits = &self.limits;
+        let key = address_key(client_ip);
+        let mut counts = self.counts();
         if limits.clients > 0 && counts.clients >= limits.clients {
             return Err(Refusal::TooManyClients(limits.clients));
         }
@@ -160,26 +198,18 @@ impl Ticket {
         }
         counts.clients += 1;
         *counts.clients_from.entry(key).or_default() += 1;
-        self.client = Some(key);
-        if let Some(door) = self.door.take() {
-            let counts = &mut *counts;
-            leave(&mut counts.at_door, &mut counts.at_door_from, door);
-        }
-        Ok(())
+        Ok(ClientSlot {
+            admission: self.clone(),
+            key,
+        })
     }
 }
 
-impl Drop for Ticket {
+impl Drop for ClientSlot {
     fn drop(&mut self) {
         let mut counts = self.admission.counts();
-        counts.connections -= 1;
         let counts = &mut *counts;
-        if let Some(door) = self.door {
-            leave(&mut counts.at_door, &mut counts.at_door_from, door);
-        }
-        if let Some(client) = self.client {
-            leave(&mut counts.clients, &mut counts.clients_from, client);
-        }
+        leave(&mut counts.clients, &mut counts.clients_from, self.key);
     }
 }
 

@@ -31,6 +31,8 @@ pub struct Config {
     pub http_port: u16,
     /// Serve the page from this directory instead of the copy embedded in the binary.
     pub www_dir: Option<PathBuf>,
+    /// socket.io's client script, served at `/socket.io/socket.io.js` (wschat ships none).
+    pub socketio_client: Option<PathBuf>,
     /// WebSocket URL announced in `/config.json`, for reverse proxies.
     pub public_ws_url: Option<String>,
     /// Messages kept per room for `welcome` and `since` resume.
@@ -105,6 +107,7 @@ impl Default for Config {
             bind: IpAddr::from([127, 0, 0, 1]),
             http_port: 5000,
             www_dir: None,
+            socketio_client: None,
             public_ws_url: None,
             history: 100,
             data_dir: None,
@@ -159,6 +162,7 @@ USAGE: wschat [FLAGS]
   --port N               the one public port: page, API, WebSockets (env PORT; default 5000)
   --bind ADDR            address to listen on (default 127.0.0.1)
   --www DIR              serve the page from DIR instead of the embedded copy
+  --socketio-client FILE serve FILE as /socket.io/socket.io.js (socket.io's client script)
   --public-ws-url URL    WebSocket URL announced in /config.json (reverse proxies)
   --history N            messages kept per room (default 100)
   --data-dir DIR         keep history in DIR/history.jsonl across restarts
@@ -262,6 +266,7 @@ fn apply(cfg: &mut Config, flag: &str, parser: &mut lexopt::Parser) -> Result<()
         "--port" => cfg.http_port = parse_port(flag, &value()?)?,
         "--bind" => cfg.bind = parse_ip(flag, &value()?)?,
         "--www" => cfg.www_dir = Some(value()?.into()),
+        "--socketio-client" => cfg.socketio_client = Some(value()?.into()),
         "--public-ws-url" => cfg.public_ws_url = Some(value()?),
         "--history" => cfg.history = parse_count(flag, &value()?)?,
         "--data-dir" => cfg.data_dir = Some(value()?.into()),

@@ -14,7 +14,7 @@ use std::thread::{self, JoinHandle};
 use crossbeam_channel::{Receiver, Sender, bounded};
 
 use crate::metrics::Metrics;
-use crate::outlet::Outlet;
+use crate::outlet::{Outlet, SocketIoForms};
 use crate::protocol::{ClientId, Frame};
 
 /// Most courier threads, whatever the core count: past a few, waking them costs more than the
@@ -32,6 +32,8 @@ const SLOW_REPORTS: usize = 1024;
 pub struct Parcel {
     items: Vec<(ClientId, Arc<Outlet>, Range<usize>)>,
     frames: Vec<Frame>,
+    /// The frames' socket.io forms, turned once per batch.
+    forms: SocketIoForms,
 }
 
 impl Parcel {
@@ -46,11 +48,12 @@ impl Parcel {
     /// Returns the number of frames handed over, and leaves the parcel empty for reuse.
     pub fn deliver(&mut self, mut slow: impl FnMut(ClientId)) -> u64 {
         for (id, outlet, range) in self.items.drain(..) {
-            if outlet.send(&self.frames[range]).too_slow {
+            if outlet.send(&self.frames[range], &mut self.forms).too_slow {
                 slow(id);
             }
         }
         let handed = self.frames.len() as u64;
+        self.forms.clear();
         self.frames.clear();
         handed
     }

@@ -8,9 +8,10 @@
 //! 101, the socket belongs to the session. Reading the request is [`crate::request`]'s job.
 
 use std::io::{self, Write};
-use std::net::{IpAddr, TcpStream, UdpSocket};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream, UdpSocket};
+use std::time::Duration;
 
-use crate::metrics::Rejection;
+use crate::metrics::{Metrics, Rejection};
 use crate::protocol::{self, DEFAULT_ROOM};
 use crate::request::Request;
 
@@ -152,23 +153,7 @@ pub fn check(request: &Request, policy: &Policy) -> Result<Upgrade, Refusal> {
         _ if path == "/echo" && policy.echo => (Endpoint::Echo, None),
         _ => return Err(Refusal::NotFound(path.chars().take(100).collect())),
     };
-    if !is_upgrade(request) {
-        return Err(Refusal::UpgradeRequired);
-    }
-    if request.method != "GET" || request.minor_version != 1 {
-        return Err(Refusal::BadRequest(
-            "a WebSocket handshake is GET with HTTP/1.1",
-        ));
-    }
-    if request.header("sec-websocket-version") != Some("13") {
-        return Err(Refusal::BadRequest("Sec-WebSocket-Version must be 13"));
-    }
-    let key = request
-        .header("sec-websocket-key")
-        .filter(|k| k.len() == 24)
-        .ok_or(Refusal::BadRequest(
-            "missing or malformed Sec-WebSocket-Key",
-        ))?;
+    let accept_key = accept_key(request)?;
     check_origin(request, policy)?;
 
     let since = match request.query_value("since") {
@@ -189,12 +174,35 @@ pub fn check(request: &Request, policy: &Policy) -> Result<Upgrade, Refusal> {
         protocol: request
             .has_token("sec-websocket-protocol", "chat")
             .then_some("chat"),
-        accept_key: tungstenite::handshake::derive_accept_key(key.as_bytes()),
+        accept_key,
         client_ip: request.client_ip(policy.trusted_proxy),
     };
     protocol::check_room(&upgrade.room)
         .map_err(|_| Refusal::BadRequest("room names are 1-64 of A-Z a-z 0-9 - _ ."))?;
     Ok(upgrade)
+}
+
+/// The checks of every WebSocket upgrade, whatever its path: `GET`, HTTP/1.1, version 13, a
+/// key; returns the `Sec-WebSocket-Accept` value.
+pub fn accept_key(request: &Request) -> Result<String, Refusal> {
+    if !is_upgrade(request) {
+        return Err(Refusal::UpgradeRequired);
+    }
+    if request.method != "GET" || request.minor_version != 1 {
+        return Err(Refusal::BadRequest(
+            "a WebSocket handshake is GET with HTTP/1.1",
+        ));
+    }
+    if request.header("sec-websocket-version") != Some("13") {
+        return Err(Refusal::BadRequest("Sec-WebSocket-Version must be 13"));
+    }
+    let key = request
+        .header("sec-websocket-key")
+        .filter(|k| k.len() == 24)
+        .ok_or(Refusal::BadRequest(
+            "missing or malformed Sec-WebSocket-Key",
+        ))?;
+    Ok(tungstenite::handshake::derive_accept_key(key.as_bytes()))
 }
 
 /// Browsers always send `Origin`; other clients usually do not, and cannot be hijacked. The
@@ -242,19 +250,65 @@ fn is_this_host(origin: &str, port: u16) -> bool {
 
 /// The `101 Switching Protocols` response.
 pub fn accept_response(upgrade: &Upgrade) -> String {
-    let protocol = upgrade
-        .protocol
+    switching_response(&upgrade.accept_key, upgrade.protocol)
+}
+
+/// The `101 Switching Protocols` response for an accept key and an optional subprotocol.
+pub fn switching_response(accept_key: &str, protocol: Option<&str>) -> String {
+    let protocol = protocol
         .map(|p| format!("Sec-WebSocket-Protocol: {p}\r\n"))
         .unwrap_or_default();
     format!(
-        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n{protocol}\r\n",
-        upgrade.accept_key
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept_key}\r\n{protocol}\r\n"
     )
 }
 
 /// Writes a whole response (handshake answers are small: one write, bounded by the write timeout).
 pub fn send(stream: &TcpStream, response: &str) -> io::Result<()> {
     (&*stream).write_all(response.as_bytes())
+}
+
+/// Answers a refused upgrade (or socket.io request), closes the connection's writing side, and
+/// logs it sparingly: a flood of refusals would flood the log too, so the 1st, 2nd, 4th, 8th...
+/// of each kind. `page_url` is where a lost browser should go instead.
+pub fn refuse(
+    metrics: &Metrics,
+    page_url: &str,
+    stream: &TcpStream,
+    peer: SocketAddr,
+    refusal: &Refusal,
+) {
+    if let Some(count) = metrics.reject(refusal.kind()) {
+        log::info!("refused a WebSocket from {peer}: {refusal} ({count} of this kind so far)");
+    }
+    let response = refusal.response(page_url);
+    log::debug!("handshake response to {peer}:\n{response}");
+    let _ = send(stream, &response);
+    let _ = stream.shutdown(Shutdown::Write);
+}
+
+/// Answers `101` (within `timeout`) and readies the socket for its session: no more timeouts
+/// (the session never blocks on it), no Nagle. False if the connection was lost.
+pub fn switch_protocols(
+    stream: &TcpStream,
+    request: &Request,
+    response: &str,
+    timeout: Duration,
+) -> bool {
+    log::debug!("handshake response to {}:\n{response}", request.peer);
+    let setup = stream
+        .set_write_timeout(Some(timeout))
+        .and_then(|()| send(stream, response))
+        .and_then(|()| stream.set_read_timeout(None))
+        .and_then(|()| stream.set_write_timeout(None))
+        .and_then(|()| stream.set_nodelay(true));
+    if let Err(e) = &setup {
+        log::debug!(
+            "connection from {} lost during the handshake: {e}",
+            request.peer
+        );
+    }
+    setup.is_ok()
 }
 
 #[cfg(test)]

@@ -402,15 +402,21 @@ fn over_post_rate(shared: &HttpShared, request: &Request) -> Option<Reply> {
 fn read_body(exchange: &mut Exchange<'_>, max: usize) -> Option<Vec<u8>> {
     let length = exchange.request.content_length().ok()?;
     let (stream, deadline) = (exchange.stream, exchange.deadline);
+    let expects_continue = exchange
+        .request
+        .header("Expect")
+        .is_some_and(|v| v.eq_ignore_ascii_case("100-continue"));
     if length > max {
-        let expects_continue = exchange
-            .request
-            .header("Expect")
-            .is_some_and(|v| v.eq_ignore_ascii_case("100-continue"));
         if !expects_continue && length <= DRAIN_LIMIT_BYTES {
             exchange.body_done = request::skip_body(stream, exchange.buffered, length, deadline);
         }
         return None;
+    }
+    if expects_continue && exchange.buffered.len() < length {
+        // The client waits for this before it sends the body (curl, for bodies over 1 KiB).
+        (&*stream)
+            .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+            .ok()?;
     }
     let body = request::read_body(stream, exchange.buffered, length, deadline).ok()?;
     exchange.body_done = true;

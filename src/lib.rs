@@ -41,6 +41,12 @@
 //!    the doorbell tells the session to write it when the socket has room. If the batch cannot
 //!    be saved (a full disk), its messages are shown to no one and each sender gets an error.
 //!
+//! socket.io clients take the same road from step 3 on: [`sio_door`] serves `/socket.io/`
+//! (long polls on the connection's own thread, or a session in socket.io's dialect), each client
+//! is a [`sio_link::Link`] that turns Engine.IO and socket.io packets ([`engineio`],
+//! [`eio_session`], [`socketio`]) into the same events, and its outlet turns the dispatcher's
+//! frames into socket.io events, for its socket or its polling queue.
+//!
 //! Nothing in the dispatcher blocks on a client: a backlog past its bound means the client is too
 //! slow and is dropped. Every thread, queue, buffer and wait has a bound, named as a constant where
 //! it lives. [`metrics`] counts; [`config`] holds every tunable.
@@ -64,6 +70,8 @@ pub mod ratelimit;
 pub mod reactor;
 pub mod request;
 pub mod session;
+pub mod sio_door;
+pub mod sio_link;
 pub mod socketio;
 pub mod stack;
 
@@ -133,6 +141,7 @@ pub struct Handle {
     events: Sender<Event>,
     front: Arc<Front>,
     accept_thread: JoinHandle<()>,
+    sweep_thread: JoinHandle<()>,
     reactor_thread: JoinHandle<()>,
     dispatcher_thread: JoinHandle<()>,
 }
@@ -192,12 +201,20 @@ impl Server {
         let accept_thread = spawn("accept", move || {
             listener::accept_loop(listener, accept_front)
         })?;
+        let sweep_front = front.clone();
+        let sweep_thread = spawn("socketio-sweep", move || {
+            let front = &*sweep_front;
+            front
+                .sio
+                .sweep_until_stopped(&front.stopping, &front.events)
+        })?;
         Ok(Handle {
             addr,
             metrics,
             events,
             front,
             accept_thread,
+            sweep_thread,
             reactor_thread,
             dispatcher_thread,
         })
@@ -245,11 +262,14 @@ impl Handle {
         self.front.stopping.store(true, Relaxed);
         let _ = TcpStream::connect_timeout(&reachable(self.addr), Duration::from_secs(1));
         let _ = self.accept_thread.join();
+        self.sweep_thread.thread().unpark();
+        let _ = self.sweep_thread.join();
 
         let _ = self
             .events
             .send_timeout(Event::Shutdown, Duration::from_secs(1));
         let _ = self.dispatcher_thread.join();
+        self.front.sio.close_all(); // polls waiting are answered, probes end
         if !self.front.wait_all_ended(SHUTDOWN_GRACE) {
             self.front.cut_all();
             self.front.wait_all_ended(SHUTDOWN_CUT_WAIT);
@@ -322,9 +342,22 @@ fn front(
         reactor,
         Arc::new(Admission::new(admission_limits(config))),
         bytes_per_address,
-        http,
+        (http, sio_door(config)),
         (config.handshake_timeout, config.http_timeout),
         format!("http://{host}:{port}/"),
+    )
+}
+
+/// The socket.io door: Engine.IO sessions within the client caps, as WebSocket clients are.
+fn sio_door(config: &Config) -> sio_door::SioDoor {
+    let registry = eio_session::RegistryLimits {
+        max_sessions: config.max_clients,
+        max_per_address: config.max_clients_per_ip,
+    };
+    sio_door::SioDoor::new(
+        eio_session::Limits::from_config(config),
+        registry,
+        config.socketio_client.clone(),
     )
 }
 

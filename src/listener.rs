@@ -1,8 +1,9 @@
 //! The front door: one blocking `std::net::TcpListener` on the one public port, whose accept loop
 //! gives every connection its own thread. That thread reads the request head (bounded in size
 //! and time, [`crate::request`]) and then either upgrades it to a WebSocket ([`handshake`], then
-//! the [`session`]) or answers it as plain HTTP ([`http`]), keeping the connection for more
-//! requests while the client wants.
+//! the [`session`]), hands it to the socket.io door ([`sio_door`], for `/socket.io/`: polling
+//! requests, or a WebSocket in socket.io's dialect), or answers it as plain HTTP ([`http`]),
+//! keeping the connection for more requests while the client wants.
 //!
 //! This module owns the bookkeeping of connections as sockets: a handle on each so shutdown can
 //! cut them, and the [`Admission`] ticket each one holds. It knows nothing of rooms or names.
@@ -20,13 +21,14 @@ use log::{debug, info, warn};
 
 use crate::admission::{Admission, Ticket, Turned};
 use crate::dispatcher::Event;
-use crate::handshake::{self, Policy, Refusal};
+use crate::handshake::{self, Policy};
 use crate::http::{self, HttpShared};
 use crate::metrics::{Metrics, Rejection};
 use crate::ratelimit::AddressBuckets;
 use crate::reactor::Reactor;
 use crate::request::{self, HeadError, Request};
 use crate::session::{self, Env, Joining, SESSION_STACK_BYTES, Settings};
+use crate::sio_door::{self, Door, Next, SioDoor};
 
 /// Pause after a failed `accept` (e.g. out of file descriptors), so the loop does not spin.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
@@ -49,6 +51,8 @@ pub struct Front {
     /// Chat bytes per address (see [`session::Env`]).
     pub bytes_per_address: AddressBuckets,
     pub http: HttpShared,
+    /// socket.io's sessions, at `/socket.io/`.
+    pub sio: SioDoor,
     /// The whole first request head must arrive within this (slowloris bound).
     pub head_timeout: Duration,
     /// A keep-alive connection's next request, and any body, must arrive within this.
@@ -72,7 +76,7 @@ impl Front {
         reactor: Arc<Reactor>,
         admission: Arc<Admission>,
         bytes_per_address: AddressBuckets,
-        http: HttpShared,
+        (http, sio): (HttpShared, SioDoor),
         (head_timeout, http_timeout): (Duration, Duration),
         page_url: String,
     ) -> Self {
@@ -85,6 +89,7 @@ impl Front {
             admission,
             bytes_per_address,
             http,
+            sio,
             head_timeout,
             http_timeout,
             page_url,
@@ -92,6 +97,36 @@ impl Front {
             next_id: AtomicU64::new(1),
             streams: Mutex::new(HashMap::new()),
             ended: Condvar::new(),
+        }
+    }
+
+    /// A fresh id for a connection or a socket.io client (the two never share one).
+    pub fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Relaxed)
+    }
+
+    /// What the socket.io door borrows.
+    fn sio_door(&self) -> Door<'_> {
+        Door {
+            sio: &self.sio,
+            env: self.env(),
+            policy: &self.policy,
+            admission: &self.admission,
+            head_timeout: self.head_timeout,
+            http_timeout: self.http_timeout,
+            page_url: &self.page_url,
+            ids: &self.next_id,
+        }
+    }
+
+    /// What a session borrows from the server.
+    pub fn env(&self) -> Env<'_> {
+        Env {
+            settings: &self.settings,
+            bytes_per_address: &self.bytes_per_address,
+            events: &self.events,
+            metrics: &self.metrics,
+            reactor: &self.reactor,
         }
     }
 
@@ -185,7 +220,7 @@ fn admit(front: &Arc<Front>, stream: TcpStream) {
         Ok(ticket) => ticket,
         Err(turned) => return turn_away(front, &stream, peer, turned),
     };
-    let id = front.next_id.fetch_add(1, Relaxed);
+    let id = front.next_id();
     let stream = Arc::new(stream);
     // Register before spawning, so shutdown never misses a socket.
     front.streams().insert(id, stream.clone());
@@ -215,15 +250,15 @@ fn admit(front: &Arc<Front>, stream: TcpStream) {
 }
 
 /// Tells a turned-away client why in one short non-blocking write (if its socket takes it),
-/// logs the 1st, 2nd, 4th, 8th... refusal of each kind, and closes.
+/// logs the refusal (once a minute per kind at most: see [`Metrics::reject`]), and closes.
 fn turn_away(front: &Front, stream: &TcpStream, peer: SocketAddr, turned: Turned) {
-    let refused = front.metrics.reject(match turned {
+    let logged = front.metrics.reject(match turned {
         Turned::Connections => Rejection::TooManyConnections,
         Turned::AtDoor | Turned::AtDoorFromAddress => Rejection::TooManyPending,
         Turned::Rate => Rejection::ConnectionRate,
     });
-    if refused.is_power_of_two() {
-        warn!("turned away a connection from {peer}: {turned} ({refused} turned away so far)");
+    if let Some(count) = logged {
+        warn!("turned away a connection from {peer}: {turned} ({count} of this kind so far)");
     }
     let body = format!("{turned}; try again shortly\n");
     let response =
@@ -242,23 +277,24 @@ fn connection(
     mut ticket: Ticket,
     at_door: AtDoor<'_>,
 ) {
-    if let Some((upgrade, leftover)) = at_the_door(front, &stream, peer, &mut ticket) {
+    if let Some((joining, leftover)) = at_the_door(front, id, &stream, peer, &mut ticket) {
         drop(at_door);
-        run_session(front, id, stream, peer, upgrade, leftover);
+        run_session(front, id, stream, peer, joining, leftover);
     }
 }
 
 /// Serves requests until one asks for a WebSocket (checked, answered `101`, and returned with the
-/// bytes read past it) or the connection ends. Never inlined: the requests, their buffers and the
+/// bytes read past it: a chat client, or a socket.io session's) or the connection ends. Never inlined: the requests, their buffers and the
 /// HTTP answers' frames are gone before the session starts (an idle connection's memory is
 /// mostly what its thread keeps).
 #[inline(never)]
 fn at_the_door(
     front: &Front,
+    id: u64,
     stream: &TcpStream,
     peer: SocketAddr,
     ticket: &mut Ticket,
-) -> Option<(handshake::Upgrade, Vec<u8>)> {
+) -> Option<(Joining, Vec<u8>)> {
     let mut buffered = Vec::new();
     let mut deadline = Instant::now() + front.head_timeout.min(front.http_timeout);
     for served in 0..MAX_REQUESTS_PER_CONNECTION {
@@ -270,18 +306,27 @@ fn at_the_door(
             }
         };
         debug!("request from {peer}:\n{}", request_log(&request));
-        if handshake::is_chat_path(request.path()) || handshake::is_upgrade(&request) {
+        let keep_open = if sio_door::is_socketio_path(request.path()) {
+            match sio_door::serve(&front.sio_door(), stream, &request, &mut buffered, ticket) {
+                Next::Http { keep_open } => keep_open,
+                Next::WebSocket(link, ip) => {
+                    buffered.shrink_to_fit();
+                    return Some((Joining::socketio(id, ip, link), buffered));
+                }
+            }
+        } else if handshake::is_chat_path(request.path()) || handshake::is_upgrade(&request) {
             let upgrade = check_upgrade(front, stream, &request, ticket)?;
             buffered.shrink_to_fit();
-            return Some((upgrade, buffered));
-        }
-        let keep_open = http::serve(
-            &front.http,
-            stream,
-            &request,
-            &mut buffered,
-            front.http_timeout,
-        );
+            return Some((Joining::chat(id, upgrade), buffered));
+        } else {
+            http::serve(
+                &front.http,
+                stream,
+                &request,
+                &mut buffered,
+                front.http_timeout,
+            )
+        };
         if !keep_open || front.stopping.load(Relaxed) {
             break;
         }
@@ -297,23 +342,27 @@ fn head_failed(front: &Front, stream: &TcpStream, peer: SocketAddr, e: HeadError
         HeadError::Closed => {}
         HeadError::Timeout if served > 0 => {} // an idle keep-alive connection: the usual end
         HeadError::Timeout => {
-            front.metrics.reject(Rejection::Timeout);
-            info!(
-                "dropped a connection from {peer}: no complete request within {:?}",
-                front.head_timeout
-            );
+            if let Some(count) = front.metrics.reject(Rejection::Timeout) {
+                info!(
+                    "dropped a connection from {peer}: no complete request within {:?} \
+                     ({count} of this kind so far)",
+                    front.head_timeout
+                );
+            }
         }
         HeadError::TooLarge => {
-            front.metrics.reject(Rejection::BadRequest);
-            info!("refused a request from {peer}: {e}");
+            if let Some(count) = front.metrics.reject(Rejection::BadRequest) {
+                info!("refused a request from {peer}: {e} ({count} bad requests so far)");
+            }
             let body = format!("{e}\n");
             let response =
                 handshake::status_response("431 Request Header Fields Too Large", "", &body);
             let _ = handshake::send(stream, &response);
         }
         HeadError::Malformed(why) => {
-            front.metrics.reject(Rejection::BadRequest);
-            info!("refused a request from {peer}: {e}");
+            if let Some(count) = front.metrics.reject(Rejection::BadRequest) {
+                info!("refused a request from {peer}: {e} ({count} bad requests so far)");
+            }
             let response =
                 handshake::status_response("400 Bad Request", "", &format!("bad request: {why}\n"));
             let _ = handshake::send(stream, &response);
@@ -338,26 +387,17 @@ fn check_upgrade(
     match upgrade {
         Ok(upgrade) => {
             let response = handshake::accept_response(&upgrade);
-            debug!("handshake response to {}:\n{response}", request.peer);
-            let setup = stream
-                .set_write_timeout(Some(front.head_timeout))
-                .and_then(|()| handshake::send(stream, &response))
-                .and_then(|()| stream.set_read_timeout(None))
-                .and_then(|()| stream.set_write_timeout(None))
-                .and_then(|()| stream.set_nodelay(true));
-            match setup {
-                Ok(()) => Some(upgrade),
-                Err(e) => {
-                    debug!(
-                        "connection from {} lost during the handshake: {e}",
-                        request.peer
-                    );
-                    None
-                }
-            }
+            handshake::switch_protocols(stream, request, &response, front.head_timeout)
+                .then_some(upgrade)
         }
         Err(refusal) => {
-            refuse(front, stream, request.peer, &refusal);
+            handshake::refuse(
+                &front.metrics,
+                &front.page_url,
+                stream,
+                request.peer,
+                &refusal,
+            );
             None
         }
     }
@@ -369,25 +409,10 @@ fn run_session(
     id: u64,
     stream: Arc<TcpStream>,
     peer: SocketAddr,
-    upgrade: handshake::Upgrade,
+    joining: Joining,
     leftover: Vec<u8>,
 ) {
-    let joining = Joining {
-        id,
-        endpoint: upgrade.endpoint,
-        ip: upgrade.client_ip,
-        name: upgrade.name,
-        room: upgrade.room,
-        since: upgrade.since,
-    };
-    let env = Env {
-        settings: &front.settings,
-        bytes_per_address: &front.bytes_per_address,
-        events: &front.events,
-        metrics: &front.metrics,
-        reactor: &front.reactor,
-    };
-    let reason = session::serve(stream, leftover, joining, env);
+    let reason = session::serve(stream, leftover, joining, front.env());
     debug!("connection {id} from {peer} ended: {reason}");
 }
 
@@ -401,16 +426,4 @@ fn request_log(request: &Request) -> String {
         text.push_str(&format!("\n{name}: {value}"));
     }
     text
-}
-
-fn refuse(front: &Front, stream: &TcpStream, peer: SocketAddr, refusal: &Refusal) {
-    let refused = front.metrics.reject(refusal.kind());
-    // A flood of refusals would flood the log too: say it the 1st, 2nd, 4th, 8th... time.
-    if refused.is_power_of_two() {
-        info!("refused a WebSocket from {peer}: {refusal} ({refused} of this kind so far)");
-    }
-    let response = refusal.response(&front.page_url);
-    debug!("handshake response to {peer}:\n{response}");
-    let _ = handshake::send(stream, &response);
-    let _ = stream.shutdown(Shutdown::Write);
 }

@@ -70,16 +70,32 @@ pub struct Metrics {
     /// Chat text on its way to the dispatcher (see `session::INBOUND_BUDGET_BYTES`).
     pub inbound_bytes: AtomicU64,
     rejected: [AtomicU64; Rejection::ALL.len()],
+    /// When each kind of refusal was last logged (seconds since the Unix epoch; 0: never).
+    logged_at: [AtomicU64; Rejection::ALL.len()],
 }
+
+/// A kind of refusal is logged the first time, then at most once per this, with its count: a
+/// flood of refusals must not flood the log too.
+pub const REFUSALS_LOGGED_EVERY_SECS: u64 = 60;
 
 impl Metrics {
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Relaxed);
     }
 
-    /// Counts a refusal; returns how many of this kind there have been, this one included.
-    pub fn reject(&self, why: Rejection) -> u64 {
-        self.rejected[why as usize].fetch_add(1, Relaxed) + 1
+    /// Counts a refusal. Returns how many of this kind there have been, this one included, when
+    /// this one is to be logged: the first of its kind, and then the first after each
+    /// [`REFUSALS_LOGGED_EVERY_SECS`].
+    pub fn reject(&self, why: Rejection) -> Option<u64> {
+        let count = self.rejected[why as usize].fetch_add(1, Relaxed) + 1;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_secs().max(1));
+        let logged = &self.logged_at[why as usize];
+        let last = logged.load(Relaxed);
+        let due = last == 0 || now >= last + REFUSALS_LOGGED_EVERY_SECS;
+        // Of the threads that find it due at once, one wins the exchange and logs.
+        (due && logged.compare_exchange(last, now, Relaxed, Relaxed).is_ok()).then_some(count)
     }
 
     pub fn rejected(&self, why: Rejection) -> u64 {

@@ -12,14 +12,21 @@
 //! Everything that waits for one client counts against one bound, the dispatcher's frames and
 //! the session's own (pongs, errors, close) alike, and against a budget for all clients
 //! together ([`Bounds`]); a [`Backlog`] over either says the client is too slow. The outlet
-//! frames text messages (RFC 6455, unmasked: server to client) and knows nothing of rooms or
-//! JSON.
+//! frames text messages (RFC 6455, unmasked: server to client) and knows nothing of rooms.
+//!
+//! Its destination is one of two ways: a socket (a WebSocket: raw clients, and socket.io
+//! clients once on a WebSocket), or the [`Queue`] of an Engine.IO polling session, whose waiting
+//! `GET` the queue wakes. A socket.io client's outlet has the [`Form`] `SocketIo`: each wschat
+//! frame becomes its socket.io event on the way in ([`crate::socketio::from_server_frame`]). When a
+//! polling client upgrades, its outlet takes over the WebSocket's way ([`Outlet::take_over`]), so
+//! the dispatcher keeps one outlet per client whatever the transport.
 
+use std::collections::HashMap;
 use std::io::{self, IoSlice, Write};
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
 use tungstenite::protocol::frame::FrameHeader;
@@ -28,6 +35,7 @@ use tungstenite::protocol::frame::coding::{Data, OpCode};
 use crate::doorbell::{Doorbell, WAITING};
 use crate::metrics::Metrics;
 use crate::protocol::Frame;
+use crate::socketio;
 
 /// Frames per `sendmsg`: headers and payloads make two slices each, well under `IOV_MAX` (1024).
 const FRAMES_PER_WRITE: usize = 64;
@@ -35,6 +43,8 @@ const FRAMES_PER_WRITE: usize = 64;
 const MAX_HEADER_BYTES: usize = 10;
 /// Buffer capacity kept once the backlog is written; a bigger burst's buffer is released.
 const KEEP_BUFFER_BYTES: usize = 16 * 1024;
+/// Entries of the socket.io forms table kept between batches; a bigger batch's is released.
+const KEEP_FORMS: usize = 1024;
 
 /// A client over the total budget is dropped only if it holds at least this much of it: a
 /// client with a small backlog is not punished for the others'.
@@ -74,46 +84,103 @@ pub struct Drained {
     pub close: Option<CloseRequest>,
 }
 
+/// How the client reads frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Form {
+    /// wschat's JSON frames, as they are.
+    Raw,
+    /// socket.io events (`42["chat message","hi"]`); `full` adds the message object.
+    SocketIo { full: bool },
+}
+
+/// Where the frames of a client without a socket of its own wait: an Engine.IO polling
+/// session's queue, which wakes the session's waiting `GET`.
+pub trait Queue: Send + Sync {
+    /// Queues frames already in the client's form; says what waits now.
+    fn push(&self, frames: &[Frame]) -> Backlog;
+    /// Ends the session (the dispatcher dropped the client).
+    fn close(&self, reason: &'static str);
+}
+
+/// An outlet's destination.
+#[derive(Clone)]
+enum Way {
+    /// A WebSocket, written here; its session is rung for what waits.
+    Socket {
+        stream: Arc<TcpStream>,
+        doorbell: Arc<Doorbell>,
+    },
+    /// A polling session's queue (weak: the session owns its outlet, not the other way round).
+    Queue(Weak<dyn Queue>),
+}
+
 pub struct Outlet {
-    stream: Arc<TcpStream>,
-    doorbell: Arc<Doorbell>,
     metrics: Arc<Metrics>,
     bounds: Bounds,
     state: Mutex<State>,
 }
 
-#[derive(Default)]
 struct State {
-    /// Whole frames that the socket has not taken yet, from offset `sent` on.
-    waiting: Vec<u8>,
-    sent: usize,
-    /// Frames in `waiting`.
-    waiting_frames: usize,
+    way: Way,
+    form: Form,
+    out: Pending,
     close: Option<CloseRequest>,
     /// The session is ending: frames from the dispatcher are dropped.
     shut: bool,
 }
 
-impl State {
+/// Bytes the socket has not taken yet.
+#[derive(Default)]
+struct Pending {
+    /// Whole frames that the socket has not taken yet, from offset `sent` on.
+    waiting: Vec<u8>,
+    sent: usize,
+    /// Frames in `waiting`.
+    frames: usize,
+}
+
+impl Pending {
     fn pending(&self) -> usize {
         self.waiting.len() - self.sent
     }
 }
 
 impl Outlet {
+    /// An outlet to a WebSocket, whose session parks on `doorbell`.
     pub fn new(
         stream: Arc<TcpStream>,
         doorbell: Arc<Doorbell>,
         metrics: Arc<Metrics>,
         bounds: Bounds,
     ) -> Outlet {
+        Outlet::with_way(Way::Socket { stream, doorbell }, metrics, bounds)
+    }
+
+    /// An outlet to a polling session's queue, in socket.io's form.
+    pub fn queued(queue: Weak<dyn Queue>, metrics: Arc<Metrics>, bounds: Bounds) -> Outlet {
+        let outlet = Outlet::with_way(Way::Queue(queue), metrics, bounds);
+        outlet.set_form(Form::SocketIo { full: false });
+        outlet
+    }
+
+    fn with_way(way: Way, metrics: Arc<Metrics>, bounds: Bounds) -> Outlet {
+        let state = State {
+            way,
+            form: Form::Raw,
+            out: Pending::default(),
+            close: None,
+            shut: false,
+        };
         Outlet {
-            stream,
-            doorbell,
             metrics,
             bounds,
-            state: Mutex::new(State::default()),
+            state: Mutex::new(state),
         }
+    }
+
+    /// How the dispatcher's frames are turned before they leave (set at a socket.io CONNECT).
+    pub fn set_form(&self, form: Form) {
+        self.lock().form = form;
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -122,64 +189,125 @@ impl Outlet {
 
     /// Moves the all-clients gauge by what this outlet's backlog changed (from `before` bytes to
     /// what waits now), and says where the backlog stands.
-    fn account(&self, state: &State, before: usize) -> Backlog {
-        let bytes = state.pending();
-        let total = if bytes >= before {
-            self.metrics
-                .backlog_bytes
-                .fetch_add((bytes - before) as u64, Relaxed)
-                + (bytes - before) as u64
-        } else {
-            self.metrics
-                .backlog_bytes
-                .fetch_sub((before - bytes) as u64, Relaxed)
-                - (before - bytes) as u64
-        };
-        let over_total = total as usize > self.bounds.total_bytes && bytes >= FAIR_SHARE_BYTES;
+    fn account(&self, out: &Pending, before: usize) -> Backlog {
+        let bytes = out.pending();
+        let total = move_gauge(&self.metrics, before, bytes);
         Backlog {
-            frames: state.waiting_frames,
+            frames: out.frames,
             bytes,
-            too_slow: over_total
-                || state.waiting_frames > self.bounds.frames
-                || bytes > self.bounds.bytes,
+            too_slow: self.bounds.exceeded(total, out.frames, bytes),
         }
     }
 
     // ----- the dispatcher's side -----
 
-    /// Sends `frames` in order: at once if the socket takes them, else they wait for the session.
-    /// Never blocks. Returns what is waiting now.
-    pub fn send(&self, frames: &[Frame]) -> Backlog {
+    /// Sends `frames` (wschat's frames, turned into the client's form, through `forms`) in
+    /// order: at once if the socket takes them, else they wait for the session. Never blocks.
+    /// Returns what is waiting now.
+    pub fn send(&self, frames: &[Frame], forms: &mut SocketIoForms) -> Backlog {
         let mut state = self.lock();
         if state.shut {
             return Backlog::default();
         }
-        let before = state.pending();
+        match state.form {
+            Form::Raw => self.deliver(&mut state, frames),
+            Form::SocketIo { full } => {
+                let events: Vec<Frame> = frames
+                    .iter()
+                    .filter_map(|frame| forms.get(frame, full))
+                    .collect();
+                self.deliver(&mut state, &events)
+            }
+        }
+    }
+
+    /// Sends frames already in the client's form (socket.io's own packets: the answer to a
+    /// CONNECT, acknowledgements, errors), behind everything sent before.
+    pub fn send_as_is(&self, frames: &[Frame]) -> Backlog {
+        let mut state = self.lock();
+        if state.shut {
+            return Backlog::default();
+        }
+        self.deliver(&mut state, frames)
+    }
+
+    fn deliver(&self, state: &mut State, frames: &[Frame]) -> Backlog {
+        let State { way, out, .. } = state;
+        let (stream, doorbell) = match way {
+            Way::Socket { stream, doorbell } => (stream, doorbell),
+            Way::Queue(queue) => {
+                return queue
+                    .upgrade()
+                    .map_or_else(Backlog::default, |q| q.push(frames));
+            }
+        };
+        let before = out.pending();
         let mut rest = frames;
         if before == 0 {
-            rest = self.write_now(&mut state, frames);
+            rest = self.write_now(stream, out, frames);
         }
         for frame in rest {
-            append_frame(&mut state.waiting, frame);
+            append_frame(&mut out.waiting, frame);
         }
-        state.waiting_frames += rest.len();
-        let backlog = self.account(&state, before);
-        drop(state);
+        out.frames += rest.len();
+        let backlog = self.account(out, before);
         if backlog.bytes > 0 {
-            self.doorbell.ring(WAITING);
+            doorbell.ring(WAITING);
         }
         backlog
     }
 
     /// Asks the session to close the connection, after what is waiting.
     pub fn close(&self, code: u16, reason: &'static str) {
-        self.lock().close.get_or_insert((code, reason));
-        self.doorbell.ring(WAITING);
+        let mut state = self.lock();
+        match &state.way {
+            Way::Socket { doorbell, .. } => {
+                let doorbell = doorbell.clone();
+                state.close.get_or_insert((code, reason));
+                doorbell.ring(WAITING);
+            }
+            Way::Queue(queue) => {
+                if let Some(queue) = queue.upgrade() {
+                    queue.close(reason);
+                }
+            }
+        }
+    }
+
+    /// The client moved from a polling queue to the WebSocket that `from` writes to (a
+    /// socket.io upgrade): this outlet writes there from now on, first what `from` still holds,
+    /// then `leftovers` (taken while no frame can slip in between: what the queue still held for
+    /// the old way). `from` is shut.
+    pub fn take_over(&self, from: &Outlet, leftovers: impl FnOnce() -> Vec<Frame>) {
+        let mut mine = self.lock();
+        let mut theirs = from.lock();
+        theirs.shut = true;
+        let (before_mine, before_theirs) = (mine.out.pending(), theirs.out.pending());
+        mine.way = theirs.way.clone();
+        let moved = &theirs.out.waiting[theirs.out.sent..];
+        mine.out.waiting.extend_from_slice(moved);
+        mine.out.frames += theirs.out.frames;
+        theirs.out = Pending::default();
+        let leftovers = leftovers();
+        for frame in &leftovers {
+            append_frame(&mut mine.out.waiting, frame);
+        }
+        mine.out.frames += leftovers.len();
+        from.account(&theirs.out, before_theirs);
+        self.account(&mine.out, before_mine);
+        if let Way::Socket { doorbell, .. } = &mine.way {
+            doorbell.ring(WAITING);
+        }
     }
 
     /// Writes what the socket takes without blocking; a partly written frame's rest goes to
     /// `waiting` (empty on entry). Returns the frames not started.
-    fn write_now<'f>(&self, state: &mut State, frames: &'f [Frame]) -> &'f [Frame] {
+    fn write_now<'f>(
+        &self,
+        stream: &TcpStream,
+        out: &mut Pending,
+        frames: &'f [Frame],
+    ) -> &'f [Frame] {
         let mut done = 0;
         while done < frames.len() {
             let chunk = &frames[done..frames.len().min(done + FRAMES_PER_WRITE)];
@@ -194,7 +322,7 @@ impl Outlet {
                 slices[2 * i + 1] = IoSlice::new(frame.as_bytes());
             }
             let slices = &slices[..2 * chunk.len()];
-            let Ok(mut written) = self.send_without_blocking(slices) else {
+            let Ok(mut written) = self.send_without_blocking(stream, slices) else {
                 return &[]; // the connection is broken: the session learns it from its read
             };
             for pair in slices.chunks(2) {
@@ -206,11 +334,10 @@ impl Outlet {
                 }
                 // Partly written (or not at all): its rest waits, before the others.
                 let from_payload = written.saturating_sub(header.len());
-                state
-                    .waiting
+                out.waiting
                     .extend_from_slice(&header[written.min(header.len())..]);
-                state.waiting.extend_from_slice(&payload[from_payload..]);
-                state.waiting_frames += 1;
+                out.waiting.extend_from_slice(&payload[from_payload..]);
+                out.frames += 1;
                 return &frames[done + 1..];
             }
         }
@@ -224,36 +351,42 @@ impl Outlet {
     /// a client that sends pings and reads nothing grows its own backlog until it is too slow.
     pub fn append_own(&self, bytes: &[u8]) -> Backlog {
         let mut state = self.lock();
-        let before = state.pending();
-        state.waiting.extend_from_slice(bytes);
-        state.waiting_frames += 1;
-        self.account(&state, before)
+        let before = state.out.pending();
+        state.out.waiting.extend_from_slice(bytes);
+        state.out.frames += 1;
+        self.account(&state.out, before)
     }
 
     /// Writes what the socket takes now, without blocking.
     pub fn drain(&self) -> io::Result<Drained> {
         let mut state = self.lock();
-        let before = state.pending();
+        let State {
+            way, out, close, ..
+        } = &mut *state;
         let mut drained = Drained {
-            close: state.close,
+            close: *close,
             ..Drained::default()
         };
+        let Way::Socket { stream, .. } = way else {
+            return Ok(drained); // a queue is drained by its polls
+        };
+        let before = out.pending();
         if before > 0 {
             let written =
-                self.send_without_blocking(&[IoSlice::new(&state.waiting[state.sent..])])?;
-            state.sent += written;
+                self.send_without_blocking(stream, &[IoSlice::new(&out.waiting[out.sent..])])?;
+            out.sent += written;
             drained.progressed = written > 0;
         }
-        if state.pending() == 0 {
-            state.sent = 0;
-            state.waiting_frames = 0;
-            state.waiting.clear();
-            if state.waiting.capacity() > KEEP_BUFFER_BYTES {
-                state.waiting = Vec::new();
+        if out.pending() == 0 {
+            out.sent = 0;
+            out.frames = 0;
+            out.waiting.clear();
+            if out.waiting.capacity() > KEEP_BUFFER_BYTES {
+                out.waiting = Vec::new();
             }
         }
-        drained.pending = state.pending() > 0;
-        self.account(&state, before);
+        drained.pending = out.pending() > 0;
+        self.account(out, before);
         Ok(drained)
     }
 
@@ -265,26 +398,30 @@ impl Outlet {
     /// For the session's end: writes everything still waiting, blocking, as long as each write
     /// makes progress within `timeout`. Frames from the dispatcher are dropped from now on.
     pub fn finish(&self, timeout: Duration) -> io::Result<()> {
-        let (bytes, sent) = {
+        let (bytes, sent, way) = {
             let mut state = self.lock();
             state.shut = true;
-            let before = state.pending();
-            let taken = (
-                std::mem::take(&mut state.waiting),
-                std::mem::take(&mut state.sent),
-            );
-            self.account(&state, before);
-            taken
+            let before = state.out.pending();
+            let taken = std::mem::take(&mut state.out);
+            self.account(&state.out, before);
+            (taken.waiting, taken.sent, state.way.clone())
         };
-        self.stream.set_write_timeout(Some(timeout))?;
-        (&*self.stream).write_all(&bytes[sent..])?;
+        let Way::Socket { stream, .. } = way else {
+            return Ok(());
+        };
+        stream.set_write_timeout(Some(timeout))?;
+        (&*stream).write_all(&bytes[sent..])?;
         Metrics::add(&self.metrics.bytes_out, (bytes.len() - sent) as u64);
         Ok(())
     }
 
     /// `sendmsg` with `MSG_DONTWAIT`: writes what the socket takes now (0 when it is full); the
     /// socket itself stays blocking for [`Outlet::finish`].
-    fn send_without_blocking(&self, slices: &[IoSlice<'_>]) -> io::Result<usize> {
+    fn send_without_blocking(
+        &self,
+        stream: &TcpStream,
+        slices: &[IoSlice<'_>],
+    ) -> io::Result<usize> {
         // SAFETY: an all-zero msghdr is valid (no address, no control data).
         let mut message: libc::msghdr = unsafe { std::mem::zeroed() };
         // `IoSlice` is guaranteed to be ABI compatible with `iovec` on Unix; sendmsg only reads.
@@ -294,7 +431,7 @@ impl Outlet {
             // SAFETY: `message` points at `slices`, valid for the call; `stream` keeps the fd open.
             let n = unsafe {
                 libc::sendmsg(
-                    self.stream.as_raw_fd(),
+                    stream.as_raw_fd(),
                     &message,
                     libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
                 )
@@ -313,11 +450,61 @@ impl Outlet {
     }
 }
 
+/// One batch's frames in socket.io's form, each turned once for all the batch's socket.io
+/// clients: a broadcast is one frame shared by every recipient (the same bytes), so its form is
+/// found by the bytes' address. Cleared after each batch, while the frames are still alive (an
+/// address is never reused within one).
+#[derive(Default)]
+pub struct SocketIoForms {
+    turned: HashMap<(usize, usize, bool), Option<Frame>>,
+}
+
+impl SocketIoForms {
+    fn get(&mut self, frame: &Frame, full: bool) -> Option<Frame> {
+        let key = (frame.as_str().as_ptr() as usize, frame.len(), full);
+        let turned = self.turned.entry(key);
+        turned
+            .or_insert_with(|| socketio::from_server_frame(frame, full))
+            .clone()
+    }
+
+    /// Forgets the batch (keeping the table's memory for the next, unless it grew large).
+    pub fn clear(&mut self) {
+        if self.turned.capacity() > KEEP_FORMS {
+            self.turned = HashMap::new();
+        } else {
+            self.turned.clear();
+        }
+    }
+}
+
+impl Bounds {
+    /// Whether a client with `frames` and `bytes` waiting is too slow, when `total` bytes wait
+    /// for all clients together: past its own bound, or past the total budget holding more than
+    /// a fair share of it.
+    pub fn exceeded(&self, total: u64, frames: usize, bytes: usize) -> bool {
+        let over_total = total as usize > self.total_bytes && bytes >= FAIR_SHARE_BYTES;
+        over_total || frames > self.frames || bytes > self.bytes
+    }
+}
+
+/// Moves the all-clients gauge [`Metrics::backlog_bytes`] from `before` to `after` bytes for one
+/// client; returns the new total.
+pub fn move_gauge(metrics: &Metrics, before: usize, after: usize) -> u64 {
+    if after >= before {
+        let up = (after - before) as u64;
+        metrics.backlog_bytes.fetch_add(up, Relaxed) + up
+    } else {
+        let down = (before - after) as u64;
+        metrics.backlog_bytes.fetch_sub(down, Relaxed) - down
+    }
+}
+
 impl Drop for Outlet {
     /// What never went out leaves the all-clients gauge with the outlet.
     fn drop(&mut self) {
         let state = self.state.get_mut().unwrap_or_else(PoisonError::into_inner);
-        let pending = state.pending() as u64;
+        let pending = state.out.pending() as u64;
         self.metrics.backlog_bytes.fetch_sub(pending, Relaxed);
     }
 }
@@ -339,4 +526,96 @@ fn append_frame(out: &mut Vec<u8>, frame: &Frame) {
     let header_len = text_header(&mut header, frame.len());
     out.extend_from_slice(&header[..header_len]);
     out.extend_from_slice(frame.as_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::net::TcpListener;
+
+    const BOUNDS: Bounds = Bounds {
+        frames: 100,
+        bytes: 1 << 20,
+        total_bytes: 1 << 20,
+    };
+
+    /// A polling session's queue, as a list.
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<Frame>>);
+
+    impl Queue for Recorder {
+        fn push(&self, frames: &[Frame]) -> Backlog {
+            self.0.lock().unwrap().extend_from_slice(frames);
+            Backlog::default()
+        }
+        fn close(&self, _reason: &'static str) {}
+    }
+
+    fn chat_frame(text: &str) -> Frame {
+        format!(r#"{{"type":"message","id":1,"room":"lobby","from":"ada","text":"{text}"}}"#).into()
+    }
+
+    /// A connected pair: the server's end and the client's.
+    fn socket_pair() -> (Arc<TcpStream>, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let server = listener.accept().unwrap().0;
+        client
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        (Arc::new(server), client)
+    }
+
+    /// Reads one unmasked text frame of under 126 bytes.
+    fn read_text(client: &mut TcpStream) -> String {
+        let mut header = [0u8; 2];
+        client.read_exact(&mut header).unwrap();
+        assert_eq!(header[0], 0x81, "a final text frame");
+        let mut payload = vec![0u8; usize::from(header[1])];
+        client.read_exact(&mut payload).unwrap();
+        String::from_utf8(payload).unwrap()
+    }
+
+    #[test]
+    fn a_socketio_outlet_queues_events_turned_once_per_batch() {
+        let queue = Arc::new(Recorder::default());
+        let weak: Weak<dyn Queue> = Arc::downgrade(&queue) as Weak<Recorder>;
+        let outlet = Outlet::queued(weak, Arc::new(Metrics::default()), BOUNDS);
+        let mut forms = SocketIoForms::default();
+        let frame = chat_frame("hi");
+        outlet.send(std::slice::from_ref(&frame), &mut forms);
+        assert_eq!(*queue.0.lock().unwrap(), [r#"42["chat message","hi"]"#]);
+        // The same bytes again in the batch: the same turned frame, not a new one.
+        let first = forms.get(&frame, false).unwrap();
+        let again = forms.get(&frame.clone(), false).unwrap();
+        assert_eq!(first.as_str().as_ptr(), again.as_str().as_ptr());
+        forms.clear();
+        assert!(forms.turned.is_empty());
+    }
+
+    #[test]
+    fn an_upgrade_moves_the_client_to_the_socket_in_order() {
+        let (server, mut client) = socket_pair();
+        let metrics = Arc::new(Metrics::default());
+        let doorbell = Doorbell::for_current_thread();
+        let socket = Outlet::new(server, doorbell, metrics.clone(), BOUNDS);
+        let queue = Arc::new(Recorder::default());
+        let weak: Weak<dyn Queue> = Arc::downgrade(&queue) as Weak<Recorder>;
+        let polling = Outlet::queued(weak, metrics, BOUNDS);
+        socket.send_as_is(&["3probe".into()]);
+        polling.take_over(&socket, || vec!["4left in the queue".into()]);
+        let mut forms = SocketIoForms::default();
+        polling.send(&[chat_frame("after")], &mut forms);
+        polling.drain().unwrap(); // as the session does once it took the outlet over
+        assert_eq!(read_text(&mut client), "3probe");
+        assert_eq!(read_text(&mut client), "4left in the queue");
+        assert_eq!(read_text(&mut client), r#"42["chat message","after"]"#);
+        assert!(
+            queue.0.lock().unwrap().is_empty(),
+            "nothing went to the queue"
+        );
+        // The old outlet is shut: nothing more leaves through it.
+        assert_eq!(socket.send_as_is(&["4late".into()]), Backlog::default());
+    }
 }

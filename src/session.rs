@@ -15,14 +15,18 @@
 //! `WRITE_TIMEOUT`. An idle connection costs no CPU, and a broadcast usually reaches a client
 //! without waking its thread at all.
 //!
-//! The session parses and rate-limits what the client sends (a client that sends more bytes than
-//! `--rate-bytes` is simply not read for a while), and answers malformed input itself; everything
-//! else goes to the dispatcher. It knows nothing of rooms or other clients.
+//! The session parses and rate-limits what the client sends ([`Gate`]; a client that sends more
+//! bytes than `--rate-bytes` is simply not read for a while), and answers malformed input itself;
+//! everything else goes to the dispatcher. It knows nothing of rooms or other clients. A socket.io
+//! client's WebSocket is a session too, in socket.io's dialect: its text frames go to the
+//! [`Carried`] protocol (socket.io's link, which applies the same [`Gate`]), its pings are
+//! Engine.IO's `2`, and when a polling client upgrades here the session takes over the client's
+//! outlet. The session never looks inside socket.io's packets.
 //!
-//! On the echo endpoint ([`Endpoint::Echo`], `--echo`) the same session runs with one seam
-//! moved: what the client sends goes back to its own outlet instead of to the dispatcher, text as
-//! text and binary as binary, after the same reads, rate limits and size limits. The dispatcher
-//! never hears of an echo client.
+//! On the echo endpoint ([`Endpoint::Echo`], `--echo`, for conformance suites) the same session
+//! runs in a third dialect: what the client sends goes back to its own outlet instead of to the
+//! dispatcher, text as text and binary as binary, after the same reads, gate and size limits.
+//! The dispatcher never hears of an echo client.
 
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Shutdown, TcpStream};
@@ -38,10 +42,10 @@ use tungstenite::{Error as WsError, Message, WebSocket};
 
 use crate::dispatcher::{ClientId, Connect, Event};
 use crate::doorbell::{Doorbell, READABLE, WAITING, WRITABLE};
-use crate::handshake::Endpoint;
+use crate::handshake::{Endpoint, Upgrade};
 use crate::metrics::Metrics;
 use crate::outlet::{self, Outlet};
-use crate::protocol::{self, ChatError, Command};
+use crate::protocol::{self, ChatError, Command, Frame};
 use crate::ratelimit::{AddressBuckets, FloodDetector, TokenBucket};
 use crate::reactor::{Reactor, Registration};
 
@@ -95,11 +99,43 @@ pub struct Settings {
 /// Who is joining, from the handshake.
 pub struct Joining {
     pub id: ClientId,
-    pub endpoint: Endpoint,
     pub ip: IpAddr,
     pub name: Option<String>,
     pub room: String,
     pub since: Option<u64>,
+    /// A socket.io client's session (its WebSocket transport): it joins the dispatcher at its
+    /// socket.io CONNECT, not here.
+    pub link: Option<Arc<dyn Carried>>,
+    /// `/echo`: the dispatcher never hears of it.
+    pub echo: bool,
+}
+
+impl Joining {
+    /// A chat client, from its accepted handshake.
+    pub fn chat(id: ClientId, upgrade: Upgrade) -> Joining {
+        Joining {
+            id,
+            ip: upgrade.client_ip,
+            name: upgrade.name,
+            room: upgrade.room,
+            since: upgrade.since,
+            link: None,
+            echo: upgrade.endpoint == Endpoint::Echo,
+        }
+    }
+
+    /// A socket.io session's WebSocket from `ip`.
+    pub fn socketio(id: ClientId, ip: IpAddr, link: Arc<dyn Carried>) -> Joining {
+        Joining {
+            id,
+            ip,
+            name: None,
+            room: String::new(),
+            since: None,
+            link: Some(link),
+            echo: false,
+        }
+    }
 }
 
 /// Why a session ended.
@@ -114,6 +150,7 @@ enum Stop {
 }
 
 /// What a session borrows from the server.
+#[derive(Clone, Copy)]
 pub struct Env<'a> {
     pub settings: &'a Settings,
     /// Chat bytes per address, shared by every session from that address.
@@ -133,8 +170,7 @@ pub fn serve(stream: Arc<TcpStream>, leftover: Vec<u8>, joining: Joining, env: E
         Ok(registration) => registration,
         Err(e) => return format!("cannot watch its socket: {e}"),
     };
-    let (id, ip) = (joining.id, joining.ip);
-    let echo = joining.endpoint == Endpoint::Echo;
+    let id = joining.id;
     cap_socket_buffers(&stream);
     let outlet = Arc::new(Outlet::new(
         stream.clone(),
@@ -148,11 +184,12 @@ pub fn serve(stream: Arc<TcpStream>, leftover: Vec<u8>, joining: Joining, env: E
     let mut leave = LeaveOnDrop {
         id,
         metrics: env.metrics.clone(),
-        events: (!echo).then(|| env.events.clone()),
+        events: env.events.clone(),
+        link: joining.link.clone(),
+        echo: joining.echo,
         reason: "internal error".into(),
     };
-    let joined = echo || env.events.send(connect(joining, outlet.clone())).is_ok();
-    let reason = if !joined {
+    let reason = if !join(&joining, &outlet, &env) {
         "server shutting down".to_owned()
     } else {
         let conn = Conn::new(stream.clone(), outlet.clone());
@@ -161,23 +198,36 @@ pub fn serve(stream: Arc<TcpStream>, leftover: Vec<u8>, joining: Joining, env: E
             outlet,
             registration,
         };
-        Session::boxed(id, ip, echo, conn, leftover, wakes, &env).run()
+        let dialect = Dialect::of(joining, env.settings);
+        Session::boxed(id, dialect, conn, leftover, wakes, &env).run()
     };
     leave.reason = reason.clone();
     let _ = stream.shutdown(Shutdown::Both);
     reason
 }
 
-/// The dispatcher's news of a chat client joining.
-fn connect(joining: Joining, outlet: Arc<Outlet>) -> Event {
-    Event::Connect(Box::new(Connect {
+/// Tells the dispatcher a raw client arrived; a socket.io client's WebSocket that opens a
+/// session of its own starts with Engine.IO's `open` packet instead (it joins at its CONNECT).
+/// False if the server is shutting down.
+fn join(joining: &Joining, outlet: &Arc<Outlet>, env: &Env<'_>) -> bool {
+    if joining.echo {
+        return true;
+    }
+    if let Some(link) = &joining.link {
+        if let Some(open) = link.attach(outlet) {
+            outlet.send_as_is(&[open]);
+        }
+        return true;
+    }
+    let connect = Connect {
         id: joining.id,
         peer: joining.ip.to_string(),
-        name: joining.name,
-        room: joining.room,
+        name: joining.name.clone(),
+        room: joining.room.clone(),
         since: joining.since,
-        outlet,
-    }))
+        outlet: outlet.clone(),
+    };
+    env.events.send(Event::Connect(Box::new(connect))).is_ok()
 }
 
 /// Caps the kernel's send buffer for this socket (see [`SOCKET_SEND_BUFFER_BYTES`]); a failure
@@ -191,8 +241,10 @@ fn cap_socket_buffers(stream: &TcpStream) {
 struct LeaveOnDrop {
     id: ClientId,
     metrics: Arc<Metrics>,
-    /// `None` for an echo client, which the dispatcher never knew.
-    events: Option<Sender<Event>>,
+    events: Sender<Event>,
+    /// A socket.io client's link, which knows whether this WebSocket was its transport.
+    link: Option<Arc<dyn Carried>>,
+    echo: bool,
     reason: String,
 }
 
@@ -200,11 +252,161 @@ impl Drop for LeaveOnDrop {
     fn drop(&mut self) {
         self.metrics.connections_now.fetch_sub(1, Relaxed);
         let reason = std::mem::take(&mut self.reason);
-        if let Some(events) = &self.events {
-            let _ = events.send(Event::Disconnect {
-                id: self.id,
-                reason,
-            });
+        match &self.link {
+            Some(link) => link.ended(reason, &self.events),
+            None if self.echo => {} // the dispatcher never knew it
+            None => {
+                let _ = self.events.send(Event::Disconnect {
+                    id: self.id,
+                    reason,
+                });
+            }
+        }
+    }
+}
+
+/// What one client may send, for both dialects: its chat bytes against its address's budget
+/// (charged before parsing), its message, typing and control rates, the budget of chat text on
+/// its way to the dispatcher, and the count of refusals that makes it a flood.
+pub struct Gate {
+    ip: IpAddr,
+    messages: TokenBucket,
+    typing: TokenBucket,
+    control: TokenBucket,
+    flood: FloodDetector,
+}
+
+impl Gate {
+    pub fn new(ip: IpAddr, settings: &Settings, now: Instant) -> Gate {
+        Gate {
+            ip,
+            messages: TokenBucket::new(settings.rate, settings.burst, now),
+            typing: TokenBucket::new(TYPING_RATE, TYPING_RATE, now),
+            control: TokenBucket::new(CONTROL_RATE, CONTROL_BURST, now),
+            flood: FloodDetector::default(),
+        }
+    }
+
+    /// Charges a text frame to the address's chat byte budget, as recipients would read it:
+    /// text over the budget costs a byte scan, not a parse.
+    pub fn charge(&self, text: &str, env: &Env<'_>, now: Instant) -> Result<(), ChatError> {
+        let cost = (protocol::encoded_len(text) + MESSAGE_OVERHEAD_BYTES) as f64;
+        if !env.bytes_per_address.try_take(self.ip, cost, now) {
+            Metrics::add(&env.metrics.rate_limited, 1);
+            return Err(ChatError::TooManyBytes);
+        }
+        Ok(())
+    }
+
+    /// Whether `command` goes to the dispatcher: `Ok(true)` it does (its text now counts as
+    /// inbound), `Ok(false)` it is dropped silently (typing indicators are best effort).
+    pub fn admit(
+        &mut self,
+        command: &Command,
+        metrics: &Metrics,
+        now: Instant,
+    ) -> Result<bool, ChatError> {
+        if matches!(command, Command::Message { .. })
+            && metrics.inbound_bytes.load(Relaxed) > INBOUND_BUDGET_BYTES
+        {
+            return Err(ChatError::Busy);
+        }
+        let allowed = match command {
+            Command::Message { .. } => self.messages.try_take(now),
+            Command::Typing { .. } => {
+                if !self.typing.try_take(now) {
+                    return Ok(false);
+                }
+                true
+            }
+            Command::Nick { .. } | Command::Join { .. } => self.control.try_take(now),
+        };
+        if !allowed {
+            Metrics::add(&metrics.rate_limited, 1);
+            return Err(ChatError::RateLimited);
+        }
+        metrics
+            .inbound_bytes
+            .fetch_add(command.held_bytes() as u64, Relaxed);
+        Ok(true)
+    }
+
+    /// Whether an echoed message of `len` bytes goes back: charged like a chat message, against
+    /// the address's byte budget and the message rate.
+    pub fn admit_echo(&mut self, len: usize, env: &Env<'_>, now: Instant) -> Result<(), ChatError> {
+        let cost = (len + MESSAGE_OVERHEAD_BYTES) as f64;
+        let refused = if !env.bytes_per_address.try_take(self.ip, cost, now) {
+            ChatError::TooManyBytes
+        } else if !self.messages.try_take(now) {
+            ChatError::RateLimited
+        } else {
+            return Ok(());
+        };
+        Metrics::add(&env.metrics.rate_limited, 1);
+        Err(refused)
+    }
+
+    /// Counts a refusal; true once there were so many so fast that the client is flooding (and
+    /// is to be closed).
+    pub fn flooding(&mut self, id: ClientId, now: Instant) -> bool {
+        let flooding = self.flood.reject(now);
+        if flooding {
+            log::warn!(
+                "client {id}: flooding ({} rejected messages within 10 s), closing",
+                crate::ratelimit::FLOOD_REJECTIONS
+            );
+        }
+        flooding
+    }
+}
+
+/// A protocol carried in a session's text frames in place of wschat's own (socket.io's, whose
+/// link implements it): the session does the WebSocket's I/O and keeps its limits on bytes and
+/// time; the carried protocol says what each frame means.
+pub trait Carried: Send + Sync {
+    /// The session starts carrying it, with `outlet` as its own: the frame to send first, if any.
+    fn attach(&self, outlet: &Arc<Outlet>) -> Option<Frame>;
+    /// One text frame from the client.
+    fn heard(&self, text: &str, env: &Env<'_>, now: Instant) -> Heard;
+    /// The client's outlet, which the session takes over on [`Heard::Upgraded`].
+    fn outlet(&self) -> Option<Arc<Outlet>>;
+    /// What waited for the client's old way when it upgraded, to send first.
+    fn take_waiting(&self) -> Vec<Frame>;
+    /// The keepalive ping, once this WebSocket is the client's transport.
+    fn ping(&self) -> Option<Frame>;
+    /// The session ended, for `reason`.
+    fn ended(&self, reason: String, events: &Sender<Event>);
+}
+
+/// What a frame of a [`Carried`] protocol asks of the session.
+pub enum Heard {
+    Nothing,
+    /// Write this on the WebSocket now (socket.io's `3probe`).
+    Reply(Frame),
+    /// The client moved to this WebSocket: take its outlet over.
+    Upgraded,
+    /// Close the WebSocket normally (the client closed, or a limit ended its session).
+    End(&'static str),
+    /// The client broke the protocol: close the WebSocket with 1002.
+    Broken(&'static str),
+}
+
+/// How a session reads its client's text frames.
+enum Dialect {
+    /// wschat's own protocol: each frame a command, limited by the session's gate.
+    Raw(Gate),
+    /// Engine.IO packets of a socket.io client; its link parses, limits and forwards them.
+    SocketIo(Arc<dyn Carried>),
+    /// `/echo`: every message goes back as it came, limited by the same gate.
+    Echo(Gate),
+}
+
+impl Dialect {
+    fn of(joining: Joining, settings: &Settings) -> Dialect {
+        match joining.link {
+            Some(link) => Dialect::SocketIo(link),
+            None if joining.echo => Dialect::Echo(Gate::new(joining.ip, settings, Instant::now())),
+            None => Dialect::Raw(Gate::new(joining.ip, settings, Instant::now())),
         }
     }
 }
@@ -218,27 +420,20 @@ struct Wakes {
 
 struct Session<'a> {
     id: ClientId,
-    ip: IpAddr,
-    /// Messages go back to the client itself, not to the dispatcher (`/echo`).
-    echo: bool,
     ws: WebSocket<Conn>,
     wakes: Wakes,
+    env: Env<'a>,
+    dialect: Dialect,
     events: Sender<Event>,
     metrics: Arc<Metrics>,
     ping_interval: Duration,
     next_ping: Instant,
     last_heard: Instant,
-    messages: TokenBucket,
     /// Bytes read from the socket: in debt, the session stops reading until time pays it, and
     /// TCP makes the client wait (it costs the server nothing while it waits).
     bytes: TokenBucket,
-    /// Chat bytes per address, as recipients read them (JSON-escaped).
-    bytes_per_address: &'a AddressBuckets,
     /// Reading is paused until then (see `bytes`).
     read_paused_until: Option<Instant>,
-    typing: TokenBucket,
-    control: TokenBucket,
-    flood: FloodDetector,
     /// Commands parsed from the current read, not yet sent to the dispatcher.
     commands: Vec<Command>,
     /// Since when bytes have waited in the outlet without the socket taking any.
@@ -253,8 +448,7 @@ impl<'a> Session<'a> {
     #[inline(never)]
     fn boxed(
         id: ClientId,
-        ip: IpAddr,
-        echo: bool,
+        dialect: Dialect,
         conn: Conn,
         leftover: Vec<u8>,
         wakes: Wakes,
@@ -269,26 +463,21 @@ impl<'a> Session<'a> {
         let now = Instant::now();
         Box::new(Session {
             id,
-            ip,
-            echo,
             ws: WebSocket::from_partially_read(conn, leftover, Role::Server, Some(config)),
             wakes,
+            env: *env,
+            dialect,
             events: env.events.clone(),
             metrics: env.metrics.clone(),
             ping_interval: settings.ping_interval,
             next_ping: now + settings.ping_interval,
             last_heard: now,
-            messages: TokenBucket::new(settings.rate, settings.burst, now),
             bytes: TokenBucket::new(
                 settings.rate_bytes,
                 crate::ratelimit::byte_burst(settings.rate_bytes, settings.max_message_bytes),
                 now,
             ),
-            bytes_per_address: env.bytes_per_address,
             read_paused_until: None,
-            typing: TokenBucket::new(TYPING_RATE, TYPING_RATE, now),
-            control: TokenBucket::new(CONTROL_RATE, CONTROL_BURST, now),
-            flood: FloodDetector::default(),
             commands: Vec::new(),
             stalled_since: None,
             write_armed: false,
@@ -422,10 +611,18 @@ impl<'a> Session<'a> {
     fn read_available(&mut self) -> Result<(), Stop> {
         loop {
             match self.ws.read() {
-                Ok(message @ (Message::Text(_) | Message::Binary(_))) if self.echo => {
+                Ok(message @ (Message::Text(_) | Message::Binary(_)))
+                    if matches!(self.dialect, Dialect::Echo(_)) =>
+                {
                     self.echo_back(message)?
                 }
                 Ok(Message::Text(text)) => self.on_text(&text)?,
+                Ok(Message::Binary(_)) if matches!(self.dialect, Dialect::SocketIo(_)) => {
+                    return Err(Stop::Broken(
+                        CloseCode::Unsupported,
+                        "binary packets are not supported",
+                    ));
+                }
                 Ok(Message::Binary(_)) => self.reject(ChatError::Unsupported)?,
                 Ok(_) => {} // ping: tungstenite queued the pong; pong; close: answered, next read ends
                 Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
@@ -435,60 +632,64 @@ impl<'a> Session<'a> {
     }
 
     fn on_text(&mut self, text: &str) -> Result<(), Stop> {
-        // Charged before parsing, as recipients would read it: text over the address's budget
-        // costs a byte scan, not a parse.
         let now = Instant::now();
-        let cost = (protocol::encoded_len(text) + MESSAGE_OVERHEAD_BYTES) as f64;
-        if !self.bytes_per_address.try_take(self.ip, cost, now) {
-            Metrics::add(&self.metrics.rate_limited, 1);
-            return self.reject(ChatError::TooManyBytes);
-        }
-        let command = match protocol::parse_command(text) {
-            Ok(command) => command,
-            Err(e) => return self.reject(e),
-        };
-        if matches!(command, Command::Message { .. })
-            && self.metrics.inbound_bytes.load(Relaxed) > INBOUND_BUDGET_BYTES
-        {
-            return self.reject(ChatError::Busy);
-        }
-        let allowed = match &command {
-            Command::Message { .. } => self.messages.try_take(now),
-            Command::Typing { .. } => {
-                if !self.typing.try_take(now) {
-                    return Ok(()); // typing indicators are best effort: drop silently
-                }
-                true
+        let env = self.env;
+        let verdict = match &mut self.dialect {
+            Dialect::Raw(gate) => gate.charge(text, &env, now).and_then(|()| {
+                let command = protocol::parse_command(text)?;
+                Ok(gate.admit(&command, env.metrics, now)?.then_some(command))
+            }),
+            Dialect::SocketIo(link) => {
+                let heard = link.heard(text, &env, now);
+                return self.on_heard(heard);
             }
-            Command::Nick { .. } | Command::Join { .. } => self.control.try_take(now),
+            Dialect::Echo(_) => return self.echo_back(Message::text(text)),
         };
-        if !allowed {
-            Metrics::add(&self.metrics.rate_limited, 1);
-            return self.reject(ChatError::RateLimited);
+        match verdict {
+            Ok(Some(command)) => self.commands.push(command),
+            Ok(None) => {}
+            Err(e) => self.reject(e)?,
         }
-        let held = command.held_bytes() as u64;
-        self.metrics.inbound_bytes.fetch_add(held, Relaxed);
-        self.commands.push(command);
         Ok(())
     }
 
-    /// `/echo`: the message goes back to the client as it came, charged like a chat message
-    /// against the message rate and the address's byte budget.
+    /// `/echo`: the message goes back to the client as it came, if the gate lets it.
     fn echo_back(&mut self, message: Message) -> Result<(), Stop> {
-        let now = Instant::now();
-        let cost = (message.len() + MESSAGE_OVERHEAD_BYTES) as f64;
-        let refused = if !self.bytes_per_address.try_take(self.ip, cost, now) {
-            Some(ChatError::TooManyBytes)
-        } else if !self.messages.try_take(now) {
-            Some(ChatError::RateLimited)
-        } else {
-            None
+        let env = self.env;
+        let Dialect::Echo(gate) = &mut self.dialect else {
+            return Ok(());
         };
-        if let Some(error) = refused {
-            Metrics::add(&self.metrics.rate_limited, 1);
-            return self.reject(error);
+        match gate.admit_echo(message.len(), &env, Instant::now()) {
+            Ok(()) => self.ws.write(message).map_err(stop_for),
+            Err(e) => self.reject(e),
         }
-        self.ws.write(message).map_err(stop_for)
+    }
+
+    /// What a socket.io client's packet asks of the session.
+    fn on_heard(&mut self, heard: Heard) -> Result<(), Stop> {
+        match heard {
+            Heard::Nothing => Ok(()),
+            Heard::Reply(frame) => self.ws.write(Message::Text(frame)).map_err(stop_for),
+            Heard::Upgraded => self.take_over_outlet(),
+            Heard::End(reason) => Err(Stop::Close(CloseCode::Normal, reason)),
+            Heard::Broken(reason) => Err(Stop::Broken(CloseCode::Protocol, reason)),
+        }
+    }
+
+    /// A polling socket.io client moved to this WebSocket: its outlet (the one the dispatcher
+    /// holds) writes here from now on, and this session drains it.
+    fn take_over_outlet(&mut self) -> Result<(), Stop> {
+        let Dialect::SocketIo(link) = &self.dialect else {
+            return Ok(());
+        };
+        let Some(outlet) = link.outlet() else {
+            return Ok(());
+        };
+        self.ws.flush().map_err(stop_for)?; // the `3probe` first, on the old outlet
+        outlet.take_over(&self.wakes.outlet, || link.take_waiting());
+        self.wakes.outlet = outlet.clone();
+        self.ws.get_mut().outlet = outlet;
+        self.drain_outlet()
     }
 
     /// Hands the commands of one read to the dispatcher as one event: it then handles them in
@@ -507,15 +708,12 @@ impl<'a> Session<'a> {
             .map_err(|_| Stop::Close(CloseCode::Away, "server shutting down"))
     }
 
-    /// Tells the client what was wrong; too many rejections too fast end the connection.
+    /// Tells a raw client what was wrong; too many rejections too fast end the connection.
     fn reject(&mut self, error: ChatError) -> Result<(), Stop> {
         log::debug!("client {}: rejected: {error}", self.id);
-        if self.flood.reject(Instant::now()) {
-            log::warn!(
-                "client {}: flooding ({} rejected messages within 10 s), closing",
-                self.id,
-                crate::ratelimit::FLOOD_REJECTIONS
-            );
+        if let Dialect::Raw(gate) | Dialect::Echo(gate) = &mut self.dialect
+            && gate.flooding(self.id, Instant::now())
+        {
             return Err(Stop::Close(CloseCode::Policy, "flooding"));
         }
         self.ws
@@ -535,9 +733,15 @@ impl<'a> Session<'a> {
             )));
         }
         self.next_ping = now + self.ping_interval;
-        self.ws
-            .write(Message::Ping(Default::default()))
-            .map_err(stop_for)?;
+        let ping = match &self.dialect {
+            Dialect::Raw(_) | Dialect::Echo(_) => Some(Message::Ping(Default::default())),
+            // Engine.IO's own ping, once the WebSocket is the session's transport (a probe
+            // answered with anything but `3probe` fails).
+            Dialect::SocketIo(link) => link.ping().map(Message::Text),
+        };
+        if let Some(ping) = ping {
+            self.ws.write(ping).map_err(stop_for)?;
+        }
         self.flush()?;
         crate::stack::release_unused(); // what busy moments since the last ping touched
         Ok(())

@@ -239,3 +239,22 @@ fn bound_to_every_address_it_says_where_neighbours_connect() {
         "{second}"
     );
 }
+
+#[test]
+fn a_flood_of_refusals_is_logged_once() {
+    let (mut child, http, _) = spawn_server(&["--conn-rate-per-ip", "1"]);
+    let addr: std::net::SocketAddr = http.parse().unwrap();
+    for _ in 0..100 {
+        let _ = std::net::TcpStream::connect(addr);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    assert!(wait_exit(&mut child, Duration::from_secs(5)).is_some());
+    let mut log = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut log).unwrap();
+    let lines = log.matches("turned away a connection").count();
+    assert_eq!(lines, 1, "{log}");
+    assert!(log.contains("--conn-rate-per-ip"), "{log}");
+}

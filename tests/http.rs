@@ -376,3 +376,30 @@ fn a_missing_token_and_a_wrong_one_get_different_answers() {
     );
     server.shutdown();
 }
+
+/// curl sends `Expect: 100-continue` for bodies over 1 KiB and waits for the interim answer.
+#[test]
+fn a_post_that_expects_100_continue_gets_it_then_its_answer() {
+    use std::io::{Read, Write};
+    let server = start(Config {
+        api_token: Some("s3cret".into()),
+        ..config()
+    });
+    let body = "x".repeat(2000);
+    let mut s = std::net::TcpStream::connect(server.http_addr()).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    let head = format!(
+        "POST /api/rooms/lobby/messages HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer s3cret\r\n\
+         Content-Length: {}\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    let mut interim = [0u8; 25];
+    s.read_exact(&mut interim).unwrap();
+    assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n");
+    s.write_all(body.as_bytes()).unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 201"), "{answer}");
+    server.shutdown();
+}

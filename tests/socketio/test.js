@@ -19,6 +19,8 @@ const BIN = process.env.WSCHAT_BIN || path.join(REPO, 'target', 'debug', 'wschat
 // The first line wschat prints: "wschat listening: http://HOST:PORT/" (more may follow).
 const LISTENING = /wschat listening: (http:\/\/[^\s/]+)\//;
 const START_TIMEOUT_MS = 10_000;
+// socket.io's own client script, which wschat serves at /socket.io/socket.io.js (it ships none).
+const CLIENT_SCRIPT = path.join(REPO, 'tests', 'socketio', 'node_modules', 'socket.io-client', 'dist', 'socket.io.min.js');
 const WAIT_MS = 5_000;
 
 let server;
@@ -36,7 +38,7 @@ async function startServer() {
   if (!fs.existsSync(BIN)) {
     throw new Error(`wschat binary not found at ${BIN}: run \`cargo build\` first (or set WSCHAT_BIN)`);
   }
-  const child = spawn(BIN, ['--port', '0'], {
+  const child = spawn(BIN, ['--port', '0', '--socketio-client', CLIENT_SCRIPT], {
     env: { ...process.env, RUST_LOG: process.env.RUST_LOG || 'warn' },
     stdio: ['ignore', 'pipe', 'inherit'],
   });
@@ -188,6 +190,14 @@ describe('the tutorial chat, as a socket.io client sees it', () => {
     const sioHears = next(client, 'chat message', (text) => text === 'from raw');
     ws.send('from raw');
     should((await sioHears)[0]).equal('from raw');
+  });
+});
+
+describe('the client script', () => {
+  it('is the file --socketio-client names, at /socket.io/socket.io.js', async () => {
+    const response = await fetch(`${server.url}/socket.io/socket.io.js`);
+    should(response.status).equal(200);
+    should(await response.text()).equal(fs.readFileSync(CLIENT_SCRIPT, 'utf8'));
   });
 });
 

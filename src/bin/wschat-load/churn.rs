@@ -62,7 +62,7 @@ pub fn run(o: &Opts, target: &Target) -> Outcome {
     let end = warm_end + (o.duration * 1e9) as u64;
     let ctx = Arc::new(Ctx {
         o: o.clone(),
-        wire: Wire::new(&token, !o.raw, o.size),
+        wire: Wire::new(&token, o.envelope(), o.size),
         url: if o.raw {
             target.base.clone()
         } else {

@@ -29,6 +29,8 @@ pub struct Opts {
     pub mode: Mode,
     pub url: String,
     pub raw: bool,
+    /// The server speaks socket.io 4 (Engine.IO's WebSocket transport).
+    pub socketio: bool,
     pub room: Option<String>,
     pub clients: usize,
     pub senders: usize,
@@ -52,6 +54,41 @@ pub struct Opts {
     pub backoff_cap: f64,
     pub quiet: bool,
     pub allow_remote: bool,
+}
+
+/// Where the tool connects without `--url`.
+const DEFAULT_URL: &str = "ws://127.0.0.1:5000/chat";
+/// The same, with `--socketio`.
+const SOCKETIO_URL: &str = "ws://127.0.0.1:5000/socket.io/?EIO=4&transport=websocket";
+
+/// What a message looks like on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Envelope {
+    /// The text as the frame (`--raw`).
+    Bare,
+    /// wschat's `{"type":"message","text":...}`.
+    Json,
+    /// socket.io's `42["chat message",...]` (`--socketio`).
+    SocketIo,
+}
+
+impl Opts {
+    pub fn envelope(&self) -> Envelope {
+        match (self.raw, self.socketio) {
+            (true, _) => Envelope::Bare,
+            (false, true) => Envelope::SocketIo,
+            (false, false) => Envelope::Json,
+        }
+    }
+
+    /// The target's name in the report.
+    pub fn target_name(&self) -> &'static str {
+        match self.envelope() {
+            Envelope::Bare => "raw",
+            Envelope::Json => "wschat",
+            Envelope::SocketIo => "socketio",
+        }
+    }
 }
 
 pub const HELP: &str = "\
@@ -105,6 +142,13 @@ TARGET:
                            no welcome, count any frame that contains the run's token. Without
                            --raw the tool speaks wschat: sends {\"type\":\"message\",\"text\":...},
                            waits for each connection's `welcome`, and puts the run in a room.
+    --socketio             the server speaks socket.io 4 over WebSocket (wschat's /socket.io/, or
+                           scripts/bench-socketio-node): the tool reads Engine.IO's `open`,
+                           connects to `/` (`40`, answered `40{...}`), sends
+                           42[\"chat message\",text] and finds its token in whatever event comes
+                           back. Default URL ws://127.0.0.1:5000/socket.io/?EIO=4&transport=websocket.
+                           fanout and latency only; runs shorter than the server's ping interval
+                           (the tool answers no Engine.IO ping).
     --room NAME            wschat room [default: wsload-<random token>, fresh per run]. Ignored
                            if the URL already names a room. In idle mode rooms are NAME-0, NAME-1...
     --server-pid PID       also report the server process's CPU time, RSS and threads (/proc)
@@ -217,6 +261,7 @@ impl Opts {
                 }
                 Long("url") => o.url = p.value()?.string()?,
                 Long("raw") => o.raw = true,
+                Long("socketio") => o.socketio = true,
                 Long("room") => o.room = Some(p.value()?.string()?),
                 Long("server-pid") => o.server_pid = Some(p.value()?.parse()?),
                 Short('c') | Long("clients") => o.clients = p.value()?.parse()?,
@@ -254,8 +299,9 @@ impl Opts {
     fn defaults() -> Opts {
         Opts {
             mode: Mode::Fanout,
-            url: "ws://127.0.0.1:5000/chat".into(),
+            url: DEFAULT_URL.into(),
             raw: false,
+            socketio: false,
             room: None,
             clients: 100,
             senders: 1,
@@ -285,6 +331,9 @@ impl Opts {
     /// The bounds between options.
     fn check(&self) -> Result<(), lexopt::Error> {
         let bad = |m: &str| -> Result<(), lexopt::Error> { Err(m.to_string().into()) };
+        if self.socketio && (self.raw || !matches!(self.mode, Mode::Fanout | Mode::Latency)) {
+            return bad("--socketio is for fanout and latency, without --raw");
+        }
         if self.clients == 0 || self.senders == 0 || self.senders > self.clients {
             return bad("need 1 <= --senders <= --clients");
         }
@@ -328,6 +377,9 @@ impl Opts {
 
     /// The defaults that depend on the mode and the other times.
     fn fill_derived(&mut self) {
+        if self.socketio && self.url == DEFAULT_URL {
+            self.url = SOCKETIO_URL.into();
+        }
         if self.concurrency == 0 {
             self.concurrency = if self.mode == Mode::Idle { 8 } else { 32 };
         }

@@ -12,6 +12,8 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tungstenite::{Message, WebSocket};
 
+use crate::cli::Envelope;
+
 // ---------------------------------------------------------------------------------------------
 // Clock
 
@@ -358,8 +360,8 @@ pub fn close_kind(frame: &Option<CloseFrame>) -> String {
 pub struct Wire {
     /// `wsload:<token>:`
     pub needle: String,
-    /// Wrap in `{"type":"message","text":...}` (wschat mode) or send as is (`--raw`).
-    pub json: bool,
+    /// What goes around the text.
+    pub envelope: Envelope,
     pub size: usize,
 }
 
@@ -376,18 +378,20 @@ pub enum Frame {
 }
 
 impl Wire {
-    pub fn new(token: &str, json: bool, size: usize) -> Wire {
+    pub fn new(token: &str, envelope: Envelope, size: usize) -> Wire {
         Wire {
             needle: format!("wsload:{token}:"),
-            json,
+            envelope,
             size,
         }
     }
 
     fn wrap(&self, text: &mut String, body: impl FnOnce(&mut String)) {
         text.clear();
-        if self.json {
-            text.push_str(r#"{"type":"message","text":""#);
+        match self.envelope {
+            Envelope::Bare => {}
+            Envelope::Json => text.push_str(r#"{"type":"message","text":""#),
+            Envelope::SocketIo => text.push_str(r#"42["chat message",""#),
         }
         let start = text.len();
         text.push_str(&self.needle);
@@ -395,8 +399,10 @@ impl Wire {
         while text.len() - start < self.size {
             text.push('x');
         }
-        if self.json {
-            text.push_str(r#""}"#);
+        match self.envelope {
+            Envelope::Bare => {}
+            Envelope::Json => text.push_str(r#""}"#),
+            Envelope::SocketIo => text.push_str(r#""]"#),
         }
     }
 
@@ -473,6 +479,34 @@ pub fn error_code(frame: &str) -> Option<String> {
     )
 }
 
+/// socket.io's opening over a WebSocket: Engine.IO's `open` packet, then the CONNECT to `/`
+/// (`40`) and its answer (`40{"sid":...}`). Other packets before the answer are skipped.
+pub fn socketio_connect(ws: &mut Ws) -> Result<(), String> {
+    let mut opened = false;
+    loop {
+        match ws.read() {
+            Ok(Message::Text(t)) if !opened && t.as_str().starts_with('0') => {
+                opened = true;
+                ws.send(Message::text("40"))
+                    .map_err(|e| format!("socket.io connect: {}", ws_kind(&e)))?;
+            }
+            Ok(Message::Text(t)) if opened && t.as_str().starts_with("40") => return Ok(()),
+            Ok(Message::Text(t)) if t.as_str().starts_with("44") => {
+                let s = t.as_str();
+                return Err(format!(
+                    "socket.io connect refused: {}",
+                    &s[..s.floor_char_boundary(60)]
+                ));
+            }
+            Ok(Message::Close(f)) => {
+                return Err(format!("socket.io connect: closed {}", close_kind(&f)));
+            }
+            Ok(_) => {}
+            Err(e) => return Err(format!("socket.io connect: {}", ws_kind(&e))),
+        }
+    }
+}
+
 /// Whether a frame is wschat's `welcome` event.
 pub fn is_welcome(frame: &str) -> bool {
     serde_json::from_str::<serde_json::Value>(frame)
@@ -531,7 +565,7 @@ mod tests {
 
     #[test]
     fn wire_round_trip() {
-        let w = Wire::new("abc123", true, 64);
+        let w = Wire::new("abc123", Envelope::Json, 64);
         let m = w.message(3, 17, 123456789);
         assert!(m.starts_with(r#"{"type":"message","text":"wsload:abc123:3:17:123456789:"#));
         let text: serde_json::Value = serde_json::from_str(&m).unwrap();
@@ -548,7 +582,22 @@ mod tests {
                 ts: 123456789
             }
         );
-        let raw = Wire::new("abc123", false, 10);
+        let raw = Wire::new("abc123", Envelope::Bare, 10);
+        let sio = Wire::new("abc123", Envelope::SocketIo, 10);
+        let sent = sio.message(2, 5, 9);
+        assert!(
+            sent.starts_with(r#"42["chat message","wsload:abc123:2:5:9:"#)
+                && sent.ends_with(r#""]"#)
+        );
+        let heard = format!(r#"42["chat message",{}]"#, &sent[19..sent.len() - 1]);
+        assert_eq!(
+            sio.parse(&heard),
+            Frame::Msg {
+                sender: 2,
+                seq: 5,
+                ts: 9
+            }
+        );
         assert_eq!(raw.parse(&raw.probe(7)), Frame::Probe(7));
         assert_eq!(raw.parse("wsload:other:1:2:3:"), Frame::Other);
         assert_eq!(raw.parse("wsload:abc123:1:2:"), Frame::Other);

@@ -61,7 +61,7 @@ fn header(o: &Opts, url: &str) -> Value {
         "tool": "wschat-load",
         "version": 1,
         "mode": o.mode.name(),
-        "target": if o.raw { "raw" } else { "wschat" },
+        "target": o.target_name(),
         "url": url,
         "server_pid": o.server_pid,
     })
@@ -88,7 +88,7 @@ fn main() {
     let mut lines = vec![format!(
         "wschat-load {}  {} {}  ({})",
         o.mode.name(),
-        if o.raw { "raw" } else { "wschat" },
+        o.target_name(),
         o.url,
         verdict(ok, &outcome)
     )];

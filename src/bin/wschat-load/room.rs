@@ -31,7 +31,7 @@ use tungstenite::Message;
 use tungstenite::error::Error as WsError;
 
 use crate::Outcome;
-use crate::cli::{Mode, Opts};
+use crate::cli::{Envelope, Mode, Opts};
 use crate::conn::{self, ConnOpts, Frame, Target, Wire, Ws, XorShift, now_ns, sleep_until_ns};
 use crate::limits;
 use crate::stats::{Hist, Seen, SeqTrack, Tally, fmt_ns, group};
@@ -106,7 +106,7 @@ impl Ctx {
         };
         Ctx {
             o: o.clone(),
-            wire: Wire::new(&token, !o.raw, o.size),
+            wire: Wire::new(&token, o.envelope(), o.size),
             url,
             target: target.clone(),
             phase: AtomicU32::new(SETUP),
@@ -779,8 +779,10 @@ fn connect(ctx: &Ctx, i: usize, st: &mut ConnStats) -> Option<Ws> {
             read_buf: 8 * 1024,
         };
         let opened = conn::open(&ctx.url, ctx.target.addr, opts).and_then(|mut ws| {
-            if !ctx.o.raw {
-                wait_welcome(&mut ws)?;
+            match ctx.o.envelope() {
+                Envelope::Bare => {}
+                Envelope::Json => wait_welcome(&mut ws)?,
+                Envelope::SocketIo => conn::socketio_connect(&mut ws)?,
             }
             Ok(ws)
         });
