@@ -9,13 +9,14 @@
 //! room (which retries every few milliseconds, to be back among the first) posts P more as soon
 //! as it is back. Every other client (odd-numbered) holds its reconnect until the server has every
 //! room's second round, so that it gets it in the replay of `since`; the rest race the posting and
-//! get it live or replayed. The
-//! run is ok when every client came back and got all 2P of its room exactly once and in order:
-//! no gap across the restart, no duplicate between the replay and live delivery. It reports how
-//! long the storm took: from the first drop to the last client back and resumed.
+//! get it live or replayed. The run is ok when every client came back and got all 2P of its room
+//! exactly once and in order: no gap across the restart, no duplicate between the replay and
+//! live delivery. It reports how long the storm took: from the first drop to the last client back
+//! and resumed.
 //!
 //! This mode needs a server whose message ids survive the restart (`--data-dir`): without it the
-//! new server numbers from 1 again and `since` skips the new messages, which shows as lost.
+//! new server numbers from 1 again, and a client's `since` may pass over new messages (which the
+//! run reports as lost).
 
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, mpsc};
