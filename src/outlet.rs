@@ -24,7 +24,6 @@
 use std::collections::HashMap;
 use std::io::{self, IoSlice, Write};
 use std::net::TcpStream;
-use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
@@ -36,6 +35,22 @@ use crate::doorbell::{Doorbell, WAITING};
 use crate::metrics::Metrics;
 use crate::protocol::Frame;
 use crate::socketio;
+
+/// Flags of every write: never wait, and (where the system has it) no SIGPIPE for a peer gone.
+#[cfg(any(
+    target_os = "linux",
+    target_os = "android",
+    target_os = "freebsd",
+    target_os = "netbsd"
+))]
+const SEND_FLAGS: libc::c_int = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
+#[cfg(not(any(
+    target_os = "linux",
+    target_os = "android",
+    target_os = "freebsd",
+    target_os = "netbsd"
+)))]
+const SEND_FLAGS: libc::c_int = libc::MSG_DONTWAIT;
 
 /// Frames per `sendmsg`: headers and payloads make two slices each, well under `IOV_MAX` (1024).
 const FRAMES_PER_WRITE: usize = 64;
@@ -415,36 +430,23 @@ impl Outlet {
         Ok(())
     }
 
-    /// `sendmsg` with `MSG_DONTWAIT`: writes what the socket takes now (0 when it is full); the
-    /// socket itself stays blocking for [`Outlet::finish`].
+    /// `sendmsg` with `MSG_DONTWAIT` (socket2's safe wrapper): writes what the socket takes now
+    /// (0 when it is full); the socket itself stays blocking for [`Outlet::finish`].
     fn send_without_blocking(
         &self,
         stream: &TcpStream,
         slices: &[IoSlice<'_>],
     ) -> io::Result<usize> {
-        // SAFETY: an all-zero msghdr is valid (no address, no control data).
-        let mut message: libc::msghdr = unsafe { std::mem::zeroed() };
-        // `IoSlice` is guaranteed to be ABI compatible with `iovec` on Unix; sendmsg only reads.
-        message.msg_iov = slices.as_ptr() as *mut libc::iovec;
-        message.msg_iovlen = slices.len() as _;
+        let socket = socket2::SockRef::from(stream);
         loop {
-            // SAFETY: `message` points at `slices`, valid for the call; `stream` keeps the fd open.
-            let n = unsafe {
-                libc::sendmsg(
-                    stream.as_raw_fd(),
-                    &message,
-                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-                )
-            };
-            if n >= 0 {
-                Metrics::add(&self.metrics.bytes_out, n as u64);
-                return Ok(n as usize);
-            }
-            let error = io::Error::last_os_error();
-            match error.kind() {
-                io::ErrorKind::Interrupted => continue,
-                io::ErrorKind::WouldBlock => return Ok(0),
-                _ => return Err(error),
+            match socket.send_vectored_with_flags(slices, SEND_FLAGS) {
+                Ok(n) => {
+                    Metrics::add(&self.metrics.bytes_out, n as u64);
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(0),
+                Err(e) => return Err(e),
             }
         }
     }
