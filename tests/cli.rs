@@ -37,6 +37,18 @@ fn spawn_server(extra: &[&str]) -> (Child, String, String) {
     (child, http.to_owned(), ws.to_owned())
 }
 
+/// Stops the server with SIGTERM, checks it exits cleanly, and returns what it logged.
+fn stop_and_read_log(child: &mut Child) -> String {
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(wait_exit(child, Duration::from_secs(5)).is_some_and(|s| s.success()));
+    let mut log = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut log).unwrap();
+    log
+}
+
 fn wait_exit(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
     let deadline = Instant::now() + limit;
     while Instant::now() < deadline {
@@ -132,13 +144,7 @@ fn an_unusable_data_dir_is_named_with_its_problem() {
 #[test]
 fn load_test_mode_is_logged_once_at_start() {
     let (mut child, _http, _ws) = spawn_server(&["--load-test"]);
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(wait_exit(&mut child, Duration::from_secs(5)).is_some_and(|s| s.success()));
-    let mut log = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut log).unwrap();
+    let log = stop_and_read_log(&mut child);
     let warning =
         "load-test mode: rate limits and per-address caps are off; do not expose this server";
     assert_eq!(log.matches(warning).count(), 1, "{log}");
@@ -195,13 +201,7 @@ fn logs_connects_and_disconnects_and_at_debug_the_messages_and_handshakes() {
     client.expect("message");
     client.close();
     std::thread::sleep(Duration::from_millis(300));
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(wait_exit(&mut child, Duration::from_secs(5)).is_some_and(|s| s.success()));
-    let mut log = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut log).unwrap();
+    let log = stop_and_read_log(&mut child);
     assert!(
         log.contains("a user connected") && log.contains("\"logme\"") && log.contains("127.0.0.1"),
         "{log}"
@@ -248,12 +248,7 @@ fn a_flood_of_refusals_is_logged_once() {
         let _ = std::net::TcpStream::connect(addr);
     }
     std::thread::sleep(Duration::from_millis(300));
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    assert!(wait_exit(&mut child, Duration::from_secs(5)).is_some());
-    let mut log = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut log).unwrap();
+    let log = stop_and_read_log(&mut child);
     let lines = log.matches("turned away a connection").count();
     assert_eq!(lines, 1, "{log}");
     assert!(log.contains("--conn-rate-per-ip"), "{log}");
