@@ -23,18 +23,8 @@ fn spawn_server(extra: &[&str]) -> (Child, String, String) {
     let mut args = vec!["--port", "0"];
     args.extend_from_slice(extra);
     let mut child = wschat(&args).spawn().expect("binary starts");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    // wschat listening: http://127.0.0.1:P/ (websocket ws://127.0.0.1:W/chat)
-    let rest = line
-        .trim()
-        .strip_prefix("wschat listening: http://")
-        .unwrap_or_else(|| panic!("startup line: {line:?}"));
-    let (http, rest) = rest.split_once("/ (websocket ws://").unwrap();
-    let ws = rest.strip_suffix("/chat)").unwrap();
-    (child, http.to_owned(), ws.to_owned())
+    let (http, ws) = common::read_listening_line(&mut child);
+    (child, http, ws)
 }
 
 /// Stops the server with SIGTERM, checks it exits cleanly, and returns what it logged.

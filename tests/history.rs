@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -308,16 +308,7 @@ impl Limited {
             });
         }
         let mut child = cmd.spawn().expect("the binary starts");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let rest = line
-            .trim()
-            .strip_prefix("wschat listening: http://")
-            .unwrap();
-        let (http, rest) = rest.split_once("/ (websocket ws://").unwrap();
-        let ws = rest.strip_suffix("/chat)").unwrap();
+        let (http, ws) = read_listening_line(&mut child);
         let log = Arc::new(Mutex::new(String::new()));
         let (sink, mut stderr) = (log.clone(), child.stderr.take().unwrap());
         std::thread::spawn(move || {

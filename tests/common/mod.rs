@@ -37,6 +37,23 @@ pub fn connect_from(from: [u8; 4], addr: SocketAddr) -> TcpStream {
     socket.into()
 }
 
+/// Reads a child server's first stdout line, `wschat listening: http://H:P/ (websocket
+/// ws://H:P/chat)`, and returns the page's and the WebSocket's `host:port`.
+pub fn read_listening_line(child: &mut std::process::Child) -> (String, String) {
+    use std::io::BufRead;
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().expect("stdout is piped"))
+        .read_line(&mut line)
+        .expect("the startup line");
+    let addrs = line
+        .trim()
+        .strip_prefix("wschat listening: http://")
+        .and_then(|rest| rest.split_once("/ (websocket ws://"))
+        .and_then(|(http, rest)| Some((http, rest.strip_suffix("/chat)")?)));
+    let (http, ws) = addrs.unwrap_or_else(|| panic!("startup line: {line:?}"));
+    (http.to_owned(), ws.to_owned())
+}
+
 pub fn start(config: Config) -> Handle {
     let _ = env_logger::builder().is_test(true).try_init();
     Server::start(config).expect("server starts")
