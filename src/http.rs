@@ -88,6 +88,8 @@ pub fn serve(
     log::debug!("{} {} -> {status}", request.method, request.target);
     // A body left unread would be taken for the next request: close instead.
     let keep_open = request.keep_alive() && exchange.body_done;
+    // tiny_http names itself in a `Server` header unless the response has one.
+    let reply = reply.with_header(header("Server", "wschat"));
     let reply = if keep_open {
         reply
     } else {
