@@ -299,6 +299,35 @@ fn malformed_packets_get_clear_errors_never_a_crash() {
 }
 
 #[test]
+fn a_polling_body_over_max_payload_is_read_and_answered_413() {
+    let server = start(config());
+    let addr = server.addr();
+    let (sid, open) = open_polling(addr, "");
+    // 1 MiB from a client with a small send buffer: it is still writing when the server
+    // answers, so a server that did not read the body would reset the connection under it.
+    let big = 1 << 20;
+    assert!(open["maxPayload"].as_u64().unwrap() < big as u64);
+    let stream = TcpStream::connect(addr).unwrap();
+    socket2::SockRef::from(&stream)
+        .set_send_buffer_size(16 * 1024)
+        .unwrap();
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    let head = format!(
+        "POST {POLLING}&sid={sid} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {big}\r\n\r\n"
+    );
+    let request = [head.into_bytes(), vec![b'4'; big]].concat();
+    (&stream)
+        .write_all(&request)
+        .expect("the server reads the body");
+    let mut response = String::new();
+    (&stream).read_to_string(&mut response).expect("the answer");
+    assert!(response.starts_with("HTTP/1.1 413"), "{response}");
+    assert!(response.contains("maxPayload"), "{response}");
+    assert_eq!(get(addr, &sid).0, 400, "the session is closed");
+    server.shutdown();
+}
+
+#[test]
 fn a_polling_client_that_never_fetches_is_dropped_as_too_slow() {
     let mut cfg = config();
     cfg.client_queue_bytes = 4096;
