@@ -112,6 +112,7 @@ impl Link {
             ready: Condvar::new(),
             _slot: new.slot,
         });
+        Metrics::add(&env.metrics.socketio_sessions, 1);
         if transport == Transport::Polling {
             let queue: Weak<dyn Queue> = Arc::downgrade(&link) as Weak<Link>;
             let outlet = Outlet::queued(queue, env.metrics.clone(), env.settings.backlog);
@@ -490,8 +491,10 @@ impl Queue for Link {
 }
 
 impl Drop for Link {
-    /// What never went out leaves the all-clients gauge with the link.
+    /// What never went out leaves the all-clients gauge with the link; the link leaves the
+    /// sessions gauge.
     fn drop(&mut self) {
+        self.metrics.socketio_sessions.fetch_sub(1, Relaxed);
         let state = self.state.get_mut().unwrap_or_else(PoisonError::into_inner);
         self.metrics
             .backlog_bytes

@@ -38,6 +38,14 @@ fn http(addr: SocketAddr, method: &str, target: &str, headers: &str, body: &str)
     (status, body.to_owned())
 }
 
+/// A gauge or counter of `/metrics`.
+fn metric(addr: SocketAddr, name: &str) -> u64 {
+    let (_, body) = http(addr, "GET", "/metrics", "", "");
+    let line = body.lines().find(|l| l.starts_with(&format!("{name} ")));
+    line.and_then(|l| l[name.len() + 1..].parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {body}"))
+}
+
 /// A polling session: its id, from the `open` packet.
 fn open_polling(addr: SocketAddr, query: &str) -> (String, Value) {
     let (status, body) = http(addr, "GET", &format!("{POLLING}{query}"), "", "");
@@ -303,6 +311,7 @@ fn a_polling_body_over_max_payload_is_read_and_answered_413() {
     let server = start(config());
     let addr = server.addr();
     let (sid, open) = open_polling(addr, "");
+    assert_eq!(metric(addr, "wschat_socketio_sessions"), 1);
     // 1 MiB from a client with a small send buffer: it is still writing when the server
     // answers, so a server that did not read the body would reset the connection under it.
     let big = 1 << 20;
@@ -324,6 +333,11 @@ fn a_polling_body_over_max_payload_is_read_and_answered_413() {
     assert!(response.starts_with("HTTP/1.1 413"), "{response}");
     assert!(response.contains("maxPayload"), "{response}");
     assert_eq!(get(addr, &sid).0, 400, "the session is closed");
+    let deadline = Instant::now() + WAIT;
+    while metric(addr, "wschat_socketio_sessions") != 0 {
+        assert!(Instant::now() < deadline, "the ended session is forgotten");
+        thread::sleep(Duration::from_millis(20));
+    }
     server.shutdown();
 }
 
