@@ -2,15 +2,15 @@
 //! connected, their names, rooms, typing states and history — and decides who receives what.
 //!
 //! Sessions and the HTTP API talk to it only through [`Event`]s on one channel, and it talks back
-//! only through each client's [`Outlet`], handing it frames. It never blocks on a client: a client
-//! whose outlet's backlog passes its bound is dropped as too slow. Because all chat state lives on
-//! this one thread it needs no locks, and every room sees its messages in one order (the id
-//! order).
+//! by posting frames to clients through [`Delivery`], which alone knows how bytes reach sockets.
+//! It never blocks on a client: a client that delivery finds too slow is dropped. Because all
+//! chat state lives on this one thread it needs no locks, and every room sees its messages in one
+//! order (the id order).
 //!
 //! Each loop turn handles a batch of events, then commits history (one write, one sync), and only
-//! then hands the batch's frames to the outlets, each client's frames together, so no one sees a
-//! message that a crash could still lose. Chat messages wait for that commit apart from other
-//! frames: if it fails, none of them is shown and each sender is told it was not saved.
+//! then sends the batch's frames, so no one sees a message that a crash could still lose. Chat
+//! messages wait for that commit apart from other frames: if it fails, none of them is shown and
+//! each sender is told it was not saved.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use log::{debug, info};
 
-use crate::courier::{Couriers, Parcel};
+use crate::delivery::Delivery;
 use crate::history::{History, SaveError, Stored};
 use crate::metrics::Metrics;
 use crate::names;
@@ -36,8 +36,6 @@ pub use crate::protocol::ClientId;
 const MAX_BATCH_EVENTS: usize = 512;
 /// A typing state that is not refreshed within this time ends by itself.
 pub const TYPING_TIMEOUT: Duration = Duration::from_secs(5);
-/// Mailbox capacity a client keeps between batches; a bigger one (after a burst) is released.
-const KEEP_MAILBOX_FRAMES: usize = 16;
 /// A message frame's bytes beyond its text, sender and room (type, id, time, quotes).
 const MESSAGE_FRAME_BYTES: usize = 80;
 /// A crowd (a room above the presence limit) hears its member count at most this often: telling
@@ -133,9 +131,6 @@ pub struct HubLimits {
 struct Client {
     name: String,
     room: String,
-    outlet: Arc<Outlet>,
-    /// This batch's frames for the client, in order, until the batch is committed.
-    mailbox: Vec<Frame>,
     /// When the client's typing state expires, if it is typing.
     typing_until: Option<Instant>,
 }
@@ -149,12 +144,8 @@ pub struct Hub {
     history: History,
     limits: HubLimits,
     metrics: Arc<Metrics>,
-    /// Clients with frames in their mailbox from this batch, delivered after the commit.
-    touched: Vec<ClientId>,
-    /// Helper threads that write part of each batch (see [`crate::courier`]).
-    couriers: Couriers,
-    /// The frames this thread writes itself (lane 0), kept for its allocation.
-    own: Parcel,
+    /// Every client's way out: frames posted there leave after the commit.
+    delivery: Delivery,
     /// This batch's chat messages, shown only once the commit saved them.
     unsaved: Vec<Unsaved>,
     /// API publishers waiting for their answer, answered after the batch is delivered.
@@ -172,7 +163,7 @@ impl Hub {
     pub fn new(
         history: History,
         limits: HubLimits,
-        couriers: Couriers,
+        delivery: Delivery,
         metrics: Arc<Metrics>,
     ) -> Hub {
         Hub {
@@ -182,9 +173,7 @@ impl Hub {
             history,
             limits,
             metrics,
-            touched: Vec::new(),
-            couriers,
-            own: Parcel::default(),
+            delivery,
             unsaved: Vec::new(),
             acks: Vec::new(),
             typing_deadlines: BinaryHeap::new(),
@@ -210,12 +199,17 @@ impl Hub {
             for event in events.try_iter().take(MAX_BATCH_EVENTS) {
                 self.handle(event);
             }
-            let now = Instant::now();
-            self.expire_typing(now);
-            self.announce_presence(now);
-            self.commit();
+            self.end_batch(Instant::now());
         }
         self.close_everyone();
+    }
+
+    /// What follows a batch of events: typing states and crowd counts due by `now`, then the
+    /// commit, which shows the batch to its audience.
+    fn end_batch(&mut self, now: Instant) {
+        self.expire_typing(now);
+        self.announce_presence(now);
+        self.commit();
     }
 
     fn next_deadline(&self) -> Option<Instant> {
@@ -316,13 +310,12 @@ impl Hub {
             c.id, c.peer
         );
         self.names.insert(names::key(&name), c.id);
+        self.delivery.add(c.id, c.outlet);
         self.clients.insert(
             c.id,
             Client {
                 name,
                 room: room.clone(),
-                outlet: c.outlet,
-                mailbox: Vec::new(),
                 typing_until: None,
             },
         );
@@ -344,6 +337,7 @@ impl Hub {
     /// Forgets a client: frees its name, ends its typing, tells its room it left.
     fn remove_client(&mut self, id: ClientId) -> Option<Client> {
         self.set_typing(id, false);
+        self.delivery.remove(id);
         let client = self.clients.remove(&id)?;
         self.names.remove(&names::key(&client.name));
         self.leave_room(id, &client.room, &client.name);
@@ -721,14 +715,14 @@ impl Hub {
 
     /// Queues a frame for one client, to be delivered after the commit.
     fn send_to(&mut self, id: ClientId, frame: Frame) {
-        post_to(&mut self.clients, &mut self.touched, id, frame);
+        self.delivery.post(id, frame);
     }
 
-    /// Queues a frame for every member of `room` but `except`.
+    /// Queues a frame for every member of `room` but `except`: the same bytes for each.
     fn broadcast(&mut self, room: &str, except: Option<ClientId>, frame: Frame) {
         let members = self.rooms.get(room).map(Vec::as_slice).unwrap_or(&[]);
         for &member in members.iter().filter(|&&m| Some(m) != except) {
-            post_to(&mut self.clients, &mut self.touched, member, frame.clone());
+            self.delivery.post(member, frame.clone());
         }
     }
 
@@ -742,11 +736,7 @@ impl Hub {
             Err(e) => self.refuse(unsaved, &e),
         }
         self.update_history_gauges();
-        // Dropping a slow client queues `left` frames for its room; deliver those too. Each pass
-        // after the first removes at least one client, so this ends.
-        while !self.touched.is_empty() {
-            self.deliver();
-        }
+        self.deliver();
         for (reply, answer) in self.acks.drain(..) {
             let _ = reply.try_send(answer);
         }
@@ -788,57 +778,35 @@ impl Hub {
             .store(self.history.write_failures(), Relaxed);
     }
 
-    /// Hands each touched client's mailbox to its outlet, all of its frames together so they
-    /// leave in one write: by this thread (lane 0) or a courier.
+    /// Sends the batch's frames, and drops each client too slow for them. Dropping one tells
+    /// its room it left; those frames go out too. Every pass that finds a slow client removes
+    /// it, so this ends.
     fn deliver(&mut self) {
-        let lanes = self.couriers.lanes() as u64;
-        let mut touched = std::mem::take(&mut self.touched);
-        for id in touched.drain(..) {
-            let Some(client) = self.clients.get_mut(&id) else {
-                continue; // gone since: its frames went with it
-            };
-            let parcel = match (id % lanes) as usize {
-                0 => &mut self.own,
-                lane => self.couriers.parcel(lane),
-            };
-            parcel.add(id, &client.outlet, client.mailbox.drain(..));
-            if client.mailbox.capacity() > KEEP_MAILBOX_FRAMES {
-                client.mailbox = Vec::new(); // an idle client keeps little
+        loop {
+            let slow = self.delivery.send();
+            if slow.is_empty() {
+                return;
             }
-        }
-        self.touched = touched; // keep the allocation for the next batch
-        self.couriers.send_all();
-        let mut slow = Vec::new();
-        let handed = self.own.deliver(|id| slow.push(id));
-        Metrics::add(&self.metrics.messages_sent, handed);
-        slow.extend(self.couriers.slow_clients());
-        for id in slow {
-            self.drop_slow(id);
+            slow.into_iter().for_each(|id| self.drop_slow(id));
         }
     }
 
     fn drop_slow(&mut self, id: ClientId) {
+        self.delivery.close(id, 1008, "too slow");
         if let Some(client) = self.remove_client(id) {
             info!(
                 "a user disconnected: id {id} name {:?} (too slow: its backlog is full)",
                 client.name
             );
             Metrics::add(&self.metrics.slow_clients_dropped, 1);
-            client.outlet.close(1008, "too slow");
         }
     }
 
     fn close_everyone(&mut self) {
         self.commit();
         self.history.finish();
-        self.couriers.stop(); // what they carry goes out before the close frames
-        for client in self.clients.values() {
-            client.outlet.close(1001, "server shutting down");
-        }
-        info!(
-            "dispatcher stopped ({} clients told to go away)",
-            self.clients.len()
-        );
+        let told = self.delivery.close_all(1001, "server shutting down");
+        info!("dispatcher stopped ({told} clients told to go away)");
     }
 }
 
@@ -865,18 +833,423 @@ enum Origin {
     Api(PublishReply),
 }
 
-/// Puts a frame in a client's mailbox (if it is still connected), noting the client as touched
-/// the first time in a batch.
-fn post_to(
-    clients: &mut HashMap<ClientId, Client>,
-    touched: &mut Vec<ClientId>,
-    id: ClientId,
-    frame: Frame,
-) {
-    if let Some(client) = clients.get_mut(&id) {
-        if client.mailbox.is_empty() {
-            touched.push(id);
+/// The hub in memory: no sockets and no courier threads. Each client's outlet writes to a
+/// [`Recorder`] instead of a socket, and the tests feed [`Event`]s and read what each client got.
+#[cfg(test)]
+mod tests {
+    use std::sync::{Mutex, Weak};
+
+    use serde_json::{Value, json};
+
+    use super::*;
+    use crate::config::Fsync;
+    use crate::history::Settings;
+    use crate::outlet::{Backlog, Bounds, Form, Queue};
+
+    /// Bounds no test reaches: a client is slow only when its recorder says so.
+    const BOUNDS: Bounds = Bounds {
+        frames: 1 << 20,
+        bytes: 1 << 30,
+        total_bytes: 1 << 30,
+    };
+    const PRESENCE_LIMIT: usize = 3;
+
+    /// A client's way out, as a list of the frames it got; `slow` makes it too slow.
+    #[derive(Default)]
+    struct Recorder {
+        frames: Mutex<Vec<Frame>>,
+        slow: Mutex<bool>,
+        closed: Mutex<Option<&'static str>>,
+    }
+
+    impl Queue for Recorder {
+        fn push(&self, frames: &[Frame]) -> Backlog {
+            self.frames.lock().unwrap().extend_from_slice(frames);
+            let too_slow = *self.slow.lock().unwrap();
+            Backlog {
+                too_slow,
+                ..Backlog::default()
+            }
         }
-        client.mailbox.push(frame);
+        fn close(&self, reason: &'static str) {
+            *self.closed.lock().unwrap() = Some(reason);
+        }
+    }
+
+    impl Recorder {
+        /// The frames got since the last call, parsed.
+        fn take(&self) -> Vec<Value> {
+            let frames = std::mem::take(&mut *self.frames.lock().unwrap());
+            frames
+                .iter()
+                .map(|f| serde_json::from_str(f.as_str()).unwrap())
+                .collect()
+        }
+
+        /// The `type` of each frame got since the last call.
+        fn types(&self) -> Vec<String> {
+            self.take()
+                .iter()
+                .map(|f| f["type"].as_str().unwrap().to_owned())
+                .collect()
+        }
+    }
+
+    /// A hub with in-memory history and inline delivery, and its clients' recorders.
+    struct Bench {
+        hub: Hub,
+        metrics: Arc<Metrics>,
+        recorders: HashMap<ClientId, Arc<Recorder>>,
+    }
+
+    impl Bench {
+        fn new() -> Bench {
+            let history = History::open(&Settings {
+                per_room: 100,
+                total_bytes: 1 << 20,
+                data_dir: None,
+                fsync: Fsync::Never,
+                compact_bytes: 1 << 20,
+                max_line_bytes: 1 << 16,
+            })
+            .unwrap();
+            let limits = HubLimits {
+                history: 100,
+                max_rooms: 10,
+                presence_limit: PRESENCE_LIMIT,
+                room_quiet: Duration::from_secs(600),
+                room_rate_bytes: 1e9,
+                room_burst_bytes: 1e9,
+            };
+            let metrics = Arc::new(Metrics::default());
+            let delivery = Delivery::with_couriers(0, metrics.clone()).unwrap();
+            let hub = Hub::new(history, limits, delivery, metrics.clone());
+            let recorders = HashMap::new();
+            Bench {
+                hub,
+                metrics,
+                recorders,
+            }
+        }
+
+        /// Connects client `id` (`?name=...&since=...` in `room`) and ends the batch.
+        fn connect(&mut self, id: ClientId, name: Option<&str>, room: &str, since: Option<u64>) {
+            let recorder = Arc::new(Recorder::default());
+            let weak: Weak<dyn Queue> = Arc::downgrade(&recorder) as Weak<Recorder>;
+            let outlet = Outlet::queued(weak, self.metrics.clone(), BOUNDS);
+            outlet.set_form(Form::Raw);
+            self.recorders.insert(id, recorder);
+            let connect = Connect {
+                id,
+                peer: "192.0.2.1".into(),
+                name: name.map(str::to_owned),
+                room: room.to_owned(),
+                since,
+                outlet: Arc::new(outlet),
+            };
+            self.batch([Event::Connect(Box::new(connect))]);
+        }
+
+        /// Handles `events` as one batch, and ends it.
+        fn batch(&mut self, events: impl IntoIterator<Item = Event>) {
+            events.into_iter().for_each(|e| self.hub.handle(e));
+            self.hub.end_batch(Instant::now());
+        }
+
+        fn send(&mut self, id: ClientId, command: Command) {
+            self.batch([commands(id, [command])]);
+        }
+
+        fn got(&self, id: ClientId) -> Vec<Value> {
+            self.recorders[&id].take()
+        }
+
+        fn types(&self, id: ClientId) -> Vec<String> {
+            self.recorders[&id].types()
+        }
+
+        /// Drops what these clients got so far.
+        fn forget(&self, ids: &[ClientId]) {
+            ids.iter().for_each(|id| drop(self.got(*id)));
+        }
+    }
+
+    fn commands(id: ClientId, commands: impl IntoIterator<Item = Command>) -> Event {
+        let commands = commands.into_iter().collect();
+        Event::Commands { id, commands }
+    }
+
+    fn say(text: &str) -> Command {
+        Command::Message {
+            text: text.into(),
+            to: None,
+        }
+    }
+
+    fn whisper(to: &str, text: &str) -> Command {
+        Command::Message {
+            text: text.into(),
+            to: Some(to.into()),
+        }
+    }
+
+    fn texts(frames: &[Value]) -> Vec<&str> {
+        frames.iter().filter_map(|f| f["text"].as_str()).collect()
+    }
+
+    #[test]
+    fn a_client_is_welcomed_with_its_name_room_and_members() {
+        let mut bench = Bench::new();
+        bench.connect(1, Some("ada"), "lobby", None);
+        bench.connect(2, Some("bob"), "lobby", None);
+        let welcome = &bench.got(2)[0];
+        assert_eq!(welcome["type"], "welcome");
+        assert_eq!(welcome["client_id"], 2);
+        assert_eq!(welcome["name"], "bob");
+        assert_eq!(welcome["room"], "lobby");
+        assert_eq!(welcome["users"], json!(["ada", "bob"]));
+        assert_eq!(welcome["last_id"], 0);
+    }
+
+    #[test]
+    fn the_room_hears_who_joins_and_who_leaves() {
+        let mut bench = Bench::new();
+        bench.connect(1, Some("ada"), "lobby", None);
+        bench.connect(2, Some("bob"), "lobby", None);
+        bench.connect(3, Some("cy"), "elsewhere", None);
+        bench.forget(&[1]);
+        bench.connect(4, Some("dee"), "lobby", None);
+        assert_eq!(
+            bench.got(1),
+            [json!({"type":"joined","room":"lobby","name":"dee","count":3})]
+        );
+        let reason = "gone".to_owned();
+        bench.batch([Event::Disconnect { id: 2, reason }]);
+        assert_eq!(
+            bench.got(1),
+            [json!({"type":"left","room":"lobby","name":"bob","count":2})]
+        );
+        assert_eq!(bench.types(3), ["welcome"], "another room hears nothing");
+    }
+
+    #[test]
+    fn a_message_reaches_the_whole_room_sender_included_in_id_order() {
+        let mut bench = Bench::new();
+        bench.connect(1, Some("ada"), "lobby", None);
+        bench.connect(2, Some("bob"), "lobby", None);
+        bench.connect(3, Some("cy"), "elsewhere", None);
+        bench.forget(&[1, 2, 3]);
+        bench.batch([
+            commands(1, [say("one"), say("two")]),
+            commands(2, [say("three")]),
+        ]);
+        for id in [1, 2] {
+            let got = bench.got(id);
+            assert_eq!(texts(&got), ["one", "two", "three"], "client {id}");
+            let ids: Vec<u64> = got.iter().map(|f| f["id"].as_u64().unwrap()).collect();
+            assert_eq!(ids, [1, 2, 3]);
+            assert_eq!(got[2]["from"], "bob");
+        }
+        assert!(bench.got(3).is_empty());
+    }
+
+    #[test]
+    fn nothing_is_shown_before_the_batch_is_committed() {
+        let mut bench = Bench::new();
+        bench.connect(1, Some("ada"), "lobby", None);
+        bench.forget(&[1]);
+        bench.hub.handle(commands(1, [say("soon")]));
+        assert!(bench.got(1).is_empty(), "held until the commit");
+        bench.hub.end_batch(Instant::now());
+        assert_eq!(texts(&bench.got(1)), ["soon"]);
+    }
+
+    #[test]
+    fn a_private_message_reaches_its_sender_and_target_only() {
+        let mut bench = Bench::new();
+        bench.connect(1, Some("ada"), "lobby", None);
+        bench.connect(2, Some("bob"), "dev", None);
+        bench.connect(3, Some("cy"), "lobby", None);
+        bench.forget(&[1, 2, 3]);
+        bench.send(1, whisper("bob", "psst"));
+        for id in [1, 2] {
+            let got = bench.got(id);
+            assert_eq!(texts(&got), ["psst"]);
+            assert_eq!(
+                (got[0]["private"].clone(), got[0]["to"].clone()),
+                (json!(true), json!("bob"))
+            );
+        }
+        assert!(bench.got(3).is_empty());
+        bench.send(1, whisper("nobody", "hello?"));
+        assert_eq!(bench.got(1)[0]["code"], "no_such_user");
+    }
+
+    #[test]
+    fn a_taken_name_is_refused_at_a_rename_and_at_connect() {
+        let mut bench = Bench::new();
+        bench.connect(1, Some("ada"), "lobby", None);
+        bench.connect(2, Some("bob"), "lobby", None);
+        bench.forget(&[1, 2]);
+        bench.send(2, Command::Nick { name: "ADA".into() });
+        assert_eq!(bench.got(2)[0]["code"], "name_taken");
+        assert!(bench.got(1).is_empty(), "a refused rename is not told");
+        bench.connect(3, Some("ada"), "lobby", None);
+        let got = bench.got(3);
+        assert_eq!(
+            (got[0]["type"].clone(), got[0]["name"].clone()),
+            (json!("welcome"), json!("guest-3"))
+        );
+        assert_eq!(got[1]["code"], "name_taken");
+    }
+
+    #[test]
+    fn a_rename_is_told_to_the_room_and_frees_the_old_name() {
+        let mut bench = Bench::new();
+        bench.connect(1, Some("ada"), "lobby", None);
+        bench.connect(2, Some("bob"), "lobby", None);
+        bench.forget(&[1, 2]);
+        bench.send(2, Command::Nick { name: "rob".into() });
+        let renamed = json!({"type":"renamed","room":"lobby","from":"bob","name":"rob","count":2});
+        for id in [1, 2] {
+            assert_eq!(bench.got(id), std::slice::from_ref(&renamed));
+        }
+        bench.send(1, Command::Nick { name: "bob".into() });
+        assert_eq!(bench.got(1)[0]["type"], "renamed", "the old name is free");
+    }
+
+    #[test]
+    fn a_slow_client_is_dropped_and_its_room_told() {
+        let mut bench = Bench::new();
+        bench.connect(1, Some("ada"), "lobby", None);
+        bench.connect(2, Some("bob"), "lobby", None);
+        bench.forget(&[1, 2]);
+        *bench.recorders[&2].slow.lock().unwrap() = true;
+        bench.send(1, say("flood"));
+        let got = bench.got(1);
+        assert_eq!(texts(&got), ["flood"]);
+        assert_eq!(
+            got[1],
+            json!({"type":"left","room":"lobby","name":"bob","count":1})
+        );
+        assert_eq!(
+            *bench.recorders[&2].closed.lock().unwrap(),
+            Some("too slow")
+        );
+        assert_eq!(bench.metrics.slow_clients_dropped.load(Relaxed), 1);
+        bench.send(1, say("after"));
+        assert_eq!(
+            bench.types(2),
+            ["message"],
+            "nothing reaches a dropped client"
+        );
+    }
+
+    #[test]
+    fn a_resume_with_since_gets_exactly_what_was_missed() {
+        let mut bench = Bench::new();
+        bench.connect(1, Some("ada"), "lobby", None);
+        bench.batch([commands(1, [say("a"), say("b"), say("c")])]);
+        bench.connect(2, Some("bob"), "lobby", Some(1));
+        let welcome = &bench.got(2)[0];
+        let history = welcome["history"].as_array().unwrap();
+        assert_eq!(texts(history), ["b", "c"]);
+        assert_eq!(
+            (welcome["last_id"].clone(), welcome["truncated"].clone()),
+            (json!(3), json!(false))
+        );
+        bench.connect(3, Some("cy"), "lobby", Some(3));
+        let welcome = &bench.got(3)[0];
+        assert_eq!(
+            (welcome["history"].clone(), welcome["last_id"].clone()),
+            (json!([]), json!(3))
+        );
+    }
+
+    #[test]
+    fn a_join_moves_the_client_and_tells_both_rooms() {
+        let mut bench = Bench::new();
+        bench.connect(1, Some("ada"), "lobby", None);
+        bench.connect(2, Some("bob"), "dev", None);
+        bench.connect(3, Some("cy"), "lobby", None);
+        bench.forget(&[1, 2, 3]);
+        bench.send(
+            3,
+            Command::Join {
+                room: "dev".into(),
+                since: None,
+            },
+        );
+        assert_eq!(
+            bench.got(1),
+            [json!({"type":"left","room":"lobby","name":"cy","count":1})]
+        );
+        assert_eq!(
+            bench.got(2),
+            [json!({"type":"joined","room":"dev","name":"cy","count":2})]
+        );
+        let room = &bench.got(3)[0];
+        assert_eq!(
+            (room["type"].clone(), room["users"].clone()),
+            (json!("room"), json!(["bob", "cy"]))
+        );
+        bench.send(3, say("hi dev"));
+        assert_eq!(
+            (bench.types(1), bench.types(2)),
+            (vec![], vec!["message".to_owned()])
+        );
+    }
+
+    #[test]
+    fn typing_is_told_to_the_others_and_ends_by_itself() {
+        let mut bench = Bench::new();
+        bench.connect(1, Some("ada"), "lobby", None);
+        bench.connect(2, Some("bob"), "lobby", None);
+        bench.forget(&[1, 2]);
+        bench.send(1, Command::Typing { active: true });
+        assert_eq!(
+            bench.got(2),
+            [json!({"type":"typing","room":"lobby","name":"ada","active":true})]
+        );
+        assert!(bench.got(1).is_empty(), "the typist is not told");
+        bench.hub.end_batch(Instant::now() + TYPING_TIMEOUT);
+        assert_eq!(bench.got(2)[0]["active"], false);
+    }
+
+    #[test]
+    fn a_crowd_hears_counts_once_a_tick_instead_of_names() {
+        let mut bench = Bench::new();
+        for id in 1..=PRESENCE_LIMIT as u64 + 1 {
+            bench.connect(id, None, "lobby", None);
+        }
+        bench.forget(&[1]);
+        bench.connect(9, None, "lobby", None);
+        assert!(bench.got(1).is_empty(), "no `joined` in a crowd");
+        bench.hub.end_batch(Instant::now() + PRESENCE_TICK);
+        assert_eq!(
+            bench.got(1),
+            [json!({"type":"presence","room":"lobby","count":5})]
+        );
+    }
+
+    #[test]
+    fn an_api_post_is_shown_then_answered_with_its_id() {
+        let mut bench = Bench::new();
+        bench.connect(1, Some("ada"), "ops", None);
+        bench.forget(&[1]);
+        let (reply, answer) = crossbeam_channel::bounded(1);
+        let publish = Event::Publish {
+            room: "ops".into(),
+            from: "deploy".into(),
+            text: "done".into(),
+            reply,
+        };
+        bench.batch([publish]);
+        assert_eq!(answer.try_recv(), Ok(Ok(1)));
+        let got = bench.got(1);
+        assert_eq!(
+            (texts(&got), got[0]["from"].clone()),
+            (vec!["done"], json!("deploy"))
+        );
     }
 }

@@ -53,7 +53,7 @@
 
 pub mod admission;
 pub mod config;
-pub mod courier;
+mod delivery;
 pub mod dispatcher;
 pub mod doorbell;
 pub mod eio_session;
@@ -182,8 +182,8 @@ impl Server {
                 config.max_message_bytes,
             ),
         };
-        let couriers = courier::Couriers::start(&metrics).map_err(StartError::Thread)?;
-        let hub = Hub::new(history, limits, couriers, metrics.clone());
+        let delivery = delivery::Delivery::start(metrics.clone()).map_err(StartError::Thread)?;
+        let hub = Hub::new(history, limits, delivery, metrics.clone());
         let dispatcher_thread = spawn("dispatcher", move || hub.run(inbox))?;
 
         let reactor = reactor::Reactor::new().map_err(StartError::Thread)?;
