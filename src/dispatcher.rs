@@ -26,7 +26,9 @@ use crate::history::{History, SaveError, Stored};
 use crate::metrics::Metrics;
 use crate::names;
 use crate::outlet::Outlet;
-use crate::protocol::{self, ChatError, ChatMessage, Command, Frame, RoomState, ServerEvent};
+use crate::protocol::{
+    self, Arrival, ChatError, ChatMessage, Command, Frame, RoomState, ServerEvent,
+};
 use crate::ratelimit::TokenBucket;
 
 pub use crate::protocol::ClientId;
@@ -55,7 +57,13 @@ pub type PublishReply = Sender<Result<u64, ChatError>>;
 
 /// Everything the dispatcher is asked to do.
 pub enum Event {
-    Connect(Box<Connect>),
+    /// A client after its handshake (a socket.io client: after its CONNECT); from now on its
+    /// frames go out through `outlet`.
+    Connect {
+        id: ClientId,
+        arrival: Arrival,
+        outlet: Arc<Outlet>,
+    },
     /// Commands from one read of a client's socket, in order.
     Commands {
         id: ClientId,
@@ -88,16 +96,6 @@ pub enum Event {
     },
     /// Commit history, send close 1001 to every client, and stop.
     Shutdown,
-}
-
-/// A new client, after its handshake.
-pub struct Connect {
-    pub id: ClientId,
-    pub peer: String,
-    pub name: Option<String>,
-    pub room: String,
-    pub since: Option<u64>,
-    pub outlet: Arc<Outlet>,
 }
 
 #[derive(serde::Serialize, Debug, Clone, PartialEq)]
@@ -222,7 +220,11 @@ impl Hub {
 
     fn handle(&mut self, event: Event) {
         match event {
-            Event::Connect(connect) => self.connect(*connect),
+            Event::Connect {
+                id,
+                arrival,
+                outlet,
+            } => self.connect(id, arrival, outlet),
             Event::Commands { id, commands } => {
                 let held: usize = commands.iter().map(Command::held_bytes).sum();
                 self.metrics.inbound_bytes.fetch_sub(held as u64, Relaxed);
@@ -287,41 +289,37 @@ impl Hub {
 
     // ----- connections -----
 
-    fn connect(&mut self, c: Connect) {
-        let mut errors = Vec::new();
-        let name = match c
-            .name
-            .map(|n| protocol::check_name(&n).and_then(|n| self.free_name(n, c.id)))
-        {
-            Some(Ok(name)) => name,
-            Some(Err(e)) => {
-                errors.push(e);
-                self.guest_name(c.id)
-            }
-            None => self.guest_name(c.id),
+    fn connect(&mut self, id: ClientId, arrival: Arrival, outlet: Arc<Outlet>) {
+        let (name, name_error) = self.name_for(id, arrival.name);
+        let (room, room_error) = match self.room_allowed(&arrival.room) {
+            Ok(()) => (arrival.room, None),
+            Err(e) => (protocol::DEFAULT_ROOM.to_owned(), Some(e)),
         };
-        let mut room = c.room;
-        if let Err(e) = self.room_allowed(&room) {
-            errors.push(e);
-            room = protocol::DEFAULT_ROOM.to_owned();
-        }
         info!(
-            "a user connected: id {} name {name:?} room {room:?} from {}",
-            c.id, c.peer
+            "a user connected: id {id} name {name:?} room {room:?} from {}",
+            arrival.ip
         );
-        self.names.insert(names::key(&name), c.id);
-        self.delivery.add(c.id, c.outlet);
-        self.clients.insert(
-            c.id,
-            Client {
-                name,
-                room: room.clone(),
-                typing_until: None,
-            },
-        );
-        self.enter_room(c.id, &room, c.since, true);
-        for e in errors {
-            self.send_to(c.id, e.to_frame());
+        self.names.insert(names::key(&name), id);
+        self.delivery.add(id, outlet);
+        let client = Client {
+            name,
+            room: room.clone(),
+            typing_until: None,
+        };
+        self.clients.insert(id, client);
+        self.enter_room(id, &room, arrival.since, true);
+        for e in [name_error, room_error].into_iter().flatten() {
+            self.send_to(id, e.to_frame());
+        }
+    }
+
+    /// The name a new client asked for, if it may have it; else `guest-<id>`, and why not.
+    fn name_for(&self, id: ClientId, asked: Option<String>) -> (String, Option<ChatError>) {
+        let checked = asked.map(|n| protocol::check_name(&n).and_then(|n| self.free_name(n, id)));
+        match checked {
+            Some(Ok(name)) => (name, None),
+            Some(Err(e)) => (self.guest_name(id), Some(e)),
+            None => (self.guest_name(id), None),
         }
     }
 
@@ -939,15 +937,18 @@ mod tests {
             let outlet = Outlet::queued(weak, self.metrics.clone(), BOUNDS);
             outlet.set_form(Form::Raw);
             self.recorders.insert(id, recorder);
-            let connect = Connect {
-                id,
-                peer: "192.0.2.1".into(),
-                name: name.map(str::to_owned),
+            let arrival = Arrival {
+                ip: [192, 0, 2, 1].into(),
                 room: room.to_owned(),
+                name: name.map(str::to_owned),
                 since,
-                outlet: Arc::new(outlet),
             };
-            self.batch([Event::Connect(Box::new(connect))]);
+            let outlet = Arc::new(outlet);
+            self.batch([Event::Connect {
+                id,
+                arrival,
+                outlet,
+            }]);
         }
 
         /// Handles `events` as one batch, and ends it.
