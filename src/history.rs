@@ -350,11 +350,6 @@ impl History {
         self.ages.len()
     }
 
-    /// Whether no room has any history.
-    pub fn is_empty(&self) -> bool {
-        self.rooms.is_empty()
-    }
-
     /// Bytes the kept messages cost, overhead included (a metric; at most `--history-bytes`).
     pub fn bytes(&self) -> usize {
         self.bytes
