@@ -129,3 +129,87 @@ impl Delivery {
         self.recipients.len()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outlet::Bounds;
+    use crate::outlet::testing::{Recorder, recording};
+
+    const BOUNDS: Bounds = Bounds {
+        frames: 1 << 20,
+        bytes: 1 << 30,
+        total_bytes: 1 << 30,
+    };
+    /// Couriers in these tests: lanes 0 to 3, so clients 1 to 8 use every lane twice.
+    const COURIERS: usize = 3;
+    const CLIENTS: u64 = 8;
+
+    /// Delivery with couriers, and clients 1 to `CLIENTS` whose outlets record.
+    fn with_clients() -> (Delivery, Vec<Arc<Recorder>>) {
+        let metrics = Arc::new(Metrics::default());
+        let mut delivery = Delivery::with_couriers(COURIERS, metrics.clone()).unwrap();
+        let recorders = (1..=CLIENTS)
+            .map(|id| {
+                let (outlet, recorder) = recording(&metrics, BOUNDS);
+                delivery.add(id, outlet);
+                recorder
+            })
+            .collect();
+        (delivery, recorders)
+    }
+
+    #[test]
+    fn each_client_gets_its_frames_in_order_across_batches_and_lanes() {
+        const BATCHES: usize = 200;
+        let (mut delivery, recorders) = with_clients();
+        assert_eq!(delivery.couriers.lanes(), COURIERS + 1);
+        // Client 2's courier falls behind the others, and behind this thread.
+        *recorders[1].pause.lock().unwrap() = std::time::Duration::from_micros(500);
+        for batch in 0..BATCHES {
+            // A broadcast (the same bytes for all), then one frame of each client's own.
+            let shared = Frame::from(format!("all {batch}"));
+            for id in 1..=CLIENTS {
+                delivery.post(id, shared.clone());
+                delivery.post(id, format!("{id}: {batch}").into());
+            }
+            assert_eq!(delivery.send(), Vec::<ClientId>::new());
+        }
+        delivery.close_all(1001, "done"); // waits for the couriers to deliver all
+        for (id, recorder) in (1..=CLIENTS).zip(&recorders) {
+            let expected: Vec<String> = (0..BATCHES)
+                .flat_map(|b| [format!("all {b}"), format!("{id}: {b}")])
+                .collect();
+            assert!(recorder.take() == expected, "client {id}: out of order");
+            assert_eq!(*recorder.closed.lock().unwrap(), Some("done"));
+        }
+    }
+
+    #[test]
+    fn a_client_too_slow_on_a_courier_lane_is_reported() {
+        let (mut delivery, recorders) = with_clients();
+        let slow: ClientId = 6; // lane 2: a courier's
+        *recorders[slow as usize - 1].slow.lock().unwrap() = true;
+        let mut reported = Vec::new();
+        // The courier reports in its own time: the report comes with this send or a later one.
+        for _ in 0..1000 {
+            (1..=CLIENTS).for_each(|id| delivery.post(id, "hi".into()));
+            reported.extend(delivery.send());
+            if !reported.is_empty() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert_eq!(reported[..1], [slow]);
+        delivery.close(slow, 1008, "too slow");
+        let closed = *recorders[slow as usize - 1].closed.lock().unwrap();
+        assert_eq!(closed, Some("too slow"));
+        delivery.post(slow, "after".into());
+        delivery.close_all(1001, "done");
+        assert!(
+            !recorders[slow as usize - 1]
+                .take()
+                .contains(&"after".into())
+        );
+    }
+}

@@ -832,17 +832,17 @@ enum Origin {
 }
 
 /// The hub in memory: no sockets and no courier threads. Each client's outlet writes to a
-/// [`Recorder`] instead of a socket, and the tests feed [`Event`]s and read what each client got.
+/// recorder (`outlet::testing`) instead of a socket; the tests feed events and read what each
+/// client got.
 #[cfg(test)]
 mod tests {
-    use std::sync::{Mutex, Weak};
-
     use serde_json::{Value, json};
 
     use super::*;
     use crate::config::Fsync;
     use crate::history::Settings;
-    use crate::outlet::{Backlog, Bounds, Form, Queue};
+    use crate::outlet::Bounds;
+    use crate::outlet::testing::{Recorder, recording};
 
     /// Bounds no test reaches: a client is slow only when its recorder says so.
     const BOUNDS: Bounds = Bounds {
@@ -851,47 +851,6 @@ mod tests {
         total_bytes: 1 << 30,
     };
     const PRESENCE_LIMIT: usize = 3;
-
-    /// A client's way out, as a list of the frames it got; `slow` makes it too slow.
-    #[derive(Default)]
-    struct Recorder {
-        frames: Mutex<Vec<Frame>>,
-        slow: Mutex<bool>,
-        closed: Mutex<Option<&'static str>>,
-    }
-
-    impl Queue for Recorder {
-        fn push(&self, frames: &[Frame]) -> Backlog {
-            self.frames.lock().unwrap().extend_from_slice(frames);
-            let too_slow = *self.slow.lock().unwrap();
-            Backlog {
-                too_slow,
-                ..Backlog::default()
-            }
-        }
-        fn close(&self, reason: &'static str) {
-            *self.closed.lock().unwrap() = Some(reason);
-        }
-    }
-
-    impl Recorder {
-        /// The frames got since the last call, parsed.
-        fn take(&self) -> Vec<Value> {
-            let frames = std::mem::take(&mut *self.frames.lock().unwrap());
-            frames
-                .iter()
-                .map(|f| serde_json::from_str(f.as_str()).unwrap())
-                .collect()
-        }
-
-        /// The `type` of each frame got since the last call.
-        fn types(&self) -> Vec<String> {
-            self.take()
-                .iter()
-                .map(|f| f["type"].as_str().unwrap().to_owned())
-                .collect()
-        }
-    }
 
     /// A hub with in-memory history and inline delivery, and its clients' recorders.
     struct Bench {
@@ -932,10 +891,7 @@ mod tests {
 
         /// Connects client `id` (`?name=...&since=...` in `room`) and ends the batch.
         fn connect(&mut self, id: ClientId, name: Option<&str>, room: &str, since: Option<u64>) {
-            let recorder = Arc::new(Recorder::default());
-            let weak: Weak<dyn Queue> = Arc::downgrade(&recorder) as Weak<Recorder>;
-            let outlet = Outlet::queued(weak, self.metrics.clone(), BOUNDS);
-            outlet.set_form(Form::Raw);
+            let (outlet, recorder) = recording(&self.metrics, BOUNDS);
             self.recorders.insert(id, recorder);
             let arrival = Arrival {
                 ip: [192, 0, 2, 1].into(),
@@ -943,7 +899,6 @@ mod tests {
                 name: name.map(str::to_owned),
                 since,
             };
-            let outlet = Arc::new(outlet);
             self.batch([Event::Connect {
                 id,
                 arrival,
@@ -961,12 +916,21 @@ mod tests {
             self.batch([commands(id, [command])]);
         }
 
+        /// The frames client `id` got since the last look, parsed.
         fn got(&self, id: ClientId) -> Vec<Value> {
-            self.recorders[&id].take()
+            let frames = self.recorders[&id].take();
+            frames
+                .iter()
+                .map(|f| serde_json::from_str(f.as_str()).unwrap())
+                .collect()
         }
 
+        /// The `type` of each frame client `id` got since the last look.
         fn types(&self, id: ClientId) -> Vec<String> {
-            self.recorders[&id].types()
+            let got = self.got(id);
+            got.iter()
+                .map(|f| f["type"].as_str().unwrap().to_owned())
+                .collect()
         }
 
         /// Drops what these clients got so far.
