@@ -853,14 +853,14 @@ mod tests {
     const PRESENCE_LIMIT: usize = 3;
 
     /// A hub with in-memory history and inline delivery, and its clients' recorders.
-    struct Bench {
+    struct Chat {
         hub: Hub,
         metrics: Arc<Metrics>,
         recorders: HashMap<ClientId, Arc<Recorder>>,
     }
 
-    impl Bench {
-        fn new() -> Bench {
+    impl Chat {
+        fn new() -> Chat {
             let history = History::open(&Settings {
                 per_room: 100,
                 total_bytes: 1 << 20,
@@ -882,7 +882,7 @@ mod tests {
             let delivery = Delivery::with_couriers(0, metrics.clone()).unwrap();
             let hub = Hub::new(history, limits, delivery, metrics.clone());
             let recorders = HashMap::new();
-            Bench {
+            Chat {
                 hub,
                 metrics,
                 recorders,
@@ -964,10 +964,10 @@ mod tests {
 
     #[test]
     fn a_client_is_welcomed_with_its_name_room_and_members() {
-        let mut bench = Bench::new();
-        bench.connect(1, Some("ada"), "lobby", None);
-        bench.connect(2, Some("bob"), "lobby", None);
-        let welcome = &bench.got(2)[0];
+        let mut chat = Chat::new();
+        chat.connect(1, Some("ada"), "lobby", None);
+        chat.connect(2, Some("bob"), "lobby", None);
+        let welcome = &chat.got(2)[0];
         assert_eq!(welcome["type"], "welcome");
         assert_eq!(welcome["client_id"], 2);
         assert_eq!(welcome["name"], "bob");
@@ -978,89 +978,89 @@ mod tests {
 
     #[test]
     fn the_room_hears_who_joins_and_who_leaves() {
-        let mut bench = Bench::new();
-        bench.connect(1, Some("ada"), "lobby", None);
-        bench.connect(2, Some("bob"), "lobby", None);
-        bench.connect(3, Some("cy"), "elsewhere", None);
-        bench.forget(&[1]);
-        bench.connect(4, Some("dee"), "lobby", None);
+        let mut chat = Chat::new();
+        chat.connect(1, Some("ada"), "lobby", None);
+        chat.connect(2, Some("bob"), "lobby", None);
+        chat.connect(3, Some("cy"), "elsewhere", None);
+        chat.forget(&[1]);
+        chat.connect(4, Some("dee"), "lobby", None);
         assert_eq!(
-            bench.got(1),
+            chat.got(1),
             [json!({"type":"joined","room":"lobby","name":"dee","count":3})]
         );
         let reason = "gone".to_owned();
-        bench.batch([Event::Disconnect { id: 2, reason }]);
+        chat.batch([Event::Disconnect { id: 2, reason }]);
         assert_eq!(
-            bench.got(1),
+            chat.got(1),
             [json!({"type":"left","room":"lobby","name":"bob","count":2})]
         );
-        assert_eq!(bench.types(3), ["welcome"], "another room hears nothing");
+        assert_eq!(chat.types(3), ["welcome"], "another room hears nothing");
     }
 
     #[test]
     fn a_message_reaches_the_whole_room_sender_included_in_id_order() {
-        let mut bench = Bench::new();
-        bench.connect(1, Some("ada"), "lobby", None);
-        bench.connect(2, Some("bob"), "lobby", None);
-        bench.connect(3, Some("cy"), "elsewhere", None);
-        bench.forget(&[1, 2, 3]);
-        bench.batch([
+        let mut chat = Chat::new();
+        chat.connect(1, Some("ada"), "lobby", None);
+        chat.connect(2, Some("bob"), "lobby", None);
+        chat.connect(3, Some("cy"), "elsewhere", None);
+        chat.forget(&[1, 2, 3]);
+        chat.batch([
             commands(1, [say("one"), say("two")]),
             commands(2, [say("three")]),
         ]);
         for id in [1, 2] {
-            let got = bench.got(id);
+            let got = chat.got(id);
             assert_eq!(texts(&got), ["one", "two", "three"], "client {id}");
             let ids: Vec<u64> = got.iter().map(|f| f["id"].as_u64().unwrap()).collect();
             assert_eq!(ids, [1, 2, 3]);
             assert_eq!(got[2]["from"], "bob");
         }
-        assert!(bench.got(3).is_empty());
+        assert!(chat.got(3).is_empty());
     }
 
     #[test]
     fn nothing_is_shown_before_the_batch_is_committed() {
-        let mut bench = Bench::new();
-        bench.connect(1, Some("ada"), "lobby", None);
-        bench.forget(&[1]);
-        bench.hub.handle(commands(1, [say("soon")]));
-        assert!(bench.got(1).is_empty(), "held until the commit");
-        bench.hub.end_batch(Instant::now());
-        assert_eq!(texts(&bench.got(1)), ["soon"]);
+        let mut chat = Chat::new();
+        chat.connect(1, Some("ada"), "lobby", None);
+        chat.forget(&[1]);
+        chat.hub.handle(commands(1, [say("soon")]));
+        assert!(chat.got(1).is_empty(), "held until the commit");
+        chat.hub.end_batch(Instant::now());
+        assert_eq!(texts(&chat.got(1)), ["soon"]);
     }
 
     #[test]
     fn a_private_message_reaches_its_sender_and_target_only() {
-        let mut bench = Bench::new();
-        bench.connect(1, Some("ada"), "lobby", None);
-        bench.connect(2, Some("bob"), "dev", None);
-        bench.connect(3, Some("cy"), "lobby", None);
-        bench.forget(&[1, 2, 3]);
-        bench.send(1, whisper("bob", "psst"));
+        let mut chat = Chat::new();
+        chat.connect(1, Some("ada"), "lobby", None);
+        chat.connect(2, Some("bob"), "dev", None);
+        chat.connect(3, Some("cy"), "lobby", None);
+        chat.forget(&[1, 2, 3]);
+        chat.send(1, whisper("bob", "psst"));
         for id in [1, 2] {
-            let got = bench.got(id);
+            let got = chat.got(id);
             assert_eq!(texts(&got), ["psst"]);
             assert_eq!(
                 (got[0]["private"].clone(), got[0]["to"].clone()),
                 (json!(true), json!("bob"))
             );
         }
-        assert!(bench.got(3).is_empty());
-        bench.send(1, whisper("nobody", "hello?"));
-        assert_eq!(bench.got(1)[0]["code"], "no_such_user");
+        assert!(chat.got(3).is_empty());
+        chat.send(1, whisper("nobody", "hello?"));
+        assert_eq!(chat.got(1)[0]["code"], "no_such_user");
     }
 
     #[test]
     fn a_taken_name_is_refused_at_a_rename_and_at_connect() {
-        let mut bench = Bench::new();
-        bench.connect(1, Some("ada"), "lobby", None);
-        bench.connect(2, Some("bob"), "lobby", None);
-        bench.forget(&[1, 2]);
-        bench.send(2, Command::Nick { name: "ADA".into() });
-        assert_eq!(bench.got(2)[0]["code"], "name_taken");
-        assert!(bench.got(1).is_empty(), "a refused rename is not told");
-        bench.connect(3, Some("ada"), "lobby", None);
-        let got = bench.got(3);
+        let mut chat = Chat::new();
+        chat.connect(1, Some("ada"), "lobby", None);
+        chat.connect(2, Some("bob"), "lobby", None);
+        chat.forget(&[1, 2]);
+        chat.send(2, Command::Nick { name: "ADA".into() });
+        assert_eq!(chat.got(2)[0]["code"], "name_taken");
+        assert!(chat.got(1).is_empty(), "a refused rename is not told");
+        chat.connect(3, Some("ada"), "lobby", None);
+        let got = chat.got(3);
         assert_eq!(
             (got[0]["type"].clone(), got[0]["name"].clone()),
             (json!("welcome"), json!("guest-3"))
@@ -1070,41 +1070,38 @@ mod tests {
 
     #[test]
     fn a_rename_is_told_to_the_room_and_frees_the_old_name() {
-        let mut bench = Bench::new();
-        bench.connect(1, Some("ada"), "lobby", None);
-        bench.connect(2, Some("bob"), "lobby", None);
-        bench.forget(&[1, 2]);
-        bench.send(2, Command::Nick { name: "rob".into() });
+        let mut chat = Chat::new();
+        chat.connect(1, Some("ada"), "lobby", None);
+        chat.connect(2, Some("bob"), "lobby", None);
+        chat.forget(&[1, 2]);
+        chat.send(2, Command::Nick { name: "rob".into() });
         let renamed = json!({"type":"renamed","room":"lobby","from":"bob","name":"rob","count":2});
         for id in [1, 2] {
-            assert_eq!(bench.got(id), std::slice::from_ref(&renamed));
+            assert_eq!(chat.got(id), std::slice::from_ref(&renamed));
         }
-        bench.send(1, Command::Nick { name: "bob".into() });
-        assert_eq!(bench.got(1)[0]["type"], "renamed", "the old name is free");
+        chat.send(1, Command::Nick { name: "bob".into() });
+        assert_eq!(chat.got(1)[0]["type"], "renamed", "the old name is free");
     }
 
     #[test]
     fn a_slow_client_is_dropped_and_its_room_told() {
-        let mut bench = Bench::new();
-        bench.connect(1, Some("ada"), "lobby", None);
-        bench.connect(2, Some("bob"), "lobby", None);
-        bench.forget(&[1, 2]);
-        *bench.recorders[&2].slow.lock().unwrap() = true;
-        bench.send(1, say("flood"));
-        let got = bench.got(1);
+        let mut chat = Chat::new();
+        chat.connect(1, Some("ada"), "lobby", None);
+        chat.connect(2, Some("bob"), "lobby", None);
+        chat.forget(&[1, 2]);
+        *chat.recorders[&2].slow.lock().unwrap() = true;
+        chat.send(1, say("flood"));
+        let got = chat.got(1);
         assert_eq!(texts(&got), ["flood"]);
         assert_eq!(
             got[1],
             json!({"type":"left","room":"lobby","name":"bob","count":1})
         );
+        assert_eq!(*chat.recorders[&2].closed.lock().unwrap(), Some("too slow"));
+        assert_eq!(chat.metrics.slow_clients_dropped.load(Relaxed), 1);
+        chat.send(1, say("after"));
         assert_eq!(
-            *bench.recorders[&2].closed.lock().unwrap(),
-            Some("too slow")
-        );
-        assert_eq!(bench.metrics.slow_clients_dropped.load(Relaxed), 1);
-        bench.send(1, say("after"));
-        assert_eq!(
-            bench.types(2),
+            chat.types(2),
             ["message"],
             "nothing reaches a dropped client"
         );
@@ -1112,19 +1109,19 @@ mod tests {
 
     #[test]
     fn a_resume_with_since_gets_exactly_what_was_missed() {
-        let mut bench = Bench::new();
-        bench.connect(1, Some("ada"), "lobby", None);
-        bench.batch([commands(1, [say("a"), say("b"), say("c")])]);
-        bench.connect(2, Some("bob"), "lobby", Some(1));
-        let welcome = &bench.got(2)[0];
+        let mut chat = Chat::new();
+        chat.connect(1, Some("ada"), "lobby", None);
+        chat.batch([commands(1, [say("a"), say("b"), say("c")])]);
+        chat.connect(2, Some("bob"), "lobby", Some(1));
+        let welcome = &chat.got(2)[0];
         let history = welcome["history"].as_array().unwrap();
         assert_eq!(texts(history), ["b", "c"]);
         assert_eq!(
             (welcome["last_id"].clone(), welcome["truncated"].clone()),
             (json!(3), json!(false))
         );
-        bench.connect(3, Some("cy"), "lobby", Some(3));
-        let welcome = &bench.got(3)[0];
+        chat.connect(3, Some("cy"), "lobby", Some(3));
+        let welcome = &chat.got(3)[0];
         assert_eq!(
             (welcome["history"].clone(), welcome["last_id"].clone()),
             (json!([]), json!(3))
@@ -1133,12 +1130,12 @@ mod tests {
 
     #[test]
     fn a_join_moves_the_client_and_tells_both_rooms() {
-        let mut bench = Bench::new();
-        bench.connect(1, Some("ada"), "lobby", None);
-        bench.connect(2, Some("bob"), "dev", None);
-        bench.connect(3, Some("cy"), "lobby", None);
-        bench.forget(&[1, 2, 3]);
-        bench.send(
+        let mut chat = Chat::new();
+        chat.connect(1, Some("ada"), "lobby", None);
+        chat.connect(2, Some("bob"), "dev", None);
+        chat.connect(3, Some("cy"), "lobby", None);
+        chat.forget(&[1, 2, 3]);
+        chat.send(
             3,
             Command::Join {
                 room: "dev".into(),
@@ -1146,62 +1143,62 @@ mod tests {
             },
         );
         assert_eq!(
-            bench.got(1),
+            chat.got(1),
             [json!({"type":"left","room":"lobby","name":"cy","count":1})]
         );
         assert_eq!(
-            bench.got(2),
+            chat.got(2),
             [json!({"type":"joined","room":"dev","name":"cy","count":2})]
         );
-        let room = &bench.got(3)[0];
+        let room = &chat.got(3)[0];
         assert_eq!(
             (room["type"].clone(), room["users"].clone()),
             (json!("room"), json!(["bob", "cy"]))
         );
-        bench.send(3, say("hi dev"));
+        chat.send(3, say("hi dev"));
         assert_eq!(
-            (bench.types(1), bench.types(2)),
+            (chat.types(1), chat.types(2)),
             (vec![], vec!["message".to_owned()])
         );
     }
 
     #[test]
     fn typing_is_told_to_the_others_and_ends_by_itself() {
-        let mut bench = Bench::new();
-        bench.connect(1, Some("ada"), "lobby", None);
-        bench.connect(2, Some("bob"), "lobby", None);
-        bench.forget(&[1, 2]);
-        bench.send(1, Command::Typing { active: true });
+        let mut chat = Chat::new();
+        chat.connect(1, Some("ada"), "lobby", None);
+        chat.connect(2, Some("bob"), "lobby", None);
+        chat.forget(&[1, 2]);
+        chat.send(1, Command::Typing { active: true });
         assert_eq!(
-            bench.got(2),
+            chat.got(2),
             [json!({"type":"typing","room":"lobby","name":"ada","active":true})]
         );
-        assert!(bench.got(1).is_empty(), "the typist is not told");
-        bench.hub.end_batch(Instant::now() + TYPING_TIMEOUT);
-        assert_eq!(bench.got(2)[0]["active"], false);
+        assert!(chat.got(1).is_empty(), "the typist is not told");
+        chat.hub.end_batch(Instant::now() + TYPING_TIMEOUT);
+        assert_eq!(chat.got(2)[0]["active"], false);
     }
 
     #[test]
     fn a_crowd_hears_counts_once_a_tick_instead_of_names() {
-        let mut bench = Bench::new();
+        let mut chat = Chat::new();
         for id in 1..=PRESENCE_LIMIT as u64 + 1 {
-            bench.connect(id, None, "lobby", None);
+            chat.connect(id, None, "lobby", None);
         }
-        bench.forget(&[1]);
-        bench.connect(9, None, "lobby", None);
-        assert!(bench.got(1).is_empty(), "no `joined` in a crowd");
-        bench.hub.end_batch(Instant::now() + PRESENCE_TICK);
+        chat.forget(&[1]);
+        chat.connect(9, None, "lobby", None);
+        assert!(chat.got(1).is_empty(), "no `joined` in a crowd");
+        chat.hub.end_batch(Instant::now() + PRESENCE_TICK);
         assert_eq!(
-            bench.got(1),
+            chat.got(1),
             [json!({"type":"presence","room":"lobby","count":5})]
         );
     }
 
     #[test]
     fn an_api_post_is_shown_then_answered_with_its_id() {
-        let mut bench = Bench::new();
-        bench.connect(1, Some("ada"), "ops", None);
-        bench.forget(&[1]);
+        let mut chat = Chat::new();
+        chat.connect(1, Some("ada"), "ops", None);
+        chat.forget(&[1]);
         let (reply, answer) = crossbeam_channel::bounded(1);
         let publish = Event::Publish {
             room: "ops".into(),
@@ -1209,9 +1206,9 @@ mod tests {
             text: "done".into(),
             reply,
         };
-        bench.batch([publish]);
+        chat.batch([publish]);
         assert_eq!(answer.try_recv(), Ok(Ok(1)));
-        let got = bench.got(1);
+        let got = chat.got(1);
         assert_eq!(
             (texts(&got), got[0]["from"].clone()),
             (vec!["done"], json!("deploy"))
