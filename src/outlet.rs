@@ -608,6 +608,12 @@ mod tests {
         (Arc::new(server), client)
     }
 
+    /// An outlet to the server's end of a pair, as a session makes it.
+    fn socket_outlet(server: Arc<TcpStream>, metrics: &Arc<Metrics>, bounds: Bounds) -> Outlet {
+        let doorbell = Doorbell::for_current_thread();
+        Outlet::new(server, doorbell, metrics.clone(), bounds)
+    }
+
     /// Reads one unmasked text frame of under 126 bytes.
     fn read_text(client: &mut TcpStream) -> String {
         let mut header = [0u8; 2];
@@ -642,8 +648,7 @@ mod tests {
     fn an_upgrade_moves_the_client_to_the_socket_in_order() {
         let (server, mut client) = socket_pair();
         let metrics = Arc::new(Metrics::default());
-        let doorbell = Doorbell::for_current_thread();
-        let socket = Outlet::new(server, doorbell, metrics.clone(), BOUNDS);
+        let socket = socket_outlet(server, &metrics, BOUNDS);
         let queue = Arc::new(Recorder::default());
         let weak: Weak<dyn Queue> = Arc::downgrade(&queue) as Weak<Recorder>;
         let polling = Outlet::queued(weak, metrics, BOUNDS);
@@ -723,8 +728,7 @@ mod tests {
         const FRAMES: usize = 300;
         let (server, mut client) = narrow_pair();
         let metrics = Arc::new(Metrics::default());
-        let doorbell = Doorbell::for_current_thread();
-        let outlet = Outlet::new(server, doorbell, metrics.clone(), ROOMY);
+        let outlet = socket_outlet(server, &metrics, ROOMY);
         let frames: Vec<Frame> = (0..FRAMES).map(numbered).collect();
         let mut forms = SocketIoForms::default();
         let backlog = outlet.send(&frames[..1], &mut forms);
@@ -779,8 +783,7 @@ mod tests {
         let mut forms = SocketIoForms::default();
         let mut first_too_slow = |bounds: Bounds, frame: Frame| {
             let (server, _client) = narrow_pair();
-            let doorbell = Doorbell::for_current_thread();
-            let outlet = Outlet::new(server, doorbell, metrics.clone(), bounds);
+            let outlet = socket_outlet(server, &metrics, bounds);
             (0..100_000)
                 .map(|_| outlet.send(std::slice::from_ref(&frame), &mut forms))
                 .find(|backlog| backlog.too_slow)
