@@ -99,6 +99,13 @@ pub struct Config {
     pub history_bytes: usize,
     /// When every room slot is taken, an empty room quiet this long gives its slot up.
     pub room_quiet: Duration,
+    // ----- TLS (feature `tls`) -----
+    /// PEM certificate chain: with `tls_key`, the one port speaks TLS (https, wss).
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert` (RSA, ECDSA or Ed25519).
+    pub tls_key: Option<PathBuf>,
+    /// A plain-HTTP port that answers every request with a 308 to the https port.
+    pub redirect_http: Option<u16>,
 }
 
 impl Default for Config {
@@ -141,6 +148,9 @@ impl Default for Config {
             // Long enough that a room whose people stepped away keeps its history; short enough
             // that filling every slot once locks new rooms out for minutes, not for good.
             room_quiet: Duration::from_secs(10 * 60),
+            tls_cert: None,
+            tls_key: None,
+            redirect_http: None,
         }
     }
 }
@@ -199,6 +209,11 @@ USAGE: wschat [FLAGS]
   --echo                 also serve ws://.../echo, which sends every message back (text as
                          text, binary as binary) through the chat's session code, for
                          conformance suites (scripts/autobahn); off by default
+  --tls-cert FILE        PEM certificate chain: the port speaks https and wss (with --tls-key);
+                         SIGHUP reloads the pair
+  --tls-key FILE         PEM private key of --tls-cert (RSA, ECDSA or Ed25519)
+  --redirect-http PORT   also listen on PORT (plain HTTP) and answer every request with
+                         a 308 to https
   -h, --help             print this help
   -V, --version          print the version
 
@@ -295,6 +310,9 @@ fn apply(cfg: &mut Config, flag: &str, parser: &mut lexopt::Parser) -> Result<()
         "--api-rate" => cfg.api_rate = parse_positive(flag, &value()?)?,
         "--history-bytes" => cfg.history_bytes = parse_count(flag, &value()?)?,
         "--room-quiet" => cfg.room_quiet = parse_secs(flag, &value()?)?,
+        "--tls-cert" => cfg.tls_cert = Some(value()?.into()),
+        "--tls-key" => cfg.tls_key = Some(value()?.into()),
+        "--redirect-http" => cfg.redirect_http = Some(parse_port(flag, &value()?)?),
         _ => return Err(lexopt::Error::UnexpectedOption(flag.to_owned())),
     }
     Ok(())
@@ -321,6 +339,22 @@ fn check(cfg: &Config) -> Result<(), lexopt::Error> {
     }
     if cfg.max_message_bytes < 16 {
         return Err("--max-message-bytes: must be at least 16".into());
+    }
+    check_tls(cfg)
+}
+
+/// TLS flags come as a pair, and only in a build that has TLS.
+fn check_tls(cfg: &Config) -> Result<(), lexopt::Error> {
+    let tls = match (&cfg.tls_cert, &cfg.tls_key) {
+        (Some(_), Some(_)) => true,
+        (None, None) => false,
+        _ => return Err("--tls-cert and --tls-key go together: give both, or neither".into()),
+    };
+    if tls && !cfg!(feature = "tls") {
+        return Err("--tls-cert: this wschat was built without TLS (cargo feature `tls`)".into());
+    }
+    if cfg.redirect_http.is_some() && !tls {
+        return Err("--redirect-http: redirects to https, so it needs --tls-cert and --tls-key".into());
     }
     Ok(())
 }

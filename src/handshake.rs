@@ -8,12 +8,13 @@
 //! 101, the socket belongs to the session. Reading the request is [`crate::request`]'s job.
 
 use std::io::{self, Write};
-use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream, UdpSocket};
+use std::net::{IpAddr, Shutdown, SocketAddr, UdpSocket};
 use std::time::Duration;
 
 use crate::metrics::{Metrics, Rejection};
 use crate::protocol::{self, Arrival, DEFAULT_ROOM};
 use crate::request::Request;
+use crate::wire::Wire;
 
 /// What the server checks a handshake against.
 #[derive(Clone, Debug, Default)]
@@ -263,17 +264,17 @@ pub fn switching_response(accept_key: &str, protocol: Option<&str>) -> String {
 }
 
 /// Writes a whole response (handshake answers are small: one write, bounded by the write timeout).
-pub fn send(stream: &TcpStream, response: &str) -> io::Result<()> {
-    (&*stream).write_all(response.as_bytes())
+pub fn send(mut stream: impl Write, response: &str) -> io::Result<()> {
+    stream.write_all(response.as_bytes())
 }
 
 /// Answers a refused upgrade (or socket.io request), closes the connection's writing side, and
 /// logs it sparingly: a flood of refusals would flood the log too, so the 1st, 2nd, 4th, 8th...
 /// of each kind. `page_url` is where a lost browser should go instead.
-pub fn refuse(
+pub(crate) fn refuse(
     metrics: &Metrics,
     page_url: &str,
-    stream: &TcpStream,
+    stream: &Wire,
     peer: SocketAddr,
     refusal: &Refusal,
 ) {
@@ -288,8 +289,8 @@ pub fn refuse(
 
 /// Answers `101` (within `timeout`) and readies the socket for its session: no more timeouts
 /// (the session never blocks on it), no Nagle. False if the connection was lost.
-pub fn switch_protocols(
-    stream: &TcpStream,
+pub(crate) fn switch_protocols(
+    stream: &Wire,
     request: &Request,
     response: &str,
     timeout: Duration,

@@ -8,7 +8,7 @@
 //! This module never holds chat state itself.
 
 use std::io::{BufWriter, Write};
-use std::net::{IpAddr, TcpStream};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -24,6 +24,7 @@ use crate::names;
 use crate::protocol::{self, ChatError};
 use crate::ratelimit::{AddressBuckets, TokenBucket};
 use crate::request::{self, Request};
+use crate::wire::Wire;
 
 /// The page, compiled into the binary so it runs from any directory.
 static WWW: Dir<'static> = include_dir!("$CARGO_MANIFEST_DIR/www");
@@ -49,6 +50,8 @@ pub struct HttpShared {
     pub api_posts_per_address: AddressBuckets,
     pub api_posts: Mutex<TokenBucket>,
     pub trusted_proxy: Option<IpAddr>,
+    /// `wss` when the port speaks TLS, else `ws`: the scheme of the announced WebSocket URL.
+    pub ws_scheme: &'static str,
 }
 
 type Reply = Response<std::io::Cursor<Vec<u8>>>;
@@ -56,7 +59,7 @@ type Reply = Response<std::io::Cursor<Vec<u8>>>;
 /// What one request on a connection can see besides its head: the socket, for the body.
 struct Exchange<'a> {
     request: &'a Request,
-    stream: &'a TcpStream,
+    stream: &'a Wire,
     buffered: &'a mut Vec<u8>,
     /// The body must have arrived by then.
     deadline: Instant,
@@ -66,9 +69,9 @@ struct Exchange<'a> {
 
 /// Answers one request; returns whether the connection may serve another. The body, if the
 /// handler wants it, must arrive within `timeout`; so must the response's last byte leave.
-pub fn serve(
+pub(crate) fn serve(
     shared: &HttpShared,
-    stream: &TcpStream,
+    stream: &Wire,
     request: &Request,
     buffered: &mut Vec<u8>,
     timeout: Duration,
@@ -200,7 +203,8 @@ fn ws_url(shared: &HttpShared, request: &Request) -> String {
         return url.clone();
     }
     let host = request.header("Host").filter(|h| is_plain_host(h));
-    format!("ws://{}/chat", host.unwrap_or(&shared.default_host))
+    let host = host.unwrap_or(&shared.default_host);
+    format!("{}://{host}/chat", shared.ws_scheme)
 }
 
 /// A host name or address, nothing that could break out of a URL, JSON string or header.

@@ -76,6 +76,8 @@ pub mod names;
 pub mod protocol;
 pub mod request;
 pub mod socketio;
+#[cfg(feature = "tls")]
+pub mod tls;
 
 // The running server's machinery: reached through `Server` and `Handle` only.
 mod admission;
@@ -87,11 +89,14 @@ mod listener;
 mod metrics;
 mod outlet;
 mod ratelimit;
+#[cfg(feature = "tls")]
+mod redirect;
 mod reactor;
 mod session;
 mod sio_door;
 mod sio_link;
 mod stack;
+mod wire;
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
@@ -147,6 +152,10 @@ pub enum StartError {
     },
     #[error("cannot start a thread or the socket poller: {0}")]
     Thread(io::Error),
+    /// The TLS pair cannot be used (unreadable, not PEM, key not the certificate's).
+    #[cfg(feature = "tls")]
+    #[error("{0}")]
+    Tls(#[from] tls::PairError),
 }
 
 /// Starts servers; see [`Server::start`].
@@ -162,11 +171,22 @@ pub struct Handle {
     sweep_thread: JoinHandle<()>,
     reactor_thread: JoinHandle<()>,
     dispatcher_thread: JoinHandle<()>,
+    /// `--redirect-http`: its shared state, address and accept thread.
+    #[cfg(feature = "tls")]
+    redirect: Option<(Arc<redirect::Redirect>, SocketAddr, JoinHandle<()>)>,
 }
 
 impl Server {
     /// Binds the port, loads history, and starts every thread. Returns once the server accepts.
     pub fn start(config: Config) -> Result<Handle, StartError> {
+        #[cfg(feature = "tls")]
+        let tls = match (&config.tls_cert, &config.tls_key) {
+            (Some(cert), Some(key)) => Some(Arc::new(tls::Tls::new(tls::TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+            })?)),
+            _ => None,
+        };
         let listener = bind(config.bind, config.http_port)?;
         let addr = local_addr(&listener, config.http_port)?;
 
@@ -208,13 +228,13 @@ impl Server {
         let reactor_for_thread = reactor.clone();
         let reactor_thread = spawn("reactor", move || reactor_for_thread.run())?;
 
-        let front = Arc::new(front(
-            &config,
-            addr,
-            events.clone(),
-            metrics.clone(),
-            reactor,
-        ));
+        #[allow(unused_mut)] // without TLS nothing more is set
+        let mut front = front(&config, addr, events.clone(), metrics.clone(), reactor);
+        #[cfg(feature = "tls")]
+        {
+            front.tls = tls;
+        }
+        let front = Arc::new(front);
         let accept_front = front.clone();
         let accept_thread = spawn("accept", move || {
             listener::accept_loop(listener, accept_front)
@@ -226,7 +246,14 @@ impl Server {
                 .sio
                 .sweep_until_stopped(&front.stopping, &front.events)
         })?;
+        #[cfg(feature = "tls")]
+        let redirect = match config.redirect_http {
+            Some(port) => Some(start_redirect(&config, port, addr.port())?),
+            None => None,
+        };
         Ok(Handle {
+            #[cfg(feature = "tls")]
+            redirect,
             addr,
             metrics,
             events,
@@ -257,12 +284,38 @@ impl Handle {
 
     /// The page's URL, as a person would open it.
     pub fn page_url(&self) -> String {
-        format!("http://{}/", reachable(self.addr))
+        let scheme = if self.is_tls() { "https" } else { "http" };
+        format!("{scheme}://{}/", reachable(self.addr))
     }
 
     /// The WebSocket endpoint's URL.
     pub fn ws_url(&self) -> String {
-        format!("ws://{}/chat", reachable(self.addr))
+        let scheme = if self.is_tls() { "wss" } else { "ws" };
+        format!("{scheme}://{}/chat", reachable(self.addr))
+    }
+
+    /// `--redirect-http`'s address, if it listens.
+    #[cfg(feature = "tls")]
+    pub fn redirect_addr(&self) -> Option<SocketAddr> {
+        self.redirect.as_ref().map(|(_, addr, _)| *addr)
+    }
+
+    /// Whether the port speaks TLS (`--tls-cert`).
+    pub fn is_tls(&self) -> bool {
+        #[cfg(feature = "tls")]
+        return self.front.tls.is_some();
+        #[cfg(not(feature = "tls"))]
+        false
+    }
+
+    /// Reads the TLS pair again (on `SIGHUP`): new connections get the new one, open ones keep
+    /// theirs. A bad pair is refused, and the old one stays. `Ok` without TLS (nothing to do).
+    #[cfg(feature = "tls")]
+    pub fn reload_tls(&self) -> Result<(), tls::PairError> {
+        match &self.front.tls {
+            Some(tls) => tls.certificates().reload(),
+            None => Ok(()),
+        }
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -277,6 +330,12 @@ impl Handle {
     /// Stops accepting, commits history, sends close 1001 to every client, and returns when every
     /// thread the server started has ended.
     pub fn shutdown(self) {
+        #[cfg(feature = "tls")]
+        if let Some((redirect, addr, thread)) = self.redirect {
+            redirect.stopping.store(true, Relaxed);
+            let _ = TcpStream::connect_timeout(&reachable(addr), Duration::from_secs(1));
+            let _ = thread.join();
+        }
         self.front.stopping.store(true, Relaxed);
         let _ = TcpStream::connect_timeout(&reachable(self.addr), Duration::from_secs(1));
         let _ = self.accept_thread.join();
@@ -347,6 +406,11 @@ fn front(
             std::time::Instant::now(),
         )),
         trusted_proxy: config.trusted_proxy,
+        ws_scheme: if config.tls_cert.is_some() {
+            "wss"
+        } else {
+            "ws"
+        },
     };
     let bytes_per_address = ratelimit::AddressBuckets::new(
         config.rate_bytes_per_ip,
@@ -362,8 +426,39 @@ fn front(
         bytes_per_address,
         (http, socketio_door(config)),
         (config.handshake_timeout, config.http_timeout),
-        format!("http://{host}:{port}/"),
+        format!("{}://{host}:{port}/", page_scheme(config)),
     )
+}
+
+/// `--redirect-http PORT`: its listener and thread, pointing at the https port.
+#[cfg(feature = "tls")]
+fn start_redirect(
+    config: &Config,
+    port: u16,
+    https_port: u16,
+) -> Result<(Arc<redirect::Redirect>, SocketAddr, JoinHandle<()>), StartError> {
+    let redirect = Arc::new(redirect::Redirect::new(
+        https_port,
+        display_host(config.bind),
+        config.handshake_timeout,
+    ));
+    let wanted = SocketAddr::new(config.bind, port);
+    let (addr, thread) =
+        redirect::start(wanted, redirect.clone()).map_err(|source| StartError::Bind {
+            addr: wanted,
+            source,
+            hint: " (--redirect-http)",
+        })?;
+    Ok((redirect, addr, thread))
+}
+
+/// `https` when the port speaks TLS.
+fn page_scheme(config: &Config) -> &'static str {
+    if config.tls_cert.is_some() {
+        "https"
+    } else {
+        "http"
+    }
 }
 
 /// The socket.io door: Engine.IO sessions within the client caps, as WebSocket clients are.
@@ -409,9 +504,10 @@ fn admission_limits(config: &Config) -> admission::Limits {
 /// The origins of the pages this server serves: its own address (and `localhost` when it
 /// listens on loopback or everywhere), and the public URL's.
 fn own_origins(config: &Config, port: u16) -> Vec<String> {
-    let with_port = |host: &str| match port {
-        80 => format!("http://{host}"),
-        _ => format!("http://{host}:{port}"),
+    let scheme = page_scheme(config);
+    let with_port = |host: &str| match (scheme, port) {
+        ("http", 80) | ("https", 443) => format!("{scheme}://{host}"),
+        _ => format!("{scheme}://{host}:{port}"),
     };
     let mut origins = vec![with_port(&display_host(config.bind))];
     if config.bind.is_loopback() || config.bind.is_unspecified() {

@@ -29,6 +29,9 @@ use crate::reactor::Reactor;
 use crate::request::{self, HeadError, Request};
 use crate::session::{self, Env, Joining, SESSION_STACK_BYTES, Settings};
 use crate::sio_door::{self, Door, Next, SioDoor};
+#[cfg(feature = "tls")]
+use crate::tls::{Refused, Tls};
+use crate::wire::Wire;
 
 /// Pause after a failed `accept` (e.g. out of file descriptors), so the loop does not spin.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
@@ -57,8 +60,11 @@ pub struct Front {
     pub head_timeout: Duration,
     /// A keep-alive connection's next request, and any body, must arrive within this.
     pub http_timeout: Duration,
-    /// Shown to plain HTTP clients that knock on a WebSocket path.
+    /// Shown to plain HTTP clients that knock on a WebSocket path (and on the TLS port).
     pub page_url: String,
+    /// With `--tls-cert`: every connection starts with a TLS handshake.
+    #[cfg(feature = "tls")]
+    pub tls: Option<Arc<Tls>>,
     pub stopping: AtomicBool,
     next_id: AtomicU64,
     streams: Mutex<HashMap<u64, Arc<TcpStream>>>,
@@ -93,6 +99,8 @@ impl Front {
             head_timeout,
             http_timeout,
             page_url,
+            #[cfg(feature = "tls")]
+            tls: None,
             stopping: AtomicBool::new(false),
             next_id: AtomicU64::new(1),
             streams: Mutex::new(HashMap::new()),
@@ -268,7 +276,8 @@ fn turn_away(front: &Front, stream: &TcpStream, peer: SocketAddr, turned: Turned
     let _ = stream.shutdown(Shutdown::Both);
 }
 
-/// One connection's whole life: requests until it becomes a WebSocket or ends.
+/// One connection's whole life: requests until it becomes a WebSocket or ends. The TLS
+/// handshake (if any) and the first request head share one deadline.
 fn connection(
     front: &Front,
     id: u64,
@@ -277,10 +286,65 @@ fn connection(
     mut ticket: Ticket,
     at_door: AtDoor<'_>,
 ) {
-    if let Some((joining, leftover)) = at_the_door(front, id, &stream, peer, &mut ticket) {
+    let deadline = Instant::now() + front.head_timeout.min(front.http_timeout);
+    let Some(wire) = open_wire(front, stream, peer, deadline) else {
+        return;
+    };
+    if let Some((joining, leftover)) = at_the_door(front, id, &wire, peer, &mut ticket, deadline)
+    {
         drop(at_door);
-        run_session(front, id, stream, peer, joining, leftover);
+        run_session(front, id, wire, peer, joining, leftover);
     }
+}
+
+/// The connection's bytes: plain, or (with `--tls-cert`) TLS once its handshake is done by
+/// `deadline`. None if the handshake failed (answered, counted and logged).
+#[cfg(feature = "tls")]
+fn open_wire(
+    front: &Front,
+    stream: Arc<TcpStream>,
+    peer: SocketAddr,
+    deadline: Instant,
+) -> Option<Wire> {
+    let Some(tls) = &front.tls else {
+        return Some(Wire::plain(stream));
+    };
+    match tls.accept(stream.clone(), deadline) {
+        Ok(wire) => Some(wire),
+        Err(refused) => {
+            tls_failed(front, Wire::plain(stream), peer, refused, deadline);
+            None
+        }
+    }
+}
+
+#[cfg(not(feature = "tls"))]
+fn open_wire(_: &Front, stream: Arc<TcpStream>, _: SocketAddr, _: Instant) -> Option<Wire> {
+    Some(Wire::plain(stream))
+}
+
+/// A TLS handshake that failed: plain HTTP gets a plain `400` saying to use https (after its
+/// head is read, so the answer is not lost in a reset); the rest is counted and logged.
+#[cfg(feature = "tls")]
+fn tls_failed(front: &Front, plain: Wire, peer: SocketAddr, refused: Refused, deadline: Instant) {
+    let kind = match refused {
+        Refused::Closed => return,
+        Refused::Io(ref e) => return debug!("connection from {peer}: {e}"),
+        Refused::PlainHttp => Rejection::TlsPlainHttp,
+        Refused::Timeout => Rejection::Timeout,
+        Refused::Truncated | Refused::Tls(_) => Rejection::TlsHandshake,
+    };
+    if let Some(count) = front.metrics.reject(kind) {
+        info!("dropped a connection from {peer}: {refused} ({count} of this kind so far)");
+    }
+    if matches!(refused, Refused::PlainHttp) {
+        let _ = request::read_head(&plain, &mut Vec::new(), deadline);
+        let body = format!("this port speaks TLS: use {}\n", front.page_url);
+        let response = handshake::status_response("400 Bad Request", "", &body);
+        let _ = plain.set_write_timeout(Some(front.head_timeout));
+        let _ = handshake::send(&plain, &response);
+    }
+    let _ = plain.shutdown(Shutdown::Both);
 }
 
 /// Serves requests until one asks for a WebSocket (checked, answered `101`, and returned with the
@@ -291,12 +355,12 @@ fn connection(
 fn at_the_door(
     front: &Front,
     id: u64,
-    stream: &TcpStream,
+    stream: &Wire,
     peer: SocketAddr,
     ticket: &mut Ticket,
+    mut deadline: Instant,
 ) -> Option<(Joining, Vec<u8>)> {
     let mut buffered = Vec::new();
-    let mut deadline = Instant::now() + front.head_timeout.min(front.http_timeout);
     for served in 0..MAX_REQUESTS_PER_CONNECTION {
         let request = match request::read_head(stream, &mut buffered, deadline) {
             Ok(request) => request,
@@ -337,7 +401,7 @@ fn at_the_door(
 }
 
 /// The head could not be read: answer what deserves an answer, log what deserves a line.
-fn head_failed(front: &Front, stream: &TcpStream, peer: SocketAddr, e: HeadError, served: usize) {
+fn head_failed(front: &Front, stream: &Wire, peer: SocketAddr, e: HeadError, served: usize) {
     match e {
         HeadError::Closed => {}
         HeadError::Timeout if served > 0 => {} // an idle keep-alive connection: the usual end
@@ -378,7 +442,7 @@ fn head_failed(front: &Front, stream: &TcpStream, peer: SocketAddr, e: HeadError
 #[inline(never)]
 fn check_upgrade(
     front: &Front,
-    stream: &TcpStream,
+    stream: &Wire,
     request: &Request,
     ticket: &mut Ticket,
 ) -> Option<handshake::Upgrade> {
@@ -407,12 +471,17 @@ fn check_upgrade(
 fn run_session(
     front: &Front,
     id: u64,
-    stream: Arc<TcpStream>,
+    wire: Wire,
     peer: SocketAddr,
     joining: Joining,
     leftover: Vec<u8>,
 ) {
-    let reason = session::serve(stream, leftover, joining, front.env());
+    if wire.is_tls() {
+        // Until the session reads and writes through TLS (wss), it must not touch the socket.
+        let _ = wire.shutdown(Shutdown::Both);
+        return debug!("connection {id} from {peer}: wss is not served yet");
+    }
+    let reason = session::serve(wire.tcp().clone(), leftover, joining, front.env());
     debug!("connection {id} from {peer} ended: {reason}");
 }
 

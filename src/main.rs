@@ -1,10 +1,12 @@
-//! The `wschat` binary: flags and environment into a [`Config`], logging, signals, and the one
-//! line that tells a person where to point a browser.
+//! The `wschat` binary: flags and environment into a [`Config`], logging, signals (SIGTERM and
+//! SIGINT stop it; SIGHUP reloads the TLS pair), and the one line that tells a person where to
+//! point a browser.
 
 use std::process::ExitCode;
 
+use crossbeam_channel::Receiver;
 use wschat::config::{self, Parsed};
-use wschat::{Config, Server};
+use wschat::{Config, Handle, Server, StartError};
 
 fn main() -> ExitCode {
     one_malloc_arena_per_core();
@@ -43,11 +45,18 @@ fn run(config: Config) -> ExitCode {
         eprintln!("wschat: cannot install the signal handler: {e}");
         return ExitCode::FAILURE;
     }
+    let reloads = match reload_signals() {
+        Ok(reloads) => reloads,
+        Err(e) => {
+            eprintln!("wschat: cannot install the SIGHUP handler: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let handle = match Server::start(config) {
         Ok(handle) => handle,
         Err(e) => {
             eprintln!("wschat: {e}");
-            return ExitCode::FAILURE;
+            return start_failure(&e);
         }
     };
     println!(
@@ -58,10 +67,65 @@ fn run(config: Config) -> ExitCode {
     if handle.addr().ip().is_unspecified() {
         print_lan_urls(handle.addr().port());
     }
-    let _ = stop_rx.recv();
+    wait_for_stop(&handle, &stop_rx, &reloads);
     log::info!("signal received: shutting down");
     handle.shutdown();
     ExitCode::SUCCESS
+}
+
+/// A bad TLS pair is a configuration error like a bad flag (status 2); the rest are failures.
+fn start_failure(e: &StartError) -> ExitCode {
+    #[cfg(feature = "tls")]
+    if matches!(e, StartError::Tls(_)) {
+        return ExitCode::from(2);
+    }
+    let _ = e;
+    ExitCode::FAILURE
+}
+
+/// Runs until SIGTERM or SIGINT; each SIGHUP meanwhile reloads the TLS pair.
+fn wait_for_stop(handle: &Handle, stop: &Receiver<()>, reloads: &Receiver<()>) {
+    loop {
+        crossbeam_channel::select! {
+            recv(stop) -> _ => return,
+            recv(reloads) -> _ => reload(handle),
+        }
+    }
+}
+
+#[cfg(feature = "tls")]
+fn reload(handle: &Handle) {
+    if !handle.is_tls() {
+        return log::info!("SIGHUP: no TLS pair to reload (no --tls-cert)");
+    }
+    match handle.reload_tls() {
+        Ok(()) => log::info!("SIGHUP: TLS pair reloaded; new connections get it"),
+        Err(e) => log::error!("SIGHUP: {e}; still serving the previous pair"),
+    }
+}
+
+#[cfg(not(feature = "tls"))]
+fn reload(_: &Handle) {}
+
+/// SIGHUP, as a channel (a thread of signal-hook's turns the signal into a message).
+#[cfg(feature = "tls")]
+fn reload_signals() -> std::io::Result<Receiver<()>> {
+    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGHUP])?;
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    std::thread::Builder::new()
+        .name("sighup".into())
+        .spawn(move || {
+            for _ in signals.forever() {
+                let _ = tx.try_send(()); // one reload pending is as good as several
+            }
+        })?;
+    Ok(rx)
+}
+
+/// Without TLS, SIGHUP keeps its default meaning.
+#[cfg(not(feature = "tls"))]
+fn reload_signals() -> std::io::Result<Receiver<()>> {
+    Ok(crossbeam_channel::never())
 }
 
 /// Bound to every address: say where the machine's neighbours can open the page too.

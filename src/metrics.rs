@@ -19,10 +19,14 @@ pub enum Rejection {
     TooManyConnections,
     ConnectionRate,
     Timeout,
+    /// Plain HTTP on the TLS port.
+    TlsPlainHttp,
+    /// A TLS handshake that failed: garbage, a bad or truncated ClientHello, an alert.
+    TlsHandshake,
 }
 
 impl Rejection {
-    const ALL: [Rejection; 10] = [
+    const ALL: [Rejection; 12] = [
         Rejection::BadRequest,
         Rejection::NotFound,
         Rejection::UpgradeRequired,
@@ -33,6 +37,8 @@ impl Rejection {
         Rejection::TooManyConnections,
         Rejection::ConnectionRate,
         Rejection::Timeout,
+        Rejection::TlsPlainHttp,
+        Rejection::TlsHandshake,
     ];
 
     pub fn label(self) -> &'static str {
@@ -47,6 +53,8 @@ impl Rejection {
             Rejection::TooManyConnections => "too_many_connections",
             Rejection::ConnectionRate => "connection_rate",
             Rejection::Timeout => "timeout",
+            Rejection::TlsPlainHttp => "tls_plain_http",
+            Rejection::TlsHandshake => "tls_handshake",
         }
     }
 }

@@ -9,7 +9,9 @@
 //! [`crate::http`] do.
 
 use std::io::{self, Read};
-use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::net::{IpAddr, SocketAddr};
+
+use crate::wire::Wire;
 use std::time::Instant;
 
 /// Largest request head accepted: browsers send well under 2 KiB, and a cookie-laden one 4-6 KiB.
@@ -144,8 +146,8 @@ pub fn decode(s: &str) -> String {
 /// Reads one request head. `buffered` holds bytes already read from this connection (a
 /// pipelined request, or nothing); on success the head is taken out of it and what follows
 /// stays. The whole head must arrive by `deadline`.
-pub fn read_head(
-    stream: &TcpStream,
+pub(crate) fn read_head(
+    stream: &Wire,
     buffered: &mut Vec<u8>,
     deadline: Instant,
 ) -> Result<Request, HeadError> {
@@ -208,8 +210,8 @@ pub fn parse(head: &[u8], peer: SocketAddr) -> Result<Request, HeadError> {
 }
 
 /// Reads a body of exactly `length` bytes (some may be in `buffered` already), by `deadline`.
-pub fn read_body(
-    stream: &TcpStream,
+pub(crate) fn read_body(
+    stream: &Wire,
     buffered: &mut Vec<u8>,
     length: usize,
     deadline: Instant,
@@ -231,8 +233,8 @@ pub const DRAIN_LIMIT_BYTES: usize = 1 << 20;
 
 /// Reads and throws away up to `length` bytes of a body nobody wants, by `deadline`, so the
 /// answer that follows is not lost in a connection reset. False if they did not all arrive.
-pub fn skip_body(
-    stream: &TcpStream,
+pub(crate) fn skip_body(
+    stream: &Wire,
     buffered: &mut Vec<u8>,
     length: usize,
     deadline: Instant,
@@ -255,7 +257,7 @@ pub fn skip_body(
 /// One `read` of up to `wanted` bytes appended to `buf`, waiting no later than `deadline`.
 /// Returns 0 at end of stream.
 fn read_some(
-    stream: &TcpStream,
+    stream: &Wire,
     buf: &mut Vec<u8>,
     wanted: usize,
     deadline: Instant,

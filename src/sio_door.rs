@@ -16,7 +16,7 @@
 //! the front door as a [`Door`]. Every request passes the origin check of
 //! WebSockets; what a client may send is its link's business, and chat the dispatcher's.
 
-use std::net::{IpAddr, TcpStream};
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -35,6 +35,7 @@ use crate::metrics::Rejection;
 use crate::request::{self, Request};
 use crate::session::Env;
 use crate::sio_link::{Link, NewLink};
+use crate::wire::Wire;
 
 /// Where socket.io clients fetch the client script.
 pub const CLIENT_SCRIPT_PATH: &str = "/socket.io/socket.io.js";
@@ -144,7 +145,7 @@ impl SioDoor {
 /// Answers one request for `/socket.io/...`.
 pub fn serve(
     door: &Door<'_>,
-    stream: &TcpStream,
+    stream: &Wire,
     request: &Request,
     buffered: &mut Vec<u8>,
     ticket: &mut Ticket,
@@ -316,7 +317,7 @@ fn websocket(reply: &Reply<'_>, sid: Option<String>, ticket: &mut Ticket) -> Nex
 /// How a socket.io request is answered.
 struct Reply<'a> {
     door: &'a Door<'a>,
-    stream: &'a TcpStream,
+    stream: &'a Wire,
     request: &'a Request,
 }
 
@@ -417,7 +418,7 @@ impl Reply<'_> {
     }
 }
 
-fn write_all(stream: &TcpStream, bytes: &[u8]) -> std::io::Result<()> {
+fn write_all(stream: &Wire, bytes: &[u8]) -> std::io::Result<()> {
     std::io::Write::write_all(&mut &*stream, bytes)
 }
 
