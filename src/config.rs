@@ -354,7 +354,9 @@ fn check_tls(cfg: &Config) -> Result<(), lexopt::Error> {
         return Err("--tls-cert: this wschat was built without TLS (cargo feature `tls`)".into());
     }
     if cfg.redirect_http.is_some() && !tls {
-        return Err("--redirect-http: redirects to https, so it needs --tls-cert and --tls-key".into());
+        return Err(
+            "--redirect-http: redirects to https, so it needs --tls-cert and --tls-key".into(),
+        );
     }
     Ok(())
 }

@@ -89,9 +89,9 @@ mod listener;
 mod metrics;
 mod outlet;
 mod ratelimit;
+mod reactor;
 #[cfg(feature = "tls")]
 mod redirect;
-mod reactor;
 mod session;
 mod sio_door;
 mod sio_link;

@@ -290,8 +290,7 @@ fn connection(
     let Some(wire) = open_wire(front, stream, peer, deadline) else {
         return;
     };
-    if let Some((joining, leftover)) = at_the_door(front, id, &wire, peer, &mut ticket, deadline)
-    {
+    if let Some((joining, leftover)) = at_the_door(front, id, &wire, peer, &mut ticket, deadline) {
         drop(at_door);
         run_session(front, id, wire, peer, joining, leftover);
     }

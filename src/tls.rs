@@ -78,13 +78,14 @@ pub fn load_pair(files: &TlsFiles) -> Result<CertifiedKey, PairError> {
         path: files.key.clone(),
         why: pem_problem(&e),
     })?;
-    let signing_key = provider()
-        .key_provider
-        .load_private_key(key)
-        .map_err(|e| PairError::Key {
-            path: files.key.clone(),
-            why: format!("not a usable RSA, ECDSA or Ed25519 key ({e})"),
-        })?;
+    let signing_key =
+        provider()
+            .key_provider
+            .load_private_key(key)
+            .map_err(|e| PairError::Key {
+                path: files.key.clone(),
+                why: format!("not a usable RSA, ECDSA or Ed25519 key ({e})"),
+            })?;
     let pair = CertifiedKey::new(chain, signing_key);
     match pair.keys_match() {
         Ok(()) => Ok(pair),

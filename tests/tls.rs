@@ -48,7 +48,9 @@ impl Pki {
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
         let key = KeyPair::generate().unwrap();
-        let ca_der = params.self_signed(&key).unwrap().der().clone();
+        let ca = params.self_signed(&key).unwrap();
+        std::fs::write(dir.join("ca.crt"), ca.pem()).unwrap();
+        let ca_der = ca.der().clone();
         Pki {
             dir,
             ca: Issuer::new(params, key),
@@ -61,7 +63,12 @@ impl Pki {
         self.pair_with(name, serial, |_| {})
     }
 
-    fn pair_with(&self, name: &str, serial: u64, adjust: impl FnOnce(&mut CertificateParams)) -> Pair {
+    fn pair_with(
+        &self,
+        name: &str,
+        serial: u64,
+        adjust: impl FnOnce(&mut CertificateParams),
+    ) -> Pair {
         let names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
         let mut params = CertificateParams::new(names).unwrap();
         params.serial_number = Some(serial.into());
@@ -122,7 +129,9 @@ fn connect(addr: SocketAddr, client: &Arc<ClientConfig>) -> TlsStream {
 
 /// The certificate the server presented.
 fn served_cert(stream: &TlsStream) -> CertificateDer<'static> {
-    stream.conn.peer_certificates().unwrap()[0].clone().into_owned()
+    stream.conn.peer_certificates().unwrap()[0]
+        .clone()
+        .into_owned()
 }
 
 /// `GET path` over https: status and body.
@@ -197,7 +206,11 @@ fn the_page_api_and_health_are_served_over_https() {
 fn socketio_polling_works_over_https() {
     let pki = Pki::new();
     let handle = common::start(tls_config(&pki.pair("server", 1)));
-    let (status, open) = https_get(handle.addr(), &pki.client(), "/socket.io/?EIO=4&transport=polling");
+    let (status, open) = https_get(
+        handle.addr(),
+        &pki.client(),
+        "/socket.io/?EIO=4&transport=polling",
+    );
     assert_eq!(status, 200);
     assert!(open.starts_with("0{\"sid\":"), "{open}");
     handle.shutdown();
@@ -213,12 +226,18 @@ fn a_chat_over_wss_reaches_both_clients() {
     ada.send(Message::text("hello world")).unwrap();
     for ws in [&mut ada, &mut bob] {
         let message = expect(ws, "message");
-        assert_eq!((message["from"].as_str(), message["text"].as_str()), (Some("ada"), Some("hello world")));
+        assert_eq!(
+            (message["from"].as_str(), message["text"].as_str()),
+            (Some("ada"), Some("hello world"))
+        );
     }
     // A message bigger than one TLS record (16 KiB) crosses in several, both ways.
     let long = "x".repeat(40_000);
     bob.send(Message::text(long.clone())).unwrap();
-    assert_eq!(expect(&mut ada, "message")["text"].as_str(), Some(long.as_str()));
+    assert_eq!(
+        expect(&mut ada, "message")["text"].as_str(),
+        Some(long.as_str())
+    );
     handle.shutdown();
 }
 
@@ -228,7 +247,10 @@ fn plain_http_on_the_tls_port_is_told_to_use_https() {
     let handle = common::start(tls_config(&pki.pair("server", 1)));
     let (status, _, body) = common::http_get(handle.addr(), "/");
     assert_eq!(status, 400);
-    assert!(body.contains("this port speaks TLS: use https://"), "{body}");
+    assert!(
+        body.contains("this port speaks TLS: use https://"),
+        "{body}"
+    );
     assert_eq!(rejected(&handle, "tls_plain_http"), 1);
     handle.shutdown();
 }
@@ -244,20 +266,30 @@ fn garbage_and_stalled_handshakes_are_cut_and_counted() {
     // A handshake record of garbage: an alert, then the end.
     let mut garbage = TcpStream::connect(handle.addr()).unwrap();
     garbage.set_read_timeout(Some(WAIT)).unwrap();
-    garbage.write_all(&[0x16, 0x03, 0x01, 0x00, 0x04, 0xff, 0, 0, 0]).unwrap();
+    garbage
+        .write_all(&[0x16, 0x03, 0x01, 0x00, 0x04, 0xff, 0, 0, 0])
+        .unwrap();
     let mut answer = Vec::new();
     let _ = garbage.read_to_end(&mut answer);
-    assert_eq!(answer.first(), Some(&0x15), "a TLS alert record: {answer:?}");
+    assert_eq!(
+        answer.first(),
+        Some(&0x15),
+        "a TLS alert record: {answer:?}"
+    );
     // Half a ClientHello, then silence: cut at the handshake deadline.
     let started = Instant::now();
     let mut stalled = TcpStream::connect(handle.addr()).unwrap();
     stalled.set_read_timeout(Some(WAIT)).unwrap();
-    stalled.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01]).unwrap();
+    stalled
+        .write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01])
+        .unwrap();
     assert_eq!(stalled.read(&mut [0; 64]).unwrap_or(0), 0, "closed");
     assert!(started.elapsed() < WAIT);
     // Half a ClientHello, then the end.
     let mut truncated = TcpStream::connect(handle.addr()).unwrap();
-    truncated.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01]).unwrap();
+    truncated
+        .write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01])
+        .unwrap();
     truncated.shutdown(std::net::Shutdown::Write).unwrap();
     truncated.set_read_timeout(Some(WAIT)).unwrap();
     let _ = truncated.read_to_end(&mut Vec::new());
@@ -284,8 +316,43 @@ fn redirect_http_answers_308_to_https() {
     let request = "GET /chat/dev?x=1 HTTP/1.1\r\nHost: localhost:80\r\n\r\n";
     let (status, head, _) = common::http_request(redirect, request);
     assert_eq!(status, 308);
-    let location = format!("location: https://localhost:{}/chat/dev?x=1", handle.addr().port());
+    let location = format!(
+        "location: https://localhost:{}/chat/dev?x=1",
+        handle.addr().port()
+    );
     assert!(head.to_ascii_lowercase().contains(&location), "{head}");
+    handle.shutdown();
+}
+
+/// Debian's Python, where `apt-get install python3-websockets` puts the module.
+const PYTHON: &str = "/usr/bin/python3";
+
+#[test]
+fn python_websockets_chats_over_wss() {
+    let has_websockets = Command::new(PYTHON)
+        .args(["-c", "import websockets"])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has_websockets {
+        // scripts/test installs it and sets this, so the suite cannot pass without it.
+        assert!(
+            std::env::var_os("WSCHAT_REQUIRE_PYTHON").is_none(),
+            "python3-websockets is not installed"
+        );
+        eprintln!("skipped: {PYTHON} has no websockets module (apt-get install python3-websockets)");
+        return;
+    }
+    let pki = Pki::new();
+    let handle = common::start(tls_config(&pki.pair("server", 1)));
+    let url = format!("wss://localhost:{}/chat?name=py", handle.addr().port());
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/wss_echo.py");
+    let output = Command::new(PYTHON)
+        .args([script, &url, pki.dir.join("ca.crt").to_str().unwrap()])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(said.trim(), "ok", "{}", String::from_utf8_lossy(&output.stderr));
     handle.shutdown();
 }
 
@@ -308,7 +375,10 @@ fn tls_args<'a>(cert: &'a Path, key: &'a Path) -> Vec<&'a str> {
 /// Runs the binary, which must refuse to start: its status and stderr.
 fn refused(args: &[&str]) -> (Option<i32>, String) {
     let output = wschat(args).output().unwrap();
-    (output.status.code(), String::from_utf8_lossy(&output.stderr).into_owned())
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
 }
 
 #[test]
@@ -319,7 +389,10 @@ fn a_mismatched_expired_or_missing_pair_is_refused_at_start_with_one_line() {
     let (status, stderr) = refused(&tls_args(&one.cert, &two.key));
     assert_eq!(status, Some(2));
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
-    assert!(stderr.contains("is not the key of the certificate"), "{stderr}");
+    assert!(
+        stderr.contains("is not the key of the certificate"),
+        "{stderr}"
+    );
 
     let old = pki.pair_with("old", 3, |p| {
         p.not_before = rcgen::date_time_ymd(2020, 1, 1);
@@ -327,12 +400,18 @@ fn a_mismatched_expired_or_missing_pair_is_refused_at_start_with_one_line() {
     });
     let (status, stderr) = refused(&tls_args(&old.cert, &old.key));
     assert_eq!(status, Some(2));
-    assert!(stderr.contains("expired") && stderr.lines().count() == 1, "{stderr}");
+    assert!(
+        stderr.contains("expired") && stderr.lines().count() == 1,
+        "{stderr}"
+    );
 
     let missing = pki.dir.join("missing.crt");
     let (status, stderr) = refused(&tls_args(&missing, &one.key));
     assert_eq!(status, Some(2));
-    assert!(stderr.contains("no such file") && stderr.lines().count() == 1, "{stderr}");
+    assert!(
+        stderr.contains("no such file") && stderr.lines().count() == 1,
+        "{stderr}"
+    );
 
     let (status, stderr) = refused(&["--port", "0", "--tls-cert", "x.crt"]);
     assert_eq!(status, Some(2));
@@ -350,7 +429,10 @@ fn spawn_tls(cert: &Path, key: &Path) -> (Child, SocketAddr) {
         .strip_prefix("wschat listening: https://")
         .and_then(|rest| rest.split_once('/'))
         .map(|(addr, _)| addr.parse().unwrap());
-    (child, addr.unwrap_or_else(|| panic!("startup line: {line:?}")))
+    (
+        child,
+        addr.unwrap_or_else(|| panic!("startup line: {line:?}")),
+    )
 }
 
 fn signal(child: &Child, signal: &str) {
@@ -374,7 +456,10 @@ fn sighup_serves_the_new_pair_to_new_connections_and_keeps_the_old_if_bad() {
     signal(&child, "-HUP");
     let deadline = Instant::now() + WAIT;
     while served_cert(&connect(addr, &client)) != second.der {
-        assert!(Instant::now() < deadline, "the new certificate is not served");
+        assert!(
+            Instant::now() < deadline,
+            "the new certificate is not served"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     // The chat opened before goes on, under its old keys.
@@ -391,7 +476,12 @@ fn sighup_serves_the_new_pair_to_new_connections_and_keeps_the_old_if_bad() {
     let status = child.wait().unwrap();
     assert!(status.success());
     let mut log = String::new();
-    child.stderr.take().unwrap().read_to_string(&mut log).unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut log)
+        .unwrap();
     assert!(log.contains("TLS pair reloaded"), "{log}");
     assert!(log.contains("still serving the previous pair"), "{log}");
 }

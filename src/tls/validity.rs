@@ -101,7 +101,10 @@ mod tests {
         assert_eq!(days_since_epoch(2000, 3, 1), 11_017);
         assert_eq!(days_since_epoch(2024, 2, 29), 19_782);
         assert_eq!(time(UTC_TIME, b"700101000001Z"), Some(1));
-        assert_eq!(time(GENERALIZED_TIME, b"20000301000000Z"), Some(11_017 * 86_400));
+        assert_eq!(
+            time(GENERALIZED_TIME, b"20000301000000Z"),
+            Some(11_017 * 86_400)
+        );
         assert_eq!(time(UTC_TIME, b"7001010000+1Z"), None);
     }
 

@@ -13,7 +13,7 @@ export const BIN = process.env.WSCHAT_BIN || path.join(REPO, 'target', 'debug', 
 export const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
 export const SCREENSHOTS = path.join(REPO, 'target', 'screenshots');
 
-const LISTENING = /wschat listening: (http:\/\/[^\s/]+)\/? \(websocket (ws:\/\/\S+?)\)/;
+const LISTENING = /wschat listening: (https?:\/\/[^\s/]+)\/? \(websocket (wss?:\/\/\S+?)\)/;
 const START_TIMEOUT_MS = 10_000;
 const WAIT_MS = 10_000; // default for every wait on the page
 
@@ -98,7 +98,8 @@ export async function restartServer(old, { tries = 20 } = {}) {
 
 // ---- the browser ---------------------------------------------------------------------------
 
-export async function launchBrowser() {
+/** Launches headless Chromium; `args` adds flags (e.g. `--ignore-certificate-errors`). */
+export async function launchBrowser({ args = [] } = {}) {
   if (!fs.existsSync(CHROMIUM)) {
     throw new Error(`Chromium not found at ${CHROMIUM}: install it with \`apt-get install -y chromium\` or set CHROMIUM`);
   }
@@ -106,7 +107,7 @@ export async function launchBrowser() {
     executablePath: CHROMIUM,
     timeout: 30_000,
     args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-      '--disable-background-networking', '--disable-component-update', '--disable-sync'],
+      '--disable-background-networking', '--disable-component-update', '--disable-sync', ...args],
   });
 }
 
