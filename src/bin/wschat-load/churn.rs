@@ -225,7 +225,7 @@ fn one_cycle(
     st: &mut Stats,
 ) -> Result<(u64, u64), String> {
     let t0 = now_ns();
-    let mut ws = conn::open(&ctx.url, ctx.target.addr, opts)?;
+    let mut ws = conn::open(&ctx.url, &ctx.target, opts)?;
     if !ctx.o.raw {
         // The welcome may carry the room's history (our own earlier messages): skip it whole.
         match ws.read() {

@@ -54,6 +54,8 @@ pub struct Opts {
     pub backoff_cap: f64,
     pub quiet: bool,
     pub allow_remote: bool,
+    /// The certificate (PEM) a `wss://` server must present a chain to.
+    pub ca: Option<std::path::PathBuf>,
 }
 
 /// Where the tool connects without `--url`.
@@ -135,7 +137,9 @@ THE SERVER'S LIMITS:
     are counted as `refused`, apart from `lost`.
 
 TARGET:
-    --url URL              WebSocket URL (ws:// only) [default: ws://127.0.0.1:5000/chat]
+    --url URL              WebSocket URL, ws:// or wss:// [default: ws://127.0.0.1:5000/chat]
+    --ca FILE              wss://: trust this certificate (PEM; the server's own if self-signed,
+                           or its CA). The tool is built with TLS unless cargo's `tls` is off.
                            The tool connects to this address and no other. Non-loopback
                            addresses are refused unless --allow-remote is given.
     --raw                  the server is a plain broadcast server: send bare text frames, expect
@@ -284,6 +288,7 @@ impl Opts {
                 Long("connect-timeout") => o.connect_timeout = secs(&mut p)?,
                 Long("setup-timeout") => o.setup_timeout = secs(&mut p)?,
                 Long("allow-remote") => o.allow_remote = true,
+                Long("ca") => o.ca = Some(p.value()?.into()),
                 Short('q') | Long("quiet") => o.quiet = true,
                 Value(v) if mode.is_none() => mode = Some(parse_mode(&v.string()?)?),
                 _ => return Err(arg.unexpected()),
@@ -325,6 +330,7 @@ impl Opts {
             backoff_cap: 1.0,
             quiet: false,
             allow_remote: false,
+            ca: None,
         }
     }
 

@@ -66,6 +66,9 @@ pub fn sleep_until_ns(t: u64) {
 /// `try_clone` (latency mode); uncontended otherwise.
 pub struct Conn {
     pub tcp: TcpStream,
+    /// A `wss://` connection's TLS state (shared with the latency writer).
+    #[cfg(feature = "tls")]
+    tls: Option<Arc<crate::tls::TlsConn>>,
     wbuf: Vec<u8>,
     pub wlock: Arc<Mutex<()>>,
     nonblocking: bool,
@@ -75,6 +78,8 @@ impl Conn {
     fn new(tcp: TcpStream) -> Conn {
         Conn {
             tcp,
+            #[cfg(feature = "tls")]
+            tls: None,
             wbuf: Vec::new(),
             wlock: Arc::new(Mutex::new(())),
             nonblocking: false,
@@ -89,6 +94,13 @@ impl Conn {
             return Ok(());
         }
         let _guard = self.wlock.lock().unwrap_or_else(|e| e.into_inner());
+        #[cfg(feature = "tls")]
+        if let Some(tls) = &self.tls {
+            // rustls keeps what a non-blocking socket did not take, for the next call.
+            let written = tls.write_all(&self.tcp, &self.wbuf);
+            self.wbuf.clear();
+            return self.stalled(written);
+        }
         let mut off = 0;
         let res = loop {
             if off == self.wbuf.len() {
@@ -107,12 +119,28 @@ impl Conn {
             }
         };
         self.wbuf.drain(..off);
-        match res {
+        self.stalled(res)
+    }
+
+    /// A blocking write that timed out is "write stalled".
+    fn stalled(&self, written: io::Result<()>) -> io::Result<()> {
+        match written {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock && !self.nonblocking => {
                 Err(io::Error::new(io::ErrorKind::TimedOut, "write stalled"))
             }
             r => r,
         }
+    }
+
+    /// A second way to write this connection's socket, for a writer thread: writes through it
+    /// take the same lock (and, for wss, the same TLS state) as `push`.
+    pub fn writer(&self) -> io::Result<Writer> {
+        Ok(Writer {
+            tcp: self.tcp.try_clone()?,
+            lock: self.wlock.clone(),
+            #[cfg(feature = "tls")]
+            tls: self.tls.clone(),
+        })
     }
 
     pub fn set_nonblocking(&mut self) -> io::Result<()> {
@@ -130,7 +158,30 @@ impl Read for Conn {
                 Err(e) => return Err(e),
             }
         }
+        #[cfg(feature = "tls")]
+        if let Some(tls) = &self.tls {
+            return tls.read(&self.tcp, buf);
+        }
         self.tcp.read(buf)
+    }
+}
+
+/// See [`Conn::writer`].
+pub struct Writer {
+    tcp: TcpStream,
+    lock: Arc<Mutex<()>>,
+    #[cfg(feature = "tls")]
+    tls: Option<Arc<crate::tls::TlsConn>>,
+}
+
+impl Writer {
+    pub fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
+        let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        #[cfg(feature = "tls")]
+        if let Some(tls) = &self.tls {
+            return tls.write_all(&self.tcp, bytes);
+        }
+        self.tcp.write_all(bytes)
     }
 }
 
@@ -158,20 +209,30 @@ pub struct Target {
     pub addr: SocketAddr,
     /// Whether the URL already names a room (`/chat/<room>` or `room=` in the query).
     pub has_room: bool,
+    /// A `wss://` URL's TLS client.
+    #[cfg(feature = "tls")]
+    pub tls: Option<crate::tls::TlsTarget>,
 }
 
 impl Target {
-    pub fn parse(url: &str, allow_remote: bool) -> Result<Target, String> {
-        let rest = url
-            .strip_prefix("ws://")
-            .ok_or_else(|| format!("{url}: only ws:// URLs are supported (no TLS)"))?;
+    /// `ca` is the certificate (PEM) a `wss://` server's chain must lead to.
+    pub fn parse(
+        url: &str,
+        allow_remote: bool,
+        ca: Option<&std::path::Path>,
+    ) -> Result<Target, String> {
+        let (rest, default_port) = match url.split_once("://") {
+            Some(("ws", rest)) => (rest, 80),
+            Some(("wss", rest)) => (rest, 443),
+            _ => return Err(format!("{url}: only ws:// and wss:// URLs are supported")),
+        };
         let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
         if authority.is_empty() || authority.contains('@') {
             return Err(format!("{url}: bad host"));
         }
         let path_query = &rest[authority.len()..];
         let with_port = if authority.ends_with(']') || !authority.contains(':') {
-            format!("{authority}:80")
+            format!("{authority}:{default_port}")
         } else {
             authority.to_string()
         };
@@ -196,10 +257,20 @@ impl Target {
         };
         let has_room = (path.starts_with("/chat/") && path.len() > "/chat/".len())
             || query.split('&').any(|kv| kv.starts_with("room="));
+        let tls = default_port == 443;
         Ok(Target {
             base: url.to_string(),
             addr,
             has_room,
+            #[cfg(feature = "tls")]
+            tls: tls_target(tls, ca, authority)?,
+        })
+        .and_then(|target| {
+            #[cfg(not(feature = "tls"))]
+            if tls || ca.is_some() {
+                return Err(format!("{url}: this wschat-load was built without TLS"));
+            }
+            Ok(target)
         })
     }
 
@@ -212,6 +283,27 @@ impl Target {
                 format!("{base}{sep}room={room}")
             }
             _ => self.base.clone(),
+        }
+    }
+}
+
+/// A wss target's TLS client, trusting `--ca` for the URL's host.
+#[cfg(feature = "tls")]
+fn tls_target(
+    tls: bool,
+    ca: Option<&std::path::Path>,
+    authority: &str,
+) -> Result<Option<crate::tls::TlsTarget>, String> {
+    match (tls, ca) {
+        (false, None) => Ok(None),
+        (false, Some(_)) => Err("--ca is for wss:// URLs".into()),
+        (true, None) => Err("a wss:// URL needs --ca FILE: the certificate (PEM) to trust".into()),
+        (true, Some(ca)) => {
+            let host = match authority.rsplit_once(':') {
+                Some((host, port)) if !port.contains(']') => host,
+                _ => authority,
+            };
+            crate::tls::TlsTarget::new(ca, host).map(Some)
         }
     }
 }
@@ -237,8 +329,8 @@ fn ws_config(read_buf: usize) -> WebSocketConfig {
 
 /// Opens a WebSocket to `url` at `addr`: TCP connect (TCP_NODELAY on), then the HTTP upgrade.
 /// Returns the socket (blocking, read and write timeouts = `opts.timeout`) or an error kind.
-pub fn open(url: &str, addr: SocketAddr, opts: ConnOpts) -> Result<Ws, String> {
-    let tcp = TcpStream::connect_timeout(&addr, opts.timeout)
+pub fn open(url: &str, target: &Target, opts: ConnOpts) -> Result<Ws, String> {
+    let tcp = TcpStream::connect_timeout(&target.addr, opts.timeout)
         .map_err(|e| format!("connect: {}", io_kind(&e)))?;
     let setup = || -> io::Result<()> {
         tcp.set_nodelay(true)?;
@@ -246,9 +338,16 @@ pub fn open(url: &str, addr: SocketAddr, opts: ConnOpts) -> Result<Ws, String> {
         tcp.set_write_timeout(Some(opts.timeout))
     };
     setup().map_err(|e| format!("socket: {}", io_kind(&e)))?;
+    #[allow(unused_mut)] // without TLS nothing more is set
+    let mut conn = Conn::new(tcp);
+    #[cfg(feature = "tls")]
+    if let Some(tls) = &target.tls {
+        let session = tls.connect(&conn.tcp);
+        conn.tls = Some(session.map_err(|e| format!("tls: {}", io_kind(&e)))?);
+    }
     match tungstenite::client::client_with_config(
         url,
-        Conn::new(tcp),
+        conn,
         Some(ws_config(opts.read_buf)),
     ) {
         Ok((ws, _response)) => Ok(ws),
@@ -605,29 +704,29 @@ mod tests {
 
     #[test]
     fn urls() {
-        let t = Target::parse("ws://127.0.0.1:5001/chat", false).unwrap();
+        let t = Target::parse("ws://127.0.0.1:5001/chat", false, None).unwrap();
         assert!(!t.has_room);
         assert_eq!(
             t.url_for_room(Some("r1")),
             "ws://127.0.0.1:5001/chat?room=r1"
         );
-        let t = Target::parse("ws://localhost:5001/chat?name=x", false).unwrap();
+        let t = Target::parse("ws://localhost:5001/chat?name=x", false, None).unwrap();
         assert_eq!(
             t.url_for_room(Some("r1")),
             "ws://localhost:5001/chat?name=x&room=r1"
         );
         assert!(
-            Target::parse("ws://127.0.0.1:5001/chat/dev", false)
+            Target::parse("ws://127.0.0.1:5001/chat/dev", false, None)
                 .unwrap()
                 .has_room
         );
         assert!(
-            Target::parse("ws://127.0.0.1:5001/chat?room=dev", false)
+            Target::parse("ws://127.0.0.1:5001/chat?room=dev", false, None)
                 .unwrap()
                 .has_room
         );
-        assert!(Target::parse("http://127.0.0.1/", false).is_err());
-        assert!(Target::parse("ws://10.1.2.3:80/", false).is_err());
+        assert!(Target::parse("http://127.0.0.1/", false, None).is_err());
+        assert!(Target::parse("ws://10.1.2.3:80/", false, None).is_err());
     }
 
     #[test]

@@ -474,7 +474,7 @@ fn opener(ctx: &Ctx, k: usize, threads: usize) -> Stats {
 }
 
 fn open_one(ctx: &Ctx, j: usize, opts: ConnOpts) -> Result<Ws, String> {
-    let mut ws = conn::open(&ctx.url(j), ctx.target.addr, opts)?;
+    let mut ws = conn::open(&ctx.url(j), &ctx.target, opts)?;
     if !ctx.o.raw {
         loop {
             match ws.read() {

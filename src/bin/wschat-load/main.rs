@@ -14,6 +14,8 @@ mod room;
 mod stats;
 mod storm;
 mod sysinfo;
+#[cfg(feature = "tls")]
+mod tls;
 
 use std::io::Write;
 use std::sync::Mutex;
@@ -110,7 +112,7 @@ fn parse_or_exit() -> (Opts, conn::Target) {
         eprintln!("wschat-load: {e}\n(see wschat-load --help)");
         std::process::exit(2);
     });
-    let target = conn::Target::parse(&o.url, o.allow_remote).unwrap_or_else(|e| {
+    let target = conn::Target::parse(&o.url, o.allow_remote, o.ca.as_deref()).unwrap_or_else(|e| {
         eprintln!("wschat-load: {e}");
         std::process::exit(2);
     });

@@ -778,7 +778,7 @@ fn connect(ctx: &Ctx, i: usize, st: &mut ConnStats) -> Option<Ws> {
             timeout: ctx.o.connect_timeout(),
             read_buf: 8 * 1024,
         };
-        let opened = conn::open(&ctx.url, ctx.target.addr, opts).and_then(|mut ws| {
+        let opened = conn::open(&ctx.url, &ctx.target, opts).and_then(|mut ws| {
             match ctx.o.envelope() {
                 Envelope::Bare => {}
                 Envelope::Json => wait_welcome(&mut ws)?,
@@ -1037,12 +1037,10 @@ fn on_message(
 /// Latency mode: a thread that writes this sender's messages on a clone of the socket at
 /// exactly the scheduled times, while the connection thread keeps reading.
 fn spawn_writer(ctx: &Arc<Ctx>, ws: &mut Ws, s: usize) -> Result<JoinHandle<ConnStats>, String> {
-    let tcp = ws
+    let writer = ws
         .get_ref()
-        .tcp
-        .try_clone()
+        .writer()
         .map_err(|e| format!("clone: {}", conn::io_kind(&e)))?;
-    let lock = ws.get_ref().wlock.clone();
     // Sending the bytes tungstenite has queued (pongs) first keeps the stream in order.
     ws.get_mut()
         .push()
@@ -1062,7 +1060,7 @@ fn spawn_writer(ctx: &Arc<Ctx>, ws: &mut Ws, s: usize) -> Result<JoinHandle<Conn
         .stack_size(CONN_STACK)
         .spawn(move || {
             let slot = &ctx.senders[s];
-            let mut tcp = tcp;
+            let mut writer = writer;
             let mut st = ConnStats::default();
             let mut rng = XorShift(0x9E37_79B9_7F4A_7C15 ^ ((s as u64 + 1) << 32) ^ start);
             let mut buf = Vec::with_capacity(4096);
@@ -1081,10 +1079,7 @@ fn spawn_writer(ctx: &Arc<Ctx>, ws: &mut Ws, s: usize) -> Result<JoinHandle<Conn
                     conn::encode_text_frame(&mut buf, text.as_bytes(), [m[0], m[1], m[2], m[3]]);
                     k += 1;
                 }
-                let res = {
-                    let _g = lock.lock().unwrap_or_else(|e| e.into_inner());
-                    io::Write::write_all(&mut tcp, &buf)
-                };
+                let res = writer.write_all(&buf);
                 if let Err(e) = res {
                     // Part of the batch may have gone out; count none of it as sent.
                     st.errors.add(format!("write: {}", conn::io_kind(&e)));

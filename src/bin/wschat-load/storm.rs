@@ -387,7 +387,7 @@ impl Client<'_> {
             timeout: self.sh.o.connect_timeout(),
             read_buf: 4096,
         };
-        let mut ws = conn::open(&self.sh.url(self.j, since), self.sh.target.addr, opts)?;
+        let mut ws = conn::open(&self.sh.url(self.j, since), &self.sh.target, opts)?;
         let welcome = loop {
             match ws.read() {
                 Ok(Message::Text(t)) if conn::is_welcome(t.as_str()) => break t,
