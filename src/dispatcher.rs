@@ -12,6 +12,8 @@
 //! message that a crash could still lose. Chat messages wait for that commit apart from other
 //! frames: if it fails, none of them is shown and each sender is told it was not saved.
 
+mod remote;
+
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::sync::Arc;
@@ -21,6 +23,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use log::{debug, info};
 
+use crate::cluster::{self, Cluster, ReplyTo};
 use crate::courier::{Couriers, Parcel};
 use crate::history::{History, SaveError, Stored};
 use crate::metrics::Metrics;
@@ -90,6 +93,8 @@ pub enum Event {
     },
     /// Commit history, send close 1001 to every client, and stop.
     Shutdown,
+    /// From the other nodes, through Redis (`--redis`; see [`crate::cluster`]).
+    FromCluster(cluster::Inbound),
 }
 
 /// A new client, after its handshake.
@@ -165,6 +170,9 @@ pub struct Hub {
     presence_due: Option<Instant>,
     /// Each busy room's byte budget (see [`HubLimits::room_rate_bytes`]).
     room_rates: HashMap<String, TokenBucket>,
+    /// With `--redis`: the link to the other nodes, and what is known of their members.
+    cluster: Option<Cluster>,
+    remote: remote::Remote,
     stopping: bool,
 }
 
@@ -191,8 +199,16 @@ impl Hub {
             presence_changed: Vec::new(),
             presence_due: None,
             room_rates: HashMap::new(),
+            cluster: None,
+            remote: remote::Remote::default(),
             stopping: false,
         }
+    }
+
+    /// One node of several (`--redis`): chat messages take their ids and order from Redis.
+    pub fn with_cluster(mut self, cluster: Cluster) -> Hub {
+        self.cluster = Some(cluster);
+        self
     }
 
     /// The dispatcher thread's body: runs until [`Event::Shutdown`] or until every sender is gone.
@@ -268,6 +284,7 @@ impl Hub {
                 drop(reply.try_send(problem.map(|p| format!("history: cannot write ({p})"))));
             }
             Event::Shutdown => self.stopping = true,
+            Event::FromCluster(inbound) => self.heard_from_cluster(inbound),
         }
     }
 
@@ -347,20 +364,28 @@ impl Hub {
         let client = self.clients.remove(&id)?;
         self.names.remove(&names::key(&client.name));
         self.leave_room(id, &client.room, &client.name);
+        if let Some(cluster) = &self.cluster {
+            cluster.gone(id);
+        }
         Some(client)
     }
 
     fn free_name(&self, name: String, id: ClientId) -> Result<String, ChatError> {
-        match self.names.get(&names::key(&name)) {
+        let key = names::key(&name);
+        match self.names.get(&key) {
             Some(&owner) if owner != id => Err(ChatError::NameTaken(name)),
+            _ if self.remote.has_name(&key) => Err(ChatError::NameTaken(name)),
             _ => Ok(name),
         }
     }
 
-    /// `guest-<id>`: always free, since ids are unique and users cannot take the pattern
-    /// ([`names::check`] reserves it).
+    /// `guest-<id>` (with `--redis`, `guest-<node>-<id>`): always free, since ids are unique
+    /// (on a node) and users cannot take the pattern ([`names::check`] reserves it).
     fn guest_name(&self, id: ClientId) -> String {
-        format!("{}{id}", names::GUEST_PREFIX)
+        match &self.cluster {
+            Some(cluster) => format!("{}{}-{id}", names::GUEST_PREFIX, cluster.node()),
+            None => format!("{}{id}", names::GUEST_PREFIX),
+        }
     }
 
     fn rename(&mut self, id: ClientId, name: String) -> Result<(), ChatError> {
@@ -375,7 +400,10 @@ impl Hub {
         let room = client.room.clone();
         self.names.remove(&names::key(&old));
         self.names.insert(names::key(&name), id);
-        let count = self.members(&room).len();
+        if let Some(cluster) = &self.cluster {
+            cluster.here(id, &name, &room);
+        }
+        let count = self.headcount(&room);
         let frame = protocol::encode(&ServerEvent::Renamed {
             room: &room,
             from: &old,
@@ -449,8 +477,11 @@ impl Hub {
         let Some(me) = self.clients.get(&id) else {
             return;
         };
+        if let Some(cluster) = self.cluster.as_ref().filter(|_| is_new) {
+            cluster.here(id, &me.name, room);
+        }
         let users = self.member_names(room);
-        let count = self.members(room).len();
+        let count = self.headcount(room);
         let slice = self
             .history
             .newest(room, since, self.limits.history, WELCOME_HISTORY_BYTES);
@@ -497,10 +528,10 @@ impl Hub {
         let Some(members) = self.rooms.get_mut(room) else {
             return;
         };
-        let before = members.len();
+        let before = members.len() + self.remote.count(room);
         members.retain(|&m| m != id);
-        let count = members.len();
-        if count == 0 {
+        let count = before - 1;
+        if members.is_empty() {
             self.rooms.remove(room);
         } else if before <= self.limits.presence_limit {
             let frame = protocol::encode(&ServerEvent::Left { room, name, count });
@@ -513,10 +544,13 @@ impl Hub {
     /// Names in `room`, sorted case-insensitively: all of them, or in a crowd the
     /// `presence_limit` members who have been there longest.
     fn member_names(&self, room: &str) -> Vec<&str> {
-        let members = self.members(room).iter().take(self.limits.presence_limit);
-        let mut names: Vec<&str> = members
+        let members = self.members(room).iter();
+        let local = members
             .filter_map(|m| self.clients.get(m))
-            .map(|c| c.name.as_str())
+            .map(|c| c.name.as_str());
+        let mut names: Vec<&str> = local
+            .chain(self.remote.names_in(room))
+            .take(self.limits.presence_limit)
             .collect();
         names.sort_by_cached_key(|n| n.to_lowercase());
         names
@@ -539,7 +573,7 @@ impl Hub {
         }
         self.presence_due = None;
         for room in std::mem::take(&mut self.presence_changed) {
-            let count = self.members(&room).len();
+            let count = self.headcount(&room);
             if count == 0 {
                 continue;
             }
@@ -563,6 +597,7 @@ impl Hub {
             .keys()
             .map(String::as_str)
             .chain(self.history.room_names())
+            .chain(self.remote.rooms())
             .collect();
         names.sort_unstable();
         names.dedup();
@@ -570,7 +605,7 @@ impl Hub {
             .into_iter()
             .map(|name| RoomSummary {
                 name: name.to_owned(),
-                count: self.members(name).len(),
+                count: self.headcount(name),
             })
             .collect()
     }
@@ -597,6 +632,9 @@ impl Hub {
     ) -> Result<(), ChatError> {
         self.room_allowed(room)?;
         self.take_room_bytes(room, from, text)?;
+        if let Some(cluster) = &self.cluster {
+            return cluster.post(remote::body(room, from, None, text), origin.reply_to());
+        }
         let id = self.history.take_id();
         let message = ChatMessage {
             id,
@@ -660,6 +698,10 @@ impl Hub {
         // What the receiver reads counts against its room's budget, as the room's own messages
         // do: however many addresses whisper to one member, it never reads more than its room.
         self.take_room_bytes(&receiver_room, &from, &text)?;
+        if let Some(cluster) = &self.cluster {
+            let body = remote::body(&room, &from, Some(to), &text);
+            return cluster.post(body, ReplyTo::Client(id));
+        }
         let message = ChatMessage {
             id: self.history.take_unstored_id(),
             room,
@@ -696,6 +738,9 @@ impl Hub {
             client.typing_until = None;
         }
         let (room, name) = (client.room.clone(), client.name.clone());
+        if let Some(cluster) = &self.cluster {
+            cluster.typing(&room, &name, active);
+        }
         let frame = protocol::encode(&ServerEvent::Typing {
             room: &room,
             name: &name,
@@ -776,6 +821,7 @@ impl Hub {
             match m.origin {
                 Origin::Client(id) => self.send_to(id, error.to_frame()),
                 Origin::Api(reply) => self.acks.push((reply, Err(error.clone()))),
+                Origin::Cluster => {}
             }
         }
     }
@@ -829,6 +875,9 @@ impl Hub {
     }
 
     fn close_everyone(&mut self) {
+        if let Some(cluster) = &mut self.cluster {
+            cluster.stop();
+        }
         self.commit();
         self.history.finish();
         self.couriers.stop(); // what they carry goes out before the close frames
@@ -863,6 +912,19 @@ enum Origin {
     Client(ClientId),
     /// The HTTP API: answered with the id, or the error.
     Api(PublishReply),
+    /// Another node (or this one, through Redis): its sender was answered there.
+    Cluster,
+}
+
+impl Origin {
+    /// Who the link answers about a message it hands to Redis.
+    fn reply_to(self) -> ReplyTo {
+        match self {
+            Origin::Client(id) => ReplyTo::Client(id),
+            Origin::Api(reply) => ReplyTo::Api(reply),
+            Origin::Cluster => ReplyTo::Nobody,
+        }
+    }
 }
 
 /// Puts a frame in a client's mailbox (if it is still connected), noting the client as touched

@@ -52,6 +52,7 @@
 //! it lives. [`metrics`] counts; [`config`] holds every tunable.
 
 pub mod admission;
+pub mod cluster;
 pub mod config;
 pub mod courier;
 pub mod dispatcher;
@@ -129,6 +130,8 @@ pub enum StartError {
     },
     #[error("cannot start a thread or the socket poller: {0}")]
     Thread(io::Error),
+    #[error(transparent)]
+    Cluster(#[from] cluster::ClusterError),
 }
 
 /// Starts servers; see [`Server::start`].
@@ -183,7 +186,13 @@ impl Server {
             ),
         };
         let couriers = courier::Couriers::start(&metrics).map_err(StartError::Thread)?;
-        let hub = Hub::new(history, limits, couriers, metrics.clone());
+        let mut hub = Hub::new(history, limits, couriers, metrics.clone());
+        if let Some(url) = &config.redis {
+            let (history, bytes) = (config.history, config.history_bytes);
+            let link =
+                cluster::Cluster::start(url, history, bytes, events.clone(), metrics.clone());
+            hub = hub.with_cluster(link?);
+        }
         let dispatcher_thread = spawn("dispatcher", move || hub.run(inbox))?;
 
         let reactor = reactor::Reactor::new().map_err(StartError::Thread)?;

@@ -1,0 +1,208 @@
+//! The dispatcher's side of `--redis`: what the other nodes' members are (names, rooms), and
+//! how what the feed brings becomes frames for this node's clients. Everything here runs on
+//! the dispatcher thread, like the rest of the hub; Redis itself is [`crate::cluster`]'s.
+
+use std::collections::HashMap;
+
+use super::{Audience, Hub, Origin, Unsaved};
+use crate::cluster::Inbound;
+use crate::cluster::wire::{Body, Member};
+use crate::history::Stored;
+use crate::names;
+use crate::protocol::{self, ChatMessage, ClientId, ServerEvent};
+
+/// The other nodes' members, by node and client id, with their names for uniqueness.
+#[derive(Default)]
+pub(super) struct Remote {
+    members: HashMap<(u64, ClientId), Member>,
+    /// Name key ([`names::key`]) -> member, as the hub's own `names`.
+    names: HashMap<String, (u64, ClientId)>,
+}
+
+impl Remote {
+    /// Members of `room` on other nodes.
+    pub(super) fn count(&self, room: &str) -> usize {
+        self.members.values().filter(|m| m.room == room).count()
+    }
+
+    pub(super) fn names_in(&self, room: &str) -> Vec<&str> {
+        let members = self.members.values().filter(|m| m.room == room);
+        members.map(|m| m.name.as_str()).collect()
+    }
+
+    pub(super) fn has_name(&self, key: &str) -> bool {
+        self.names.contains_key(key)
+    }
+
+    /// Rooms with members on other nodes (the room list counts them).
+    pub(super) fn rooms(&self) -> impl Iterator<Item = &str> {
+        self.members.values().map(|m| m.room.as_str())
+    }
+
+    fn insert(&mut self, member: Member) -> Option<Member> {
+        let at = (member.node, member.client);
+        let old = self.members.insert(at, member.clone());
+        if let Some(old) = &old {
+            self.names.remove(&names::key(&old.name));
+        }
+        self.names.insert(names::key(&member.name), at);
+        old
+    }
+
+    fn remove(&mut self, node: u64, client: ClientId) -> Option<Member> {
+        let old = self.members.remove(&(node, client))?;
+        self.names.remove(&names::key(&old.name));
+        Some(old)
+    }
+
+    fn of_node(&self, node: u64) -> Vec<ClientId> {
+        let on_node = self.members.keys().filter(|(n, _)| *n == node);
+        on_node.map(|&(_, c)| c).collect()
+    }
+}
+
+/// A chat message as handed to Redis (it gets its id there; the link fills in the node).
+pub(super) fn body(room: &str, from: &str, to: Option<String>, text: &str) -> Body {
+    Body {
+        room: room.to_owned(),
+        from: from.to_owned(),
+        private: to.is_some(),
+        to,
+        text: text.to_owned(),
+        ts: protocol::now_ms(),
+        node: 0,
+        client: 0,
+    }
+}
+
+impl Hub {
+    pub(super) fn heard_from_cluster(&mut self, inbound: Inbound) {
+        match inbound {
+            Inbound::Message { message, sender } => self.arrived(message, sender),
+            Inbound::Refused { client, error } => self.send_to(client, error.to_frame()),
+            Inbound::Members(members) => self.replace_remote(members),
+            Inbound::Here(member) => self.remote_here(member),
+            Inbound::Gone { node, client } => self.remote_gone(node, client),
+            Inbound::NodeGone(node) => {
+                for client in self.remote.of_node(node) {
+                    self.remote_gone(node, client);
+                }
+            }
+            Inbound::Typing { room, name, active } => {
+                let frame = protocol::encode(&ServerEvent::Typing {
+                    room: &room,
+                    name: &name,
+                    active,
+                });
+                self.broadcast(&room, None, frame);
+            }
+        }
+    }
+
+    /// A chat message in the one order: history and the room, or a private message's two ends
+    /// (the sender only if it is on this node).
+    fn arrived(&mut self, message: ChatMessage, sender: Option<ClientId>) {
+        let frame = protocol::encode(&message);
+        if message.private {
+            let to = message.to.as_deref().map(names::key);
+            let target = to.and_then(|key| self.names.get(&key).copied());
+            for id in [target, sender.filter(|&s| Some(s) != target)]
+                .into_iter()
+                .flatten()
+            {
+                self.send_to(id, frame.clone());
+            }
+            return;
+        }
+        let (id, ts) = (message.id, message.ts);
+        let stored = Stored {
+            id,
+            ts,
+            frame: frame.clone(),
+        };
+        self.history.append(&message.room, stored);
+        self.unsaved.push(Unsaved {
+            id,
+            frame,
+            audience: Audience::Room(message.room),
+            origin: Origin::Cluster,
+        });
+    }
+
+    /// After a (re)connection: the other nodes' members as Redis has them now.
+    fn replace_remote(&mut self, members: Vec<Member>) {
+        let now: HashMap<(u64, ClientId), ()> =
+            members.iter().map(|m| ((m.node, m.client), ())).collect();
+        let stale: Vec<(u64, ClientId)> = (self.remote.members.keys())
+            .filter(|at| !now.contains_key(at))
+            .copied()
+            .collect();
+        for (node, client) in stale {
+            self.remote_gone(node, client);
+        }
+        for member in members {
+            self.remote_here(member);
+        }
+    }
+
+    /// A member of another node joined, moved or was renamed: this node's members of the rooms
+    /// concerned hear it as if it were local.
+    fn remote_here(&mut self, member: Member) {
+        let (name, room) = (member.name.clone(), member.room.clone());
+        match self.remote.insert(member) {
+            Some(old) if old.room == room && old.name == name => {}
+            Some(old) if old.room == room => {
+                let count = self.headcount(&room);
+                let frame = protocol::encode(&ServerEvent::Renamed {
+                    room: &room,
+                    from: &old.name,
+                    name: &name,
+                    count,
+                });
+                self.tell_room(&room, count, frame);
+            }
+            old => {
+                if let Some(old) = old {
+                    self.tell_left(&old.room, &old.name);
+                }
+                let count = self.headcount(&room);
+                let frame = protocol::encode(&ServerEvent::Joined {
+                    room: &room,
+                    name: &name,
+                    count,
+                });
+                self.tell_room(&room, count, frame);
+            }
+        }
+    }
+
+    fn remote_gone(&mut self, node: u64, client: ClientId) {
+        if let Some(old) = self.remote.remove(node, client) {
+            self.tell_left(&old.room, &old.name);
+        }
+    }
+
+    fn tell_left(&mut self, room: &str, name: &str) {
+        let count = self.headcount(room);
+        let frame = protocol::encode(&ServerEvent::Left { room, name, count });
+        self.tell_room(room, count + 1, frame);
+    }
+
+    /// A presence frame for a room of `count` members (counted before a leave): by name, or in
+    /// a crowd as a count once a tick, as for local members.
+    fn tell_room(&mut self, room: &str, count: usize, frame: protocol::Frame) {
+        if self.members(room).is_empty() {
+            return;
+        }
+        if count <= self.limits.presence_limit {
+            self.broadcast(room, None, frame);
+        } else {
+            self.presence_changed(room);
+        }
+    }
+
+    /// Members of `room` on every node.
+    pub(super) fn headcount(&self, room: &str) -> usize {
+        self.members(room).len() + self.remote.count(room)
+    }
+}
