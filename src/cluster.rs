@@ -17,11 +17,13 @@
 
 mod feed;
 mod link;
+mod presence;
 pub mod wire;
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -72,6 +74,10 @@ pub enum Inbound {
     },
     /// A chat message of this node's client that Redis did not take.
     Refused { client: ClientId, error: ChatError },
+    /// A member of this node whose name another node holds: it must be renamed.
+    NameLost { client: ClientId, name: String },
+    /// Another node's whole member list (after its reconnection): replaces what was known.
+    Roster { node: u64, members: Vec<Member> },
     /// Every member of the other nodes, read after a (re)connection: replaces what was known.
     Members(Vec<Member>),
     /// A member of another node joined, moved or was renamed.
@@ -103,7 +109,8 @@ enum Outbound {
         body: Body,
         reply: ReplyTo,
     },
-    Here(Member),
+    /// This member (as the roster has it now) joined, moved or was renamed.
+    Here(ClientId),
     Gone(ClientId),
     Typing {
         room: String,
@@ -126,6 +133,11 @@ struct Shared {
     link_generation: AtomicU64,
     /// The largest message id this node has seen: the counter is never set below it.
     highest_id: AtomicU64,
+    /// This node's members, kept by the dispatcher (never locked across Redis work): what the
+    /// link publishes, and publishes whole again after a reconnection.
+    roster: Mutex<HashMap<ClientId, Member>>,
+    /// A change could not be queued for the link: it publishes the whole roster again.
+    roster_stale: AtomicBool,
     stopping: AtomicBool,
     metrics: Arc<Metrics>,
 }
@@ -174,6 +186,18 @@ impl Shared {
     fn saw_id(&self, id: u64) {
         self.highest_id.fetch_max(id, Relaxed);
     }
+
+    fn roster(&self) -> std::sync::MutexGuard<'_, HashMap<ClientId, Member>> {
+        self.roster.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn member(&self, client: ClientId) -> Option<Member> {
+        self.roster().get(&client).cloned()
+    }
+
+    fn roster_snapshot(&self) -> Vec<Member> {
+        self.roster().values().cloned().collect()
+    }
 }
 
 /// `wschat_redis_state`: 0 without `--redis`, 1 up, 2 degraded.
@@ -211,6 +235,8 @@ impl Cluster {
             reported_up: AtomicBool::new(false),
             link_generation: AtomicU64::new(0),
             highest_id: AtomicU64::new(0),
+            roster: Mutex::new(HashMap::new()),
+            roster_stale: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
             metrics,
         });
@@ -246,6 +272,9 @@ impl Cluster {
             return Err(ChatError::NotSaved(UNREACHABLE.to_owned()));
         }
         body.node = self.shared.node;
+        if let ReplyTo::Client(client) = &reply {
+            body.client = *client; // so this node can show the sender its private message
+        }
         self.send(Outbound::Post { body, reply })
             .map_err(|_| ChatError::Busy)
     }
@@ -258,12 +287,22 @@ impl Cluster {
             name: name.to_owned(),
             room: room.to_owned(),
         };
-        let _ = self.send(Outbound::Here(member));
+        self.shared.roster().insert(client, member);
+        self.send_presence(Outbound::Here(client));
     }
 
     /// Tells the other nodes that this member left.
     pub fn gone(&self, client: ClientId) {
-        let _ = self.send(Outbound::Gone(client));
+        self.shared.roster().remove(&client);
+        self.send_presence(Outbound::Gone(client));
+    }
+
+    /// A presence change that cannot be queued is not lost: the roster has it, and the link
+    /// publishes the roster whole at its next heartbeat.
+    fn send_presence(&self, work: Outbound) {
+        if self.send(work).is_err() {
+            self.shared.roster_stale.store(true, Relaxed);
+        }
     }
 
     pub fn typing(&self, room: &str, name: &str, active: bool) {
@@ -358,5 +397,10 @@ mod keys {
 
     pub fn members(node: u64) -> String {
         format!("wschat:node:{node}:members")
+    }
+
+    /// A node's members' name keys (client -> key), so a sweep can free them.
+    pub fn names(node: u64) -> String {
+        format!("wschat:node:{node}:names")
     }
 }

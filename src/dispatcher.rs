@@ -685,6 +685,9 @@ impl Hub {
     }
 
     fn private_message(&mut self, id: ClientId, to: &str, text: String) -> Result<(), ChatError> {
+        if self.cluster.is_some() {
+            return self.private_through_cluster(id, to, &text);
+        }
         let target = *self
             .names
             .get(&names::key(to))
@@ -698,10 +701,6 @@ impl Hub {
         // What the receiver reads counts against its room's budget, as the room's own messages
         // do: however many addresses whisper to one member, it never reads more than its room.
         self.take_room_bytes(&receiver_room, &from, &text)?;
-        if let Some(cluster) = &self.cluster {
-            let body = remote::body(&room, &from, Some(to), &text);
-            return cluster.post(body, ReplyTo::Client(id));
-        }
         let message = ChatMessage {
             id: self.history.take_unstored_id(),
             room,

@@ -274,3 +274,118 @@ fn a_client_resumes_on_another_node_and_a_new_node_has_the_history() {
     let page: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(page["messages"].as_array().unwrap().len(), 5);
 }
+
+/// The next frame of type `kind` within `limit` (others skipped), for what takes heartbeats.
+fn expect_within(client: &mut Client, kind: &str, limit: Duration) -> Value {
+    let deadline = Instant::now() + limit;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(!left.is_zero(), "no {kind} frame within {limit:?}");
+        client.ws.get_mut().set_read_timeout(Some(left)).unwrap();
+        match client.ws.read() {
+            Ok(tungstenite::Message::Text(t)) => {
+                let v: Value = serde_json::from_str(&t).unwrap();
+                if v["type"] == kind {
+                    client
+                        .ws
+                        .get_mut()
+                        .set_read_timeout(Some(common::WAIT))
+                        .unwrap();
+                    return v;
+                }
+            }
+            Ok(_) => {}
+            Err(e) => panic!("no {kind} frame within {limit:?}: {e}"),
+        }
+    }
+}
+
+#[test]
+fn presence_names_typing_and_private_messages_span_the_nodes() {
+    if !have_redis() {
+        return;
+    }
+    let scratch = Scratch::new("presence");
+    let redis = Redis::start(&scratch.0, false);
+    let a = Node::start(&redis, &scratch.0, "a");
+    let b = Node::start(&redis, &scratch.0, "b");
+    let (mut ada, _) = a.join("/chat/dev?name=ada");
+    std::thread::sleep(Duration::from_millis(300)); // ada's arrival reaches node b
+    let (mut bob, welcome) = b.join("/chat/dev?name=bob");
+    assert_eq!(welcome["users"], json!(["ada", "bob"]));
+    assert_eq!(welcome["count"], 2);
+    let joined = ada.expect("joined");
+    assert_eq!(
+        (joined["name"].as_str(), joined["count"].as_u64()),
+        (Some("bob"), Some(2))
+    );
+
+    // Names are unique across nodes, case-insensitively.
+    let (mut impostor, welcome) = b.join("/chat/dev?name=ADA");
+    assert!(welcome["name"].as_str().unwrap().starts_with("guest-"));
+    assert_eq!(impostor.expect("error")["code"], "name_taken");
+    impostor.send_json(json!({"type": "nick", "name": "Bob"}));
+    assert_eq!(impostor.expect("error")["code"], "name_taken");
+    impostor.close();
+    assert_eq!(ada.expect("left")["count"], 2);
+
+    bob.send_json(json!({"type": "nick", "name": "cy"}));
+    let renamed = ada.expect("renamed");
+    assert_eq!(
+        (renamed["from"].as_str(), renamed["name"].as_str()),
+        (Some("bob"), Some("cy"))
+    );
+
+    bob.send_json(json!({"type": "typing", "active": true}));
+    let typing = ada.expect("typing");
+    assert_eq!(
+        (typing["name"].as_str(), typing["active"].as_bool()),
+        (Some("cy"), Some(true))
+    );
+
+    ada.send_json(json!({"type": "message", "to": "cy", "text": "psst"}));
+    let got = bob.expect("message");
+    assert_eq!(
+        (got["private"].as_bool(), got["text"].as_str()),
+        (Some(true), Some("psst"))
+    );
+    assert_eq!(
+        ada.expect("message"),
+        got,
+        "the sender sees the same frame, same id"
+    );
+
+    bob.close();
+    let left = ada.expect("left");
+    assert_eq!(
+        (left["name"].as_str(), left["count"].as_u64()),
+        (Some("cy"), Some(1))
+    );
+    let (_, welcome) = b.join("/chat/dev?name=Cy");
+    assert_eq!(
+        welcome["name"], "Cy",
+        "a name is free again once its owner left"
+    );
+}
+
+#[test]
+fn a_node_killed_with_sigkill_leaves_every_list_within_the_bound() {
+    if !have_redis() {
+        return;
+    }
+    let scratch = Scratch::new("kill");
+    let redis = Redis::start(&scratch.0, false);
+    let a = Node::start(&redis, &scratch.0, "a");
+    let mut b = Node::start(&redis, &scratch.0, "b");
+    let (mut ada, _) = a.join("/chat/dev?name=ada");
+    let (_bob, _) = b.join("/chat/dev?name=bob");
+    ada.expect("joined");
+    b.child.kill().unwrap(); // SIGKILL: no goodbye
+    let _ = b.child.wait();
+    // NODE_EXPIRY (6 s) and one sweep (2 s), with room for a busy machine.
+    let left = expect_within(&mut ada, "left", Duration::from_secs(12));
+    assert_eq!(left["name"], "bob");
+    let (_, welcome) = a.join("/chat/dev?name=bob");
+    assert_eq!(welcome["name"], "bob", "its names are free again");
+    assert!(a.log().contains("missed its heartbeats"));
+}

@@ -110,7 +110,8 @@ impl Feed<'_> {
     }
 
     fn parse_member(&self, bytes: &[u8]) -> Option<Member> {
-        match serde_json::from_slice::<Member>(bytes) {
+        let member = serde_json::from_slice::<Member>(bytes).map_err(wire::BadEntry::from);
+        match member.and_then(|m| wire::check_member(&m).map(|()| m)) {
             Ok(m) => Some(m),
             Err(e) => {
                 self.skip(bytes, &e.to_string());
@@ -174,6 +175,7 @@ impl Feed<'_> {
                 Inbound::Message { message, sender }
             }
             Entry::Here { member } if member.node != me => Inbound::Here(member),
+            Entry::Roster { node, members } if node != me => Inbound::Roster { node, members },
             Entry::Gone { node, client } if node != me => Inbound::Gone { node, client },
             Entry::NodeGone { node } if node != me => Inbound::NodeGone(node),
             Entry::Typing {

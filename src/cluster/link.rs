@@ -3,12 +3,14 @@
 //! whose heartbeat stopped. It never reads the channel (the feed does) and never waits on the
 //! dispatcher: answers go back as events it may drop, never as a wait.
 
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use log::{debug, warn};
 use redis::{Connection, RedisResult, Script};
 
+use super::presence::Presence;
 use super::wire::{self, Entry};
 use super::{Backoff, HEARTBEAT, Inbound, NODE_EXPIRY, Outbound, ReplyTo, Shared, keys};
 use crate::dispatcher::Event;
@@ -35,96 +37,58 @@ if now < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]) end
 return 0
 ";
 
-/// Records a member in its node's hash, and publishes it.
-const HERE: &str = r"
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('PUBLISH', KEYS[2], ARGV[3])
-return 0
-";
-
-/// Forgets a member, and publishes it.
-const GONE: &str = r"
-redis.call('HDEL', KEYS[1], ARGV[1])
-redis.call('PUBLISH', KEYS[2], ARGV[2])
-return 0
-";
-
-/// Removes a node whose heartbeat expired (or that is retiring, having deleted its own), with
-/// its members, and tells everyone; only the first sweeper to see it does.
-const SWEEP: &str = r"
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-if redis.call('SREM', KEYS[3], ARGV[1]) == 0 then return 0 end
-redis.call('DEL', KEYS[2])
-redis.call('PUBLISH', KEYS[4], ARGV[2])
-return 1
-";
-
-/// The compiled scripts (their SHA1s; sent in full once per connection if Redis lacks them).
-struct Scripts {
-    post: Script,
-    floor: Script,
-    here: Script,
-    gone: Script,
-    sweep: Script,
-}
-
-impl Scripts {
-    fn new() -> Scripts {
-        Scripts {
-            post: Script::new(POST),
-            floor: Script::new(FLOOR),
-            here: Script::new(HERE),
-            gone: Script::new(GONE),
-            sweep: Script::new(SWEEP),
-        }
-    }
-}
-
 /// The thread's body: connect, serve until the connection fails, wait, again; until stopped.
 pub(super) fn run(shared: &Shared, outbox: &Receiver<Outbound>, events: &Sender<Event>) {
-    let scripts = Scripts::new();
     let mut backoff = Backoff::new();
     let mut link = Link {
         shared,
-        scripts: &scripts,
         events,
+        post: Script::new(POST),
+        floor: Script::new(FLOOR),
+        presence: Presence::new(),
     };
-    while !shared.stopping.load(std::sync::atomic::Ordering::Relaxed) {
-        let why = match super::connect(&shared.client).and_then(|mut con| {
+    while !shared.stopping.load(Relaxed) {
+        let served = super::connect(&shared.client).and_then(|mut con| {
             link.prepare(&mut con)?;
             shared.set_link(true, "");
             backoff.reset();
             link.serve(&mut con, outbox)
-        }) {
+        });
+        match served {
             Ok(()) => break, // the dispatcher is gone: stop
-            Err(e) => e.to_string(),
-        };
-        shared.set_link(false, &why);
+            Err(e) => shared.set_link(false, &e.to_string()),
+        }
         link.refuse_until(Instant::now() + backoff.next_wait(), outbox);
     }
-    link.retire();
+    link.presence.retire(shared);
 }
 
 struct Link<'a> {
     shared: &'a Shared,
-    scripts: &'a Scripts,
     events: &'a Sender<Event>,
+    post: Script,
+    floor: Script,
+    presence: Presence,
 }
 
 impl Link<'_> {
     /// Makes a fresh connection ready: the id counter at least what this node has seen, this
-    /// node's heartbeat.
+    /// node's heartbeat and members.
     fn prepare(&mut self, con: &mut Connection) -> RedisResult<()> {
-        let floor = self
-            .shared
-            .highest_id
-            .load(std::sync::atomic::Ordering::Relaxed);
-        self.scripts
-            .floor
+        let floor = self.shared.highest_id.load(Relaxed);
+        self.floor
             .key(keys::COUNTER)
             .arg(floor)
             .invoke::<i64>(con)?;
-        self.beat(con)
+        self.beat(con)?;
+        self.republish(con)
+    }
+
+    fn republish(&mut self, con: &mut Connection) -> RedisResult<()> {
+        for lost in self.presence.republish(self.shared, con)? {
+            self.tell(lost);
+        }
+        Ok(())
     }
 
     /// Runs work as it comes, and the heartbeat between. Ok when the dispatcher is gone.
@@ -135,7 +99,10 @@ impl Link<'_> {
                 Ok(work) => self.run(con, work)?,
                 Err(RecvTimeoutError::Timeout) => {
                     self.beat(con)?;
-                    self.sweep(con)?;
+                    self.presence.sweep(self.shared, con)?;
+                    if self.shared.roster_stale.load(Relaxed) {
+                        self.republish(con)?;
+                    }
                     next_beat = Instant::now() + HEARTBEAT;
                 }
                 Err(RecvTimeoutError::Disconnected) => return Ok(()),
@@ -146,38 +113,19 @@ impl Link<'_> {
 
     fn note_queue(&self, outbox: &Receiver<Outbound>) {
         let queued = outbox.len() as u64;
-        let gauge = &self.shared.metrics.redis_outbox;
-        gauge.store(queued, std::sync::atomic::Ordering::Relaxed);
+        self.shared.metrics.redis_outbox.store(queued, Relaxed);
     }
 
     fn run(&mut self, con: &mut Connection, work: Outbound) -> RedisResult<()> {
         match work {
             Outbound::Post { body, reply } => self.post(con, body, reply),
-            Outbound::Here(member) => {
-                let stored = serde_json::to_string(&member).unwrap_or_default();
-                let (client, entry) = (member.client, wire::encode(&Entry::Here { member }));
-                self.scripts
-                    .here
-                    .key(keys::members(self.shared.node))
-                    .key(keys::CHANNEL)
-                    .arg(client)
-                    .arg(stored)
-                    .arg(entry)
-                    .invoke::<i64>(con)
-                    .map(drop)
+            Outbound::Here(client) => {
+                if let Some(lost) = self.presence.here(self.shared, con, client)? {
+                    self.tell(lost);
+                }
+                Ok(())
             }
-            Outbound::Gone(client) => {
-                let node = self.shared.node;
-                let json = wire::encode(&Entry::Gone { node, client });
-                self.scripts
-                    .gone
-                    .key(keys::members(node))
-                    .key(keys::CHANNEL)
-                    .arg(client)
-                    .arg(json)
-                    .invoke::<i64>(con)
-                    .map(drop)
-            }
+            Outbound::Gone(client) => self.presence.gone(self.shared, con, client),
             Outbound::Typing { room, name, active } => {
                 let node = self.shared.node;
                 let entry = Entry::Typing {
@@ -202,7 +150,6 @@ impl Link<'_> {
         let room = body.room.clone();
         let json = serde_json::to_string(&body).unwrap_or_default();
         let result = self
-            .scripts
             .post
             .key(keys::COUNTER)
             .key(keys::stream(&room))
@@ -221,19 +168,15 @@ impl Link<'_> {
                 }
                 Ok(())
             }
-            Err(e) => {
-                let reason = if e.is_io_error() || e.is_timeout() {
-                    "lost contact with Redis; it may still arrive".to_owned()
-                } else {
-                    format!("Redis refused it: {e}")
-                };
+            Err(e) if e.is_io_error() || e.is_timeout() || e.is_unrecoverable_error() => {
+                let reason = "lost contact with Redis; it may still arrive".to_owned();
                 self.refuse(reply, ChatError::NotSaved(reason));
-                if e.is_io_error() || e.is_timeout() || e.is_unrecoverable_error() {
-                    Err(e)
-                } else {
-                    warn!("redis: a chat message was refused: {e}");
-                    Ok(())
-                }
+                Err(e)
+            }
+            Err(e) => {
+                warn!("redis: a chat message was refused: {e}");
+                self.refuse(reply, ChatError::NotSaved(format!("Redis refused it: {e}")));
+                Ok(())
             }
         }
     }
@@ -241,17 +184,20 @@ impl Link<'_> {
     fn refuse(&self, reply: ReplyTo, error: ChatError) {
         match reply {
             ReplyTo::Api(reply) => drop(reply.try_send(Err(error))),
+            ReplyTo::Client(client) => self.tell(Inbound::Refused { client, error }),
             ReplyTo::Nobody => {}
-            ReplyTo::Client(client) => {
-                let event = Event::FromCluster(Inbound::Refused { client, error });
-                if self.events.try_send(event).is_err() {
-                    debug!("client {client}: its refusal was dropped (dispatcher busy)");
-                }
-            }
         }
     }
 
-    /// Waits until `deadline` while Redis is away, refusing the chat messages that were queued.
+    /// Tells the dispatcher without waiting: if its queue is full, this is dropped (logged).
+    fn tell(&self, inbound: Inbound) {
+        if self.events.try_send(Event::FromCluster(inbound)).is_err() {
+            debug!("redis: an answer for the dispatcher was dropped (its queue is full)");
+        }
+    }
+
+    /// Waits until `deadline` while Redis is away, refusing the chat messages that were queued
+    /// (presence changes wait in the roster, republished on reconnection).
     fn refuse_until(&self, deadline: Instant, outbox: &Receiver<Outbound>) {
         while let Ok(work) = outbox.recv_deadline(deadline) {
             if let Outbound::Post { reply, .. } = work {
@@ -262,8 +208,8 @@ impl Link<'_> {
         self.note_queue(outbox);
     }
 
-    /// Renews this node's heartbeat key (expiring after [`NODE_EXPIRY`]) and its entry in the set
-    /// of nodes.
+    /// Renews this node's heartbeat key (expiring after [`NODE_EXPIRY`]) and its entry in the
+    /// set of nodes.
     fn beat(&self, con: &mut Connection) -> RedisResult<()> {
         let node = self.shared.node;
         redis::pipe()
@@ -278,46 +224,5 @@ impl Link<'_> {
             .arg(node)
             .ignore()
             .query::<()>(con)
-    }
-
-    /// Removes every node whose heartbeat expired.
-    fn sweep(&self, con: &mut Connection) -> RedisResult<()> {
-        let nodes: Vec<u64> = redis::cmd("SMEMBERS").arg(keys::NODES).query(con)?;
-        for node in nodes.into_iter().filter(|&n| n != self.shared.node) {
-            if self.remove_node(con, node)? {
-                log::info!("redis: node {node} missed its heartbeats: its users are gone");
-            }
-        }
-        Ok(())
-    }
-
-    fn remove_node(&self, con: &mut Connection, node: u64) -> RedisResult<bool> {
-        let entry = wire::encode(&Entry::NodeGone { node });
-        self.scripts
-            .sweep
-            .key(keys::alive(node))
-            .key(keys::members(node))
-            .key(keys::NODES)
-            .key(keys::CHANNEL)
-            .arg(node)
-            .arg(entry)
-            .invoke::<i64>(con)
-            .map(|removed| removed == 1)
-    }
-
-    /// At shutdown: takes this node and its members out at once (best effort; otherwise they
-    /// expire with the heartbeat).
-    fn retire(&self) {
-        let node = self.shared.node;
-        let Ok(mut con) = super::connect(&self.shared.client) else {
-            return;
-        };
-        let gone = redis::cmd("DEL")
-            .arg(keys::alive(node))
-            .query::<i64>(&mut con)
-            .and_then(|_| self.remove_node(&mut con, node));
-        if let Err(e) = gone {
-            debug!("redis: could not retire node {node}: {e}");
-        }
     }
 }

@@ -46,6 +46,9 @@ pub enum Entry {
     /// A member left.
     #[serde(rename = "gone")]
     Gone { node: u64, client: ClientId },
+    /// A node's whole member list, after its reconnection.
+    #[serde(rename = "roster")]
+    Roster { node: u64, members: Vec<Member> },
     /// A node stopped (or missed its heartbeats): all its members left.
     #[serde(rename = "node_gone")]
     NodeGone { node: u64 },
@@ -73,17 +76,20 @@ pub fn parse(bytes: &[u8]) -> Result<Entry, BadEntry> {
     let entry: Entry = serde_json::from_slice(bytes)?;
     match &entry {
         Entry::Message { id, m } => check_message(*id, m)?,
-        Entry::Here { member } => {
-            check(protocol::check_room(&member.room).is_ok(), "room")?;
-            check(crate::names::normalise(&member.name).is_ok(), "name")?;
-        }
+        Entry::Here { member } => check_member(member)?,
         Entry::Typing { room, name, .. } => {
             check(protocol::check_room(room).is_ok(), "room")?;
             check(crate::names::normalise(name).is_ok(), "name")?;
         }
+        Entry::Roster { members, .. } => members.iter().try_for_each(check_member)?,
         Entry::Gone { .. } | Entry::NodeGone { .. } => {}
     }
     Ok(entry)
+}
+
+pub fn check_member(member: &Member) -> Result<(), BadEntry> {
+    check(protocol::check_room(&member.room).is_ok(), "room")?;
+    check(crate::names::normalise(&member.name).is_ok(), "name")
 }
 
 fn check_message(id: u64, m: &Body) -> Result<(), BadEntry> {

@@ -2,14 +2,14 @@
 //! how what the feed brings becomes frames for this node's clients. Everything here runs on
 //! the dispatcher thread, like the rest of the hub; Redis itself is [`crate::cluster`]'s.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use super::{Audience, Hub, Origin, Unsaved};
-use crate::cluster::Inbound;
 use crate::cluster::wire::{Body, Member};
+use crate::cluster::{Inbound, ReplyTo};
 use crate::history::Stored;
 use crate::names;
-use crate::protocol::{self, ChatMessage, ClientId, ServerEvent};
+use crate::protocol::{self, ChatError, ChatMessage, ClientId, ServerEvent};
 
 /// The other nodes' members, by node and client id, with their names for uniqueness.
 #[derive(Default)]
@@ -32,6 +32,10 @@ impl Remote {
 
     pub(super) fn has_name(&self, key: &str) -> bool {
         self.names.contains_key(key)
+    }
+
+    fn by_name_key(&self, key: &str) -> Option<&Member> {
+        self.members.get(self.names.get(key)?)
     }
 
     /// Rooms with members on other nodes (the room list counts them).
@@ -80,7 +84,9 @@ impl Hub {
         match inbound {
             Inbound::Message { message, sender } => self.arrived(message, sender),
             Inbound::Refused { client, error } => self.send_to(client, error.to_frame()),
-            Inbound::Members(members) => self.replace_remote(members),
+            Inbound::NameLost { client, name } => self.name_lost(client, name),
+            Inbound::Members(members) => self.replace_remote(None, members),
+            Inbound::Roster { node, members } => self.replace_remote(Some(node), members),
             Inbound::Here(member) => self.remote_here(member),
             Inbound::Gone { node, client } => self.remote_gone(node, client),
             Inbound::NodeGone(node) => {
@@ -97,6 +103,34 @@ impl Hub {
                 self.broadcast(&room, None, frame);
             }
         }
+    }
+
+    /// A private message to a member of any node: it too takes its id from Redis, and both
+    /// ends see it when the feed brings it.
+    pub(super) fn private_through_cluster(
+        &mut self,
+        id: ClientId,
+        to: &str,
+        text: &str,
+    ) -> Result<(), ChatError> {
+        let key = names::key(to);
+        let receiver = match self.names.get(&key).and_then(|t| self.clients.get(t)) {
+            Some(local) => (local.name.clone(), local.room.clone()),
+            None => match self.remote.by_name_key(&key) {
+                Some(remote) => (remote.name.clone(), remote.room.clone()),
+                None => return Err(ChatError::NoSuchUser(to.to_owned())),
+            },
+        };
+        let Some(sender) = self.clients.get(&id) else {
+            return Ok(());
+        };
+        let (room, from) = (sender.room.clone(), sender.name.clone());
+        self.take_room_bytes(&receiver.1, &from, text)?;
+        let Some(cluster) = &self.cluster else {
+            return Ok(());
+        };
+        let body = body(&room, &from, Some(receiver.0), text);
+        cluster.post(body, ReplyTo::Client(id))
     }
 
     /// A chat message in the one order: history and the room, or a private message's two ends
@@ -129,12 +163,23 @@ impl Hub {
         });
     }
 
-    /// After a (re)connection: the other nodes' members as Redis has them now.
-    fn replace_remote(&mut self, members: Vec<Member>) {
-        let now: HashMap<(u64, ClientId), ()> =
-            members.iter().map(|m| ((m.node, m.client), ())).collect();
+    /// Another node claimed this name first (both took it at once, or while Redis was away):
+    /// the member here becomes a guest, and is told why.
+    fn name_lost(&mut self, client: ClientId, name: String) {
+        if self.clients.get(&client).is_none_or(|c| c.name != name) {
+            return; // renamed or gone since
+        }
+        let guest = self.guest_name(client);
+        if self.rename(client, guest).is_ok() {
+            self.send_to(client, ChatError::NameTaken(name).to_frame());
+        }
+    }
+
+    /// The members of one other node (`Some`) or of all of them, as Redis has them now.
+    fn replace_remote(&mut self, node: Option<u64>, members: Vec<Member>) {
+        let now: HashSet<(u64, ClientId)> = members.iter().map(|m| (m.node, m.client)).collect();
         let stale: Vec<(u64, ClientId)> = (self.remote.members.keys())
-            .filter(|at| !now.contains_key(at))
+            .filter(|at| node.is_none_or(|n| n == at.0) && !now.contains(at))
             .copied()
             .collect();
         for (node, client) in stale {
