@@ -43,6 +43,9 @@ pub const OUTBOX: usize = 1024;
 pub const REDIS_TIMEOUT: Duration = Duration::from_secs(1);
 /// How often a node renews its heartbeat and looks for dead nodes.
 pub const HEARTBEAT: Duration = Duration::from_secs(2);
+/// While the feed is disconnected, the link checks its own connection this often: the two
+/// find out about a Redis restart together, so it is logged once.
+pub const RECHECK: Duration = Duration::from_millis(250);
 /// A node whose heartbeat is this old is gone: three missed beats. Its members disappear from
 /// every list within this plus one [`HEARTBEAT`] (the next sweep).
 pub const NODE_EXPIRY: Duration = Duration::from_secs(6);
@@ -131,6 +134,9 @@ struct Shared {
     reported_up: AtomicBool,
     /// Counts the link's reconnections: the feed starts over when it changes.
     link_generation: AtomicU64,
+    /// Counts the link's heartbeats that Redis answered: after losing its connection, the feed
+    /// waits for a newer one, so that it never follows a Redis the link has not seen alive.
+    link_checks: AtomicU64,
     /// The largest message id this node has seen: the counter is never set below it.
     highest_id: AtomicU64,
     /// This node's members, kept by the dispatcher (never locked across Redis work): what the
@@ -150,6 +156,8 @@ impl Shared {
     fn set_link(&self, up: bool, why: &str) {
         if up {
             self.link_generation.fetch_add(1, Relaxed);
+        } else {
+            self.feed_up.store(false, Relaxed); // it must follow the new connection afresh
         }
         self.link_up.store(up, Relaxed);
         self.report(why);
@@ -234,6 +242,7 @@ impl Cluster {
             feed_up: AtomicBool::new(false),
             reported_up: AtomicBool::new(false),
             link_generation: AtomicU64::new(0),
+            link_checks: AtomicU64::new(0),
             highest_id: AtomicU64::new(0),
             roster: Mutex::new(HashMap::new()),
             roster_stale: AtomicBool::new(false),
@@ -263,6 +272,11 @@ impl Cluster {
     /// are claimed in Redis).
     pub fn node(&self) -> u64 {
         self.shared.node
+    }
+
+    /// Whether Redis is reachable (the link and the feed are both connected).
+    pub fn is_up(&self) -> bool {
+        self.shared.up()
     }
 
     /// Hands a chat message to Redis. It is shown (to everyone, its sender included) when the

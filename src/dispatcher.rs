@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use log::{debug, info};
 
-use crate::cluster::{self, Cluster, ReplyTo};
+use crate::cluster::{self, Cluster};
 use crate::courier::{Couriers, Parcel};
 use crate::history::{History, SaveError, Stored};
 use crate::metrics::Metrics;
@@ -632,8 +632,8 @@ impl Hub {
     ) -> Result<(), ChatError> {
         self.room_allowed(room)?;
         self.take_room_bytes(room, from, text)?;
-        if let Some(cluster) = &self.cluster {
-            return cluster.post(remote::body(room, from, None, text), origin.reply_to());
+        if self.cluster.is_some() {
+            return self.post_through_cluster(room, from, text, origin);
         }
         let id = self.history.take_id();
         let message = ChatMessage {
@@ -913,17 +913,6 @@ enum Origin {
     Api(PublishReply),
     /// Another node (or this one, through Redis): its sender was answered there.
     Cluster,
-}
-
-impl Origin {
-    /// Who the link answers about a message it hands to Redis.
-    fn reply_to(self) -> ReplyTo {
-        match self {
-            Origin::Client(id) => ReplyTo::Client(id),
-            Origin::Api(reply) => ReplyTo::Api(reply),
-            Origin::Cluster => ReplyTo::Nobody,
-        }
-    }
 }
 
 /// Puts a frame in a client's mailbox (if it is still connected), noting the client as touched

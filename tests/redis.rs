@@ -5,7 +5,7 @@
 mod common;
 
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -15,6 +15,9 @@ use std::time::{Duration, Instant};
 
 use common::Client;
 use serde_json::{Value, json};
+
+/// The nodes' API token.
+const TOKEN: &str = "t0ken";
 
 /// Longest wait for a node or Redis to come up, or for the nodes to notice a change.
 const SETTLE: Duration = Duration::from_secs(15);
@@ -86,6 +89,8 @@ impl Redis {
             .args(["--appendonly", aof, "--appendfsync", "always"])
             .arg("--dir")
             .arg(&self.dir)
+            .arg("--logfile")
+            .arg(self.dir.join("redis.log"))
             .stdout(Stdio::null())
             .spawn()
             .expect("redis-server starts");
@@ -100,18 +105,22 @@ impl Redis {
         format!("redis://127.0.0.1:{}/0", self.port)
     }
 
-    /// Sends one command (inline form) and returns the first line of the answer.
-    fn command(&self, line: &str) -> Option<String> {
+    /// Sends one command and returns the first line of the answer.
+    fn command(&self, args: &[&str]) -> Option<String> {
         let mut s = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
         s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-        s.write_all(format!("{line}\r\n").as_bytes()).ok()?;
+        let mut request = format!("*{}\r\n", args.len());
+        for arg in args {
+            request += &format!("${}\r\n{arg}\r\n", arg.len());
+        }
+        s.write_all(request.as_bytes()).ok()?;
         let mut answer = String::new();
         BufReader::new(s).read_line(&mut answer).ok()?;
         Some(answer.trim().to_owned())
     }
 
     fn ping(&self) -> Option<()> {
-        (self.command("PING")? == "+PONG").then_some(())
+        (self.command(&["PING"])? == "+PONG").then_some(())
     }
 
     fn kill(&mut self) {
@@ -150,6 +159,7 @@ impl Node {
         let log = dir.join(format!("{name}.log"));
         let mut child = Command::new(env!("CARGO_BIN_EXE_wschat"))
             .args(["--port", "0", "--load-test", "--redis", &redis.url()])
+            .args(["--api-token", TOKEN])
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -178,6 +188,17 @@ impl Node {
         let mut client = Client::connect(self.addr, path);
         let welcome = client.expect("welcome");
         (client, welcome)
+    }
+
+    /// Posts `text` to `room` through the HTTP API: (status, body).
+    fn api_post(&self, room: &str, text: &str) -> (u16, String) {
+        let request = format!(
+            "POST /api/rooms/{room}/messages HTTP/1.0\r\nHost: x\r\n\
+             Authorization: Bearer {TOKEN}\r\nContent-Length: {}\r\n\r\n{text}",
+            text.len()
+        );
+        let (status, _, body) = common::http_request(self.addr, &request);
+        (status, body)
     }
 
     fn log(&self) -> String {
@@ -388,4 +409,186 @@ fn a_node_killed_with_sigkill_leaves_every_list_within_the_bound() {
     let (_, welcome) = a.join("/chat/dev?name=bob");
     assert_eq!(welcome["name"], "bob", "its names are free again");
     assert!(a.log().contains("missed its heartbeats"));
+}
+
+/// Sends a numbered message every few milliseconds until told to stop; returns how many.
+fn chatter(mut client: Client, stop: Arc<std::sync::atomic::AtomicBool>) -> Client {
+    let mut i = 0;
+    while !stop.load(Relaxed) {
+        client.send(&format!("tick {i}"));
+        i += 1;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    client
+}
+
+/// Every chat message `client` gets until `quiet` passes without one: (with ids, without).
+fn drain_messages(client: &mut Client, quiet: Duration) -> (Vec<Value>, Vec<Value>) {
+    let (mut with_id, mut local) = (Vec::new(), Vec::new());
+    client.ws.get_mut().set_read_timeout(Some(quiet)).unwrap();
+    while let Ok(frame) = client.ws.read() {
+        let tungstenite::Message::Text(t) = frame else {
+            continue;
+        };
+        let v: Value = serde_json::from_str(&t).unwrap();
+        if v["type"] != "message" {
+            continue;
+        }
+        if v["id"].is_u64() {
+            with_id.push(v);
+        } else {
+            local.push(v);
+        }
+    }
+    (with_id, local)
+}
+
+#[test]
+fn redis_killed_and_restarted_mid_chat_loses_and_repeats_nothing_it_took() {
+    if !have_redis() {
+        return;
+    }
+    let scratch = Scratch::new("restart");
+    let mut redis = Redis::start(&scratch.0, true);
+    let a = Node::start(&redis, &scratch.0, "a");
+    let b = Node::start(&redis, &scratch.0, "b");
+    let (ada, _) = a.join("/chat/dev?name=ada");
+    let (mut al, _) = a.join("/chat/dev?name=al");
+    let (mut bob, _) = b.join("/chat/dev?name=bob");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let talking = {
+        let stop = stop.clone();
+        std::thread::spawn(move || chatter(ada, stop))
+    };
+    let mut on_b = collect(&mut bob, 5); // chat flows before the outage
+    redis.kill();
+    a.wait_health("degraded");
+    b.wait_health("degraded");
+    let (status, body) = a.api_post("dev", "while away");
+    assert_eq!(status, 503, "{body}");
+    std::thread::sleep(Duration::from_millis(500));
+    redis.spawn(); // the same port and files: what it took is still there
+    a.wait_health("ok");
+    b.wait_health("ok");
+    let until_back = on_b.len() + 5;
+    while on_b.len() < until_back {
+        on_b.push(bob.expect("message")); // and after it
+    }
+    stop.store(true, Relaxed);
+    let mut ada = talking.join().unwrap();
+
+    let (on_a, local_a) = drain_messages(&mut al, Duration::from_secs(2));
+    let (rest_b, local_b) = drain_messages(&mut bob, Duration::from_secs(1));
+    on_b.extend(rest_b);
+    let (own, _) = drain_messages(&mut ada, Duration::from_secs(1));
+    assert!(
+        ids(&on_a).windows(2).all(|w| w[0] < w[1]),
+        "one order, none twice"
+    );
+    assert_eq!(on_a, on_b, "both nodes show what Redis took, the same");
+    assert_eq!(own, on_a, "the sender too");
+    assert!(
+        !local_a.is_empty(),
+        "local chat went on while Redis was away"
+    );
+    assert!(
+        local_a
+            .iter()
+            .all(|m| m["local"] == true && m.get("id").is_none())
+    );
+    assert!(local_b.is_empty(), "a local message stays on its node");
+    let log = a.log();
+    let redis_log = std::fs::read_to_string(scratch.0.join("redis.log")).unwrap_or_default();
+    assert_eq!(
+        log.matches("redis: unreachable").count(),
+        1,
+        "{log}\n{redis_log}"
+    );
+    assert_eq!(log.matches("redis: connected").count(), 2, "{log}");
+    let (_, metrics) = (0, common::http_get(a.addr, "/metrics").2);
+    assert!(metrics.contains("wschat_redis_up 1"), "{metrics}");
+    assert!(
+        metrics.contains("wschat_redis_outages_total 1"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn a_stopped_redis_does_not_stop_local_chat() {
+    if !have_redis() {
+        return;
+    }
+    let scratch = Scratch::new("sigstop");
+    let redis = Redis::start(&scratch.0, false);
+    let a = Node::start(&redis, &scratch.0, "a");
+    let b = Node::start(&redis, &scratch.0, "b");
+    let (mut ada, _) = a.join("/chat/dev?name=ada");
+    let (mut al, _) = a.join("/chat/dev?name=al");
+    let (mut bob, _) = b.join("/chat/dev?name=bob");
+    redis.signal("-STOP");
+    // Redis takes bytes but never answers: the node finds out within its timeouts, and
+    // meanwhile (and after) its clients are served.
+    let (_, welcome) = a.join("/chat/dev?name=newcomer");
+    assert_eq!(welcome["name"], "newcomer");
+    a.wait_health("degraded");
+    ada.send("still here");
+    let got = al.expect("message");
+    assert_eq!(
+        (got["text"].as_str(), got["local"].as_bool()),
+        (Some("still here"), Some(true))
+    );
+    bob.expect_none("message", Duration::from_millis(300));
+
+    redis.signal("-CONT");
+    a.wait_health("ok");
+    b.wait_health("ok");
+    ada.send("and back");
+    let got = bob.expect("message");
+    assert_eq!(got["text"], "and back");
+    assert!(got["id"].is_u64());
+}
+
+#[test]
+fn foreign_and_malformed_entries_in_redis_are_logged_and_skipped() {
+    if !have_redis() {
+        return;
+    }
+    let scratch = Scratch::new("garbage");
+    let redis = Redis::start(&scratch.0, false);
+    let a = Node::start(&redis, &scratch.0, "a");
+    let (mut ada, _) = a.join("/chat/dev?name=ada");
+    for garbage in [
+        "hello",
+        r#"{"k":"m","id":1}"#,
+        r#"{"k":"here","member":{"node":1,"client":1,"name":"","room":"dev"}}"#,
+    ] {
+        assert_eq!(
+            redis.command(&["PUBLISH", "wschat:bus", garbage]).unwrap(),
+            ":1"
+        );
+    }
+    // A foreign entry in a room's stream, with an id far ahead of wschat's.
+    let xadd = [
+        "XADD",
+        "wschat:room:dev",
+        "9999999999999-0",
+        "m",
+        "{\"k\":\"m\"}",
+    ];
+    assert!(redis.command(&xadd).unwrap().starts_with('$'));
+    ada.send("still fine");
+    assert_eq!(ada.expect_text(), "still fine");
+    let metrics = common::http_get(a.addr, "/metrics").2;
+    assert!(
+        metrics.contains("wschat_redis_bad_entries_total 3"),
+        "{metrics}"
+    );
+    assert!(a.log().contains("redis: skipped a bad entry"));
+
+    let b = Node::start(&redis, &scratch.0, "b"); // reads the stream, skips the foreign entry
+    let (_, welcome) = b.join("/chat/dev?name=bob");
+    let history = welcome["history"].as_array().unwrap();
+    assert_eq!(history.len(), 1);
+    assert_eq!(history[0]["text"], "still fine");
+    assert!(b.log().contains("redis: skipped a bad entry"));
 }

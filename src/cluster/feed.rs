@@ -31,9 +31,12 @@ struct Seen {
 pub(super) fn run(shared: &Shared, events: &Sender<Event>) {
     let mut seen = Seen::default();
     let mut backoff = Backoff::new();
+    // The link's heartbeat count when the feed last lost Redis: it waits for a newer one.
+    let mut lost_at_check = None;
     while !shared.stopping.load(Relaxed) {
-        if !shared.link_up.load(Relaxed) {
-            std::thread::sleep(POLL); // the link is reconnecting; follow it
+        let checks = shared.link_checks.load(Relaxed);
+        if !shared.link_up.load(Relaxed) || lost_at_check.is_some_and(|at| checks <= at) {
+            std::thread::sleep(POLL); // the link is reconnecting, or checking; follow it
             continue;
         }
         let generation = shared.link_generation.load(Relaxed);
@@ -44,7 +47,10 @@ pub(super) fn run(shared: &Shared, events: &Sender<Event>) {
         };
         let why = match feed.follow(generation, &mut backoff) {
             Ok(()) => "the link reconnected".to_owned(),
-            Err(e) => e.to_string(),
+            Err(e) => {
+                lost_at_check = Some(shared.link_checks.load(Relaxed));
+                e.to_string()
+            }
         };
         shared.set_feed(false, &why);
         if !shared.stopping.load(Relaxed) {
@@ -121,26 +127,33 @@ impl Feed<'_> {
     }
 
     /// The newest `--history` messages of every room after the newest seen, at most about
-    /// `--history-bytes` of them (what history can hold anyway), as (id, entry) pairs.
+    /// `--history-bytes` of them (what history can hold anyway), as (id, entry) pairs. (The
+    /// streams' own entry ids are Redis's, not the messages': a foreign entry with a large one
+    /// cannot block later messages.)
     fn missed_messages(&self, con: &mut Connection) -> RedisResult<Vec<(u64, Vec<u8>)>> {
         let rooms: Vec<String> = redis::cmd("SMEMBERS").arg(keys::ROOMS).query(con)?;
-        let from = format!("{}-0", self.seen.room + 1);
         let mut missed = Vec::new();
         let mut bytes = 0;
         for room in rooms {
             let reply: StreamRangeReply = redis::cmd("XREVRANGE")
                 .arg(keys::stream(&room))
                 .arg("+")
-                .arg(&from)
+                .arg("-")
                 .arg("COUNT")
                 .arg(self.shared.history.max(1))
                 .query(con)?;
             for entry in reply.ids {
-                let id = entry.id.split('-').next().and_then(|n| n.parse().ok());
-                let data: Option<Vec<u8>> = entry.get("m");
-                if let (Some(id), Some(data)) = (id, data) {
-                    bytes += data.len();
-                    missed.push((id, data));
+                let Some(data) = entry.get::<Vec<u8>>("m") else {
+                    self.skip(entry.id.as_bytes(), "a stream entry without a message");
+                    continue;
+                };
+                match serde_json::from_slice::<IdOnly>(&data) {
+                    Ok(IdOnly { id }) if id <= self.seen.room => break, // older ones too
+                    Ok(IdOnly { id }) => {
+                        bytes += data.len();
+                        missed.push((id, data));
+                    }
+                    Err(e) => self.skip(&data, &e.to_string()),
                 }
             }
             if bytes > 2 * self.shared.history_bytes {
@@ -214,6 +227,12 @@ impl Feed<'_> {
             debug!("redis: skipped a bad entry ({why})");
         }
     }
+}
+
+/// A stream entry's message id, read without the rest.
+#[derive(serde::Deserialize)]
+struct IdOnly {
+    id: u64,
 }
 
 /// Keeps the newest entries within `budget` bytes; returns the bytes kept.

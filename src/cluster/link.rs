@@ -12,7 +12,7 @@ use redis::{Connection, RedisResult, Script};
 
 use super::presence::Presence;
 use super::wire::{self, Entry};
-use super::{Backoff, HEARTBEAT, Inbound, NODE_EXPIRY, Outbound, ReplyTo, Shared, keys};
+use super::{Backoff, HEARTBEAT, Inbound, NODE_EXPIRY, Outbound, RECHECK, ReplyTo, Shared, keys};
 use crate::dispatcher::Event;
 use crate::protocol::ChatError;
 
@@ -22,7 +22,7 @@ const POST: &str = r#"
 local id = redis.call('INCR', KEYS[1])
 local entry = '{"k":"m","id":' .. id .. ',"m":' .. ARGV[1] .. '}'
 if ARGV[2] == '1' then
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], id .. '-0', 'm', entry)
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'm', entry)
   redis.call('SADD', KEYS[3], ARGV[4])
 end
 redis.call('PUBLISH', KEYS[4], entry)
@@ -95,8 +95,13 @@ impl Link<'_> {
     fn serve(&mut self, con: &mut Connection, outbox: &Receiver<Outbound>) -> RedisResult<()> {
         let mut next_beat = Instant::now() + HEARTBEAT;
         loop {
-            match outbox.recv_deadline(next_beat) {
+            let wake = match self.shared.feed_up.load(Relaxed) {
+                true => next_beat,
+                false => next_beat.min(Instant::now() + RECHECK),
+            };
+            match outbox.recv_deadline(wake) {
                 Ok(work) => self.run(con, work)?,
+                Err(RecvTimeoutError::Timeout) if Instant::now() < next_beat => self.beat(con)?,
                 Err(RecvTimeoutError::Timeout) => {
                     self.beat(con)?;
                     self.presence.sweep(self.shared, con)?;
@@ -223,6 +228,8 @@ impl Link<'_> {
             .arg(keys::NODES)
             .arg(node)
             .ignore()
-            .query::<()>(con)
+            .query::<()>(con)?;
+        self.shared.link_checks.fetch_add(1, Relaxed);
+        Ok(())
     }
 }

@@ -6,10 +6,27 @@ use std::collections::{HashMap, HashSet};
 
 use super::{Audience, Hub, Origin, Unsaved};
 use crate::cluster::wire::{Body, Member};
-use crate::cluster::{Inbound, ReplyTo};
+use crate::cluster::{Inbound, ReplyTo, UNREACHABLE};
 use crate::history::Stored;
+use crate::metrics::Metrics;
 use crate::names;
 use crate::protocol::{self, ChatError, ChatMessage, ClientId, ServerEvent};
+
+/// A message shown while Redis is away: a `message` frame without an id.
+#[derive(serde::Serialize)]
+struct LocalMessage<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    room: &'a str,
+    from: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    to: Option<&'a str>,
+    text: &'a str,
+    ts: u64,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    private: bool,
+    local: bool,
+}
 
 /// The other nodes' members, by node and client id, with their names for uniqueness.
 #[derive(Default)]
@@ -105,6 +122,58 @@ impl Hub {
         }
     }
 
+    /// A room message with `--redis`: handed to Redis, to be shown when the feed brings it
+    /// back with its id. While Redis is away a client's message is shown at once to this node's
+    /// members only, without an id (see [`Hub::show_locally`]); the API is refused.
+    pub(super) fn post_through_cluster(
+        &mut self,
+        room: &str,
+        from: &str,
+        text: &str,
+        origin: Origin,
+    ) -> Result<(), ChatError> {
+        let Some(cluster) = &self.cluster else {
+            return Ok(());
+        };
+        let reply = match origin {
+            Origin::Client(_) if !cluster.is_up() => {
+                self.show_locally(room, from, None, text);
+                return Ok(());
+            }
+            Origin::Client(id) => ReplyTo::Client(id),
+            Origin::Api(reply) => ReplyTo::Api(reply),
+            Origin::Cluster => ReplyTo::Nobody,
+        };
+        cluster.post(body(room, from, None, text), reply)
+    }
+
+    /// While Redis is away: a message shown on this node only, at once, with no id (only Redis
+    /// hands out ids, so none can be shown twice) and `"local": true`, kept in no history.
+    /// `to` is a private message's receiver on this node.
+    fn show_locally(&mut self, room: &str, from: &str, to: Option<(ClientId, &str)>, text: &str) {
+        let frame = protocol::encode(&LocalMessage {
+            kind: "message",
+            room,
+            from,
+            to: to.map(|(_, name)| name),
+            text,
+            ts: protocol::now_ms(),
+            private: to.is_some(),
+            local: true,
+        });
+        Metrics::add(&self.metrics.messages_received, 1);
+        match to {
+            Some((receiver, _)) => {
+                self.send_to(receiver, frame.clone());
+                let sender = self.names.get(&names::key(from)).copied();
+                if let Some(sender) = sender.filter(|&s| s != receiver) {
+                    self.send_to(sender, frame);
+                }
+            }
+            None => self.broadcast(room, None, frame),
+        }
+    }
+
     /// A private message to a member of any node: it too takes its id from Redis, and both
     /// ends see it when the feed brings it.
     pub(super) fn private_through_cluster(
@@ -129,6 +198,13 @@ impl Hub {
         let Some(cluster) = &self.cluster else {
             return Ok(());
         };
+        if !cluster.is_up() {
+            let Some(&target) = self.names.get(&key) else {
+                return Err(ChatError::NotSaved(UNREACHABLE.to_owned()));
+            };
+            self.show_locally(&room, &from, Some((target, &receiver.0)), text);
+            return Ok(());
+        }
         let body = body(&room, &from, Some(receiver.0), text);
         cluster.post(body, ReplyTo::Client(id))
     }
