@@ -418,3 +418,21 @@ mod keys {
         format!("wschat:node:{node}:names")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_its_cap_with_at_most_half_again_of_jitter() {
+        let mut backoff = Backoff::new();
+        let mut step = BACKOFF_FIRST;
+        for _ in 0..10 {
+            let wait = backoff.next_wait();
+            assert!(wait >= step && wait <= step.mul_f64(1.5), "{wait:?} for step {step:?}");
+            step = (step * 2).min(BACKOFF_CAP);
+        }
+        backoff.reset();
+        assert!(backoff.next_wait() <= BACKOFF_FIRST.mul_f64(1.5));
+    }
+}

@@ -472,6 +472,23 @@ mod tests {
     }
 
     #[test]
+    fn redis_is_a_url_and_not_with_a_data_dir() {
+        let url = "redis://127.0.0.1:6379/0";
+        let Ok(Parsed::Run(cfg)) = parse(&["--redis", url], None) else {
+            panic!("expected a config")
+        };
+        assert_eq!(cfg.redis.as_deref(), Some(url));
+        let Ok(Parsed::Run(cfg)) = parse(&[], None) else {
+            panic!("expected a config")
+        };
+        assert_eq!(cfg.redis, None, "nothing of Redis without the flag");
+        let err = parse(&["--redis", "localhost:6379"], None).unwrap_err();
+        assert!(err.to_string().starts_with("--redis: \"localhost:6379\" is not a Redis URL"));
+        let err = parse(&["--redis", url, "--data-dir", "/tmp/x"], None).unwrap_err();
+        assert!(err.to_string().contains("do not go together"), "{err}");
+    }
+
+    #[test]
     fn history_bounds_are_flags() {
         let Ok(Parsed::Run(cfg)) = parse(&["--history-bytes", "4096", "--room-quiet", "2"], None)
         else {

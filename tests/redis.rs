@@ -54,6 +54,8 @@ fn have_redis() -> bool {
         .stdout(Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
+    // CI runs scripts/test, which installs it: there, a missing server is a failure.
+    assert!(found || std::env::var_os("CI").is_none(), "redis-server is missing");
     if !found {
         eprintln!("redis-server is not installed: skipping (scripts/test installs it)");
     }
@@ -199,6 +201,11 @@ impl Node {
         );
         let (status, _, body) = common::http_request(self.addr, &request);
         (status, body)
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args([signal, &pid]).status().unwrap();
     }
 
     fn log(&self) -> String {
@@ -591,4 +598,23 @@ fn foreign_and_malformed_entries_in_redis_are_logged_and_skipped() {
     assert_eq!(history.len(), 1);
     assert_eq!(history[0]["text"], "still fine");
     assert!(b.log().contains("redis: skipped a bad entry"));
+}
+
+#[test]
+fn a_node_stopped_cleanly_takes_its_users_out_at_once() {
+    if !have_redis() {
+        return;
+    }
+    let scratch = Scratch::new("sigterm");
+    let redis = Redis::start(&scratch.0, false);
+    let a = Node::start(&redis, &scratch.0, "a");
+    let b = Node::start(&redis, &scratch.0, "b");
+    let (mut ada, _) = a.join("/chat/dev?name=ada");
+    let (mut bob, _) = b.join("/chat/dev?name=bob");
+    ada.expect("joined");
+    b.signal("-TERM");
+    assert_eq!(bob.expect_close(), Some(1001));
+    // Well before the heartbeat would expire (6 s): the node said goodbye.
+    let left = expect_within(&mut ada, "left", Duration::from_secs(4));
+    assert_eq!(left["name"], "bob");
 }

@@ -4,7 +4,7 @@
 //! each message once. It never writes to Redis.
 
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{SendTimeoutError, Sender};
 use log::{debug, warn};
@@ -53,8 +53,9 @@ pub(super) fn run(shared: &Shared, events: &Sender<Event>) {
             }
         };
         shared.set_feed(false, &why);
-        if !shared.stopping.load(Relaxed) {
-            std::thread::sleep(backoff.next_wait());
+        let until = Instant::now() + backoff.next_wait();
+        while Instant::now() < until && !shared.stopping.load(Relaxed) {
+            std::thread::sleep(POLL); // in steps, so that a shutdown need not wait
         }
     }
 }
