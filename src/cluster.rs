@@ -35,9 +35,15 @@ use crate::metrics::Metrics;
 use crate::protocol::{ChatError, ChatMessage, ClientId};
 use wire::{Body, Member};
 
-/// Work waiting for the link. Past it the dispatcher refuses new chat messages with `busy`
-/// instead of waiting: a stuck Redis holds at most this many (each at most one message).
+/// Work waiting for the link, and the chat text in it. Past either the dispatcher refuses new
+/// chat messages with `busy` instead of waiting (presence waits in the roster): a stuck Redis
+/// holds at most this much of this node's memory.
 pub const OUTBOX: usize = 1024;
+pub const OUTBOX_BYTES: u64 = 8 << 20;
+/// Chat text the feed has handed the dispatcher that it has not handled yet. Past it the feed
+/// waits (and Redis buffers for it, up to its pub/sub output limit, past which it drops the
+/// feed, which then catches up from the streams): a resync cannot flood the dispatcher's queue.
+pub const FEED_BYTES: u64 = 8 << 20;
 /// Longest wait for Redis to connect, answer a command or take a write. A stuck Redis (one that
 /// accepts bytes but never answers, like a SIGSTOPped one) is declared down after this.
 pub const REDIS_TIMEOUT: Duration = Duration::from_secs(1);
@@ -132,6 +138,9 @@ struct Shared {
     feed_up: AtomicBool,
     /// Whether the last reported state was up: outage and recovery are logged once each.
     reported_up: AtomicBool,
+    /// Chat text waiting for the link ([`OUTBOX_BYTES`]) and for the dispatcher ([`FEED_BYTES`]).
+    outbox_bytes: AtomicU64,
+    feed_bytes: AtomicU64,
     /// Counts the link's reconnections: the feed starts over when it changes.
     link_generation: AtomicU64,
     /// Counts the link's heartbeats that Redis answered: after losing its connection, the feed
@@ -241,6 +250,8 @@ impl Cluster {
             link_up: AtomicBool::new(false),
             feed_up: AtomicBool::new(false),
             reported_up: AtomicBool::new(false),
+            outbox_bytes: AtomicU64::new(0),
+            feed_bytes: AtomicU64::new(0),
             link_generation: AtomicU64::new(0),
             link_checks: AtomicU64::new(0),
             highest_id: AtomicU64::new(0),
@@ -251,16 +262,10 @@ impl Cluster {
         });
         shared.report("not connected yet");
         let (outbox, inbox) = crossbeam_channel::bounded(OUTBOX);
-        let spawn = |name: &str, body: Box<dyn FnOnce() + Send>| {
-            std::thread::Builder::new()
-                .name(name.to_owned())
-                .spawn(body)
-                .map_err(ClusterError::Thread)
-        };
         let (s, e) = (shared.clone(), events.clone());
-        let link = spawn("redis-link", Box::new(move || link::run(&s, &inbox, &e)))?;
+        let link = spawn("redis-link", move || link::run(&s, &inbox, &e))?;
         let s = shared.clone();
-        let feed = spawn("redis-feed", Box::new(move || feed::run(&s, &events)))?;
+        let feed = spawn("redis-feed", move || feed::run(&s, &events))?;
         Ok(Cluster {
             shared,
             outbox,
@@ -285,12 +290,25 @@ impl Cluster {
         if !self.shared.up() {
             return Err(ChatError::NotSaved(UNREACHABLE.to_owned()));
         }
+        let bytes = body.text.len() as u64;
+        let queued = &self.shared.outbox_bytes;
+        if queued.load(Relaxed) + bytes > OUTBOX_BYTES {
+            Metrics::add(&self.shared.metrics.redis_dropped, 1);
+            return Err(ChatError::Busy);
+        }
         body.node = self.shared.node;
         if let ReplyTo::Client(client) = &reply {
             body.client = *client; // so this node can show the sender its private message
         }
         self.send(Outbound::Post { body, reply })
-            .map_err(|_| ChatError::Busy)
+            .map_err(|_| ChatError::Busy)?;
+        queued.fetch_add(bytes, Relaxed);
+        Ok(())
+    }
+
+    /// The dispatcher handled a chat message the feed brought: its text no longer waits.
+    pub fn handled(&self, text_bytes: usize) {
+        self.shared.feed_bytes.fetch_sub(text_bytes as u64, Relaxed);
     }
 
     /// Tells the other nodes that this member joined, moved or was renamed.
@@ -347,6 +365,13 @@ impl Cluster {
             let _ = thread.join();
         }
     }
+}
+
+fn spawn(name: &str, body: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>, ClusterError> {
+    std::thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(body)
+        .map_err(ClusterError::Thread)
 }
 
 /// A random node number, small enough for a guest name (`guest-<node>-<client>`).
@@ -429,7 +454,10 @@ mod tests {
         let mut step = BACKOFF_FIRST;
         for _ in 0..10 {
             let wait = backoff.next_wait();
-            assert!(wait >= step && wait <= step.mul_f64(1.5), "{wait:?} for step {step:?}");
+            assert!(
+                wait >= step && wait <= step.mul_f64(1.5),
+                "{wait:?} for step {step:?}"
+            );
             step = (step * 2).min(BACKOFF_CAP);
         }
         backoff.reset();

@@ -483,7 +483,10 @@ mod tests {
         };
         assert_eq!(cfg.redis, None, "nothing of Redis without the flag");
         let err = parse(&["--redis", "localhost:6379"], None).unwrap_err();
-        assert!(err.to_string().starts_with("--redis: \"localhost:6379\" is not a Redis URL"));
+        assert!(
+            err.to_string()
+                .starts_with("--redis: \"localhost:6379\" is not a Redis URL")
+        );
         let err = parse(&["--redis", url, "--data-dir", "/tmp/x"], None).unwrap_err();
         assert!(err.to_string().contains("do not go together"), "{err}");
     }

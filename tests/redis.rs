@@ -55,7 +55,10 @@ fn have_redis() -> bool {
         .status()
         .is_ok_and(|s| s.success());
     // CI runs scripts/test, which installs it: there, a missing server is a failure.
-    assert!(found || std::env::var_os("CI").is_none(), "redis-server is missing");
+    assert!(
+        found || std::env::var_os("CI").is_none(),
+        "redis-server is missing"
+    );
     if !found {
         eprintln!("redis-server is not installed: skipping (scripts/test installs it)");
     }

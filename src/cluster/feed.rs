@@ -12,12 +12,15 @@ use redis::streams::StreamRangeReply;
 use redis::{Connection, RedisResult};
 
 use super::wire::{self, Entry, Member};
-use super::{Backoff, Inbound, Shared, keys};
+use super::{Backoff, FEED_BYTES, Inbound, Shared, keys};
 use crate::dispatcher::Event;
 
 /// How long one wait for the channel lasts before the feed looks whether it must stop or start
 /// over (the link reconnected).
 const POLL: Duration = Duration::from_millis(250);
+
+/// How long the feed waits for the dispatcher to catch up before looking again.
+const FEED_WAIT: Duration = Duration::from_millis(5);
 
 /// What the feed remembers across reconnections: the newest ids it handed over.
 #[derive(Default)]
@@ -206,6 +209,9 @@ impl Feed<'_> {
     /// Hands an event to the dispatcher, waiting while its queue is full (Redis then buffers
     /// for us, up to its own output limit, past which it drops us and we resync).
     fn hand(&self, inbound: Inbound) {
+        if let Inbound::Message { message, .. } = &inbound {
+            self.wait_for_room(message.text.len() as u64);
+        }
         let mut event = Event::FromCluster(inbound);
         loop {
             match self.events.send_timeout(event, POLL) {
@@ -216,6 +222,19 @@ impl Feed<'_> {
                 Err(_) => return,
             }
         }
+    }
+
+    /// Waits while the dispatcher has [`FEED_BYTES`] of chat text from the feed to handle, then
+    /// counts `bytes` more (the dispatcher takes them off: [`super::Cluster::handled`]).
+    fn wait_for_room(&self, bytes: u64) {
+        let waiting = &self.shared.feed_bytes;
+        while waiting.load(Relaxed) > 0 && waiting.load(Relaxed) + bytes > FEED_BYTES {
+            if self.shared.stopping.load(Relaxed) {
+                return;
+            }
+            std::thread::sleep(FEED_WAIT);
+        }
+        waiting.fetch_add(bytes, Relaxed);
     }
 
     /// Logs a malformed or foreign entry (the first, then at every power of two) and skips it.

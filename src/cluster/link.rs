@@ -100,7 +100,7 @@ impl Link<'_> {
                 false => next_beat.min(Instant::now() + RECHECK),
             };
             match outbox.recv_deadline(wake) {
-                Ok(work) => self.run(con, work)?,
+                Ok(work) => self.run(con, self.took(work))?,
                 Err(RecvTimeoutError::Timeout) if Instant::now() < next_beat => self.beat(con)?,
                 Err(RecvTimeoutError::Timeout) => {
                     self.beat(con)?;
@@ -114,6 +114,15 @@ impl Link<'_> {
             }
             self.note_queue(outbox);
         }
+    }
+
+    /// Work taken off the queue: its chat text no longer counts against [`super::OUTBOX_BYTES`].
+    fn took(&self, work: Outbound) -> Outbound {
+        if let Outbound::Post { body, .. } = &work {
+            let bytes = body.text.len() as u64;
+            self.shared.outbox_bytes.fetch_sub(bytes, Relaxed);
+        }
+        work
     }
 
     fn note_queue(&self, outbox: &Receiver<Outbound>) {
@@ -205,7 +214,7 @@ impl Link<'_> {
     /// (presence changes wait in the roster, republished on reconnection).
     fn refuse_until(&self, deadline: Instant, outbox: &Receiver<Outbound>) {
         while let Ok(work) = outbox.recv_deadline(deadline) {
-            if let Outbound::Post { reply, .. } = work {
+            if let Outbound::Post { reply, .. } = self.took(work) {
                 let error = ChatError::NotSaved(super::UNREACHABLE.to_owned());
                 self.refuse(reply, error);
             }

@@ -34,16 +34,19 @@ pub(super) struct Remote {
     members: HashMap<(u64, ClientId), Member>,
     /// Name key ([`names::key`]) -> member, as the hub's own `names`.
     names: HashMap<String, (u64, ClientId)>,
+    /// Each room's members on other nodes, in the order they arrived, as the hub's own `rooms`.
+    rooms: HashMap<String, Vec<(u64, ClientId)>>,
 }
 
 impl Remote {
     /// Members of `room` on other nodes.
     pub(super) fn count(&self, room: &str) -> usize {
-        self.members.values().filter(|m| m.room == room).count()
+        self.rooms.get(room).map_or(0, Vec::len)
     }
 
     pub(super) fn names_in(&self, room: &str) -> Vec<&str> {
-        let members = self.members.values().filter(|m| m.room == room);
+        let at = self.rooms.get(room).map(Vec::as_slice).unwrap_or(&[]);
+        let members = at.iter().filter_map(|at| self.members.get(at));
         members.map(|m| m.name.as_str()).collect()
     }
 
@@ -57,23 +60,38 @@ impl Remote {
 
     /// Rooms with members on other nodes (the room list counts them).
     pub(super) fn rooms(&self) -> impl Iterator<Item = &str> {
-        self.members.values().map(|m| m.room.as_str())
+        self.rooms.keys().map(String::as_str)
     }
 
     fn insert(&mut self, member: Member) -> Option<Member> {
         let at = (member.node, member.client);
-        let old = self.members.insert(at, member.clone());
+        let (name, room) = (names::key(&member.name), member.room.clone());
+        let old = self.members.insert(at, member);
         if let Some(old) = &old {
-            self.names.remove(&names::key(&old.name));
+            self.unindex(at, old);
         }
-        self.names.insert(names::key(&member.name), at);
+        self.names.insert(name, at);
+        let in_room = self.rooms.entry(room).or_default();
+        if !in_room.contains(&at) {
+            in_room.push(at);
+        }
         old
     }
 
     fn remove(&mut self, node: u64, client: ClientId) -> Option<Member> {
         let old = self.members.remove(&(node, client))?;
-        self.names.remove(&names::key(&old.name));
+        self.unindex((node, client), &old);
         Some(old)
+    }
+
+    fn unindex(&mut self, at: (u64, ClientId), old: &Member) {
+        self.names.remove(&names::key(&old.name));
+        if let Some(in_room) = self.rooms.get_mut(&old.room) {
+            in_room.retain(|&m| m != at);
+            if in_room.is_empty() {
+                self.rooms.remove(&old.room);
+            }
+        }
     }
 
     fn of_node(&self, node: u64) -> Vec<ClientId> {
@@ -99,7 +117,12 @@ pub(super) fn body(room: &str, from: &str, to: Option<String>, text: &str) -> Bo
 impl Hub {
     pub(super) fn heard_from_cluster(&mut self, inbound: Inbound) {
         match inbound {
-            Inbound::Message { message, sender } => self.arrived(message, sender),
+            Inbound::Message { message, sender } => {
+                if let Some(cluster) = &self.cluster {
+                    cluster.handled(message.text.len());
+                }
+                self.arrived(message, sender);
+            }
             Inbound::Refused { client, error } => self.send_to(client, error.to_frame()),
             Inbound::NameLost { client, name } => self.name_lost(client, name),
             Inbound::Members(members) => self.replace_remote(None, members),
