@@ -11,6 +11,9 @@
 //! then hands the batch's frames to the outlets, each client's frames together, so no one sees a
 //! message that a crash could still lose. Chat messages wait for that commit apart from other
 //! frames: if it fails, none of them is shown and each sender is told it was not saved.
+//!
+//! With `--redis` ([`crate::cluster`]) a chat message is handed to Redis instead, and shown when
+//! it comes back with its id, in the order all nodes share; `remote` holds that side.
 
 mod remote;
 
@@ -528,9 +531,10 @@ impl Hub {
         let Some(members) = self.rooms.get_mut(room) else {
             return;
         };
-        let before = members.len() + self.remote.count(room);
+        let elsewhere = self.remote.count(room); // members on other nodes (`--redis`)
+        let before = members.len() + elsewhere;
         members.retain(|&m| m != id);
-        let count = before - 1;
+        let count = members.len() + elsewhere;
         if members.is_empty() {
             self.rooms.remove(room);
         } else if before <= self.limits.presence_limit {
