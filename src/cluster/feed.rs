@@ -55,6 +55,9 @@ pub(super) fn run(shared: &Shared, events: &Sender<Event>) {
                 e.to_string()
             }
         };
+        if shared.stopping.load(Relaxed) {
+            break; // not an outage: the server is stopping
+        }
         shared.set_feed(false, &why);
         let until = Instant::now() + backoff.next_wait();
         while Instant::now() < until && !shared.stopping.load(Relaxed) {

@@ -11,7 +11,7 @@ use log::{debug, warn};
 use redis::{Connection, RedisResult, Script};
 
 use super::presence::Presence;
-use super::wire::{self, Entry};
+use super::wire::{self, Body, Entry};
 use super::{Backoff, HEARTBEAT, Inbound, NODE_EXPIRY, Outbound, RECHECK, ReplyTo, Shared, keys};
 use crate::dispatcher::Event;
 use crate::protocol::ChatError;
@@ -28,6 +28,10 @@ end
 redis.call('PUBLISH', KEYS[4], entry)
 return id
 "#;
+
+/// Most chat messages sent to Redis in one round trip: a burst costs one wait, not one each,
+/// and the first of it waits only for the others to be written.
+const BATCH: usize = 64;
 
 /// Raises the id counter to at least ARGV[1]: a Redis that lost its data (restarted without
 /// persistence) must never hand out an id some node has already shown.
@@ -80,6 +84,7 @@ impl Link<'_> {
             .key(keys::COUNTER)
             .arg(floor)
             .invoke::<i64>(con)?;
+        self.post.load(con)?; // messages are sent by hash, many at once
         self.beat(con)?;
         self.republish(con)
     }
@@ -100,7 +105,7 @@ impl Link<'_> {
                 false => next_beat.min(Instant::now() + RECHECK),
             };
             match outbox.recv_deadline(wake) {
-                Ok(work) => self.run(con, self.took(work))?,
+                Ok(work) => self.run_with_batch(con, self.took(work), outbox)?,
                 Err(RecvTimeoutError::Timeout) if Instant::now() < next_beat => self.beat(con)?,
                 Err(RecvTimeoutError::Timeout) => {
                     self.beat(con)?;
@@ -130,9 +135,35 @@ impl Link<'_> {
         self.shared.metrics.redis_outbox.store(queued, Relaxed);
     }
 
+    /// Runs `work`; a chat message with the ones queued right behind it (at most [`BATCH`]).
+    fn run_with_batch(
+        &mut self,
+        con: &mut Connection,
+        work: Outbound,
+        outbox: &Receiver<Outbound>,
+    ) -> RedisResult<()> {
+        let Outbound::Post { body, reply } = work else {
+            return self.run(con, work);
+        };
+        let mut batch = vec![(body, reply)];
+        let mut next = None;
+        while batch.len() < BATCH && next.is_none() {
+            match outbox.try_recv().map(|work| self.took(work)) {
+                Ok(Outbound::Post { body, reply }) => batch.push((body, reply)),
+                Ok(other) => next = Some(other),
+                Err(_) => break,
+            }
+        }
+        self.post(con, batch)?;
+        match next {
+            Some(work) => self.run(con, work),
+            None => Ok(()),
+        }
+    }
+
     fn run(&mut self, con: &mut Connection, work: Outbound) -> RedisResult<()> {
         match work {
-            Outbound::Post { body, reply } => self.post(con, body, reply),
+            Outbound::Post { body, reply } => self.post(con, vec![(body, reply)]),
             Outbound::Here(client) => {
                 if let Some(lost) = self.presence.here(self.shared, con, client)? {
                     self.tell(lost);
@@ -157,42 +188,63 @@ impl Link<'_> {
         }
     }
 
-    /// Runs the post script. A connection failure leaves the message's fate unknown (Redis may
-    /// have run it): the sender is told so, and sees it after all if it was taken.
-    fn post(&mut self, con: &mut Connection, body: wire::Body, reply: ReplyTo) -> RedisResult<()> {
-        let stored = !body.private;
-        let room = body.room.clone();
-        let json = serde_json::to_string(&body).unwrap_or_default();
-        let result = self
-            .post
-            .key(keys::COUNTER)
-            .key(keys::stream(&room))
-            .key(keys::ROOMS)
-            .key(keys::CHANNEL)
-            .arg(json)
-            .arg(if stored { "1" } else { "0" })
-            .arg(self.shared.history.max(1))
-            .arg(&room)
-            .invoke::<u64>(con);
-        match result {
-            Ok(id) => {
-                self.shared.saw_id(id);
-                if let ReplyTo::Api(reply) = reply {
-                    let _ = reply.try_send(Ok(id));
-                }
-                Ok(())
-            }
-            Err(e) if e.is_io_error() || e.is_timeout() || e.is_unrecoverable_error() => {
-                let reason = "lost contact with Redis; it may still arrive".to_owned();
-                self.refuse(reply, ChatError::NotSaved(reason));
-                Err(e)
-            }
+    /// Runs the post script for a batch of chat messages, in one round trip. A connection
+    /// failure leaves their fate unknown (Redis may have run them): their senders are told so,
+    /// and see them after all if they were taken.
+    fn post(&mut self, con: &mut Connection, batch: Vec<(Body, ReplyTo)>) -> RedisResult<()> {
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for (body, _) in &batch {
+            pipe.add_command(self.post_command(body));
+        }
+        let answers = match pipe.query::<Vec<redis::Value>>(con) {
+            Ok(answers) => answers,
             Err(e) => {
-                warn!("redis: a chat message was refused: {e}");
-                self.refuse(reply, ChatError::NotSaved(format!("Redis refused it: {e}")));
-                Ok(())
+                for (_, reply) in batch {
+                    let reason = "lost contact with Redis; it may still arrive".to_owned();
+                    self.refuse(reply, ChatError::NotSaved(reason));
+                }
+                return Err(e);
+            }
+        };
+        let mut lost_script = false;
+        for ((_, reply), answer) in batch.into_iter().zip(answers) {
+            lost_script |=
+                matches!(&answer, redis::Value::ServerError(e) if e.code() == "NOSCRIPT");
+            match redis::from_redis_value::<u64>(answer) {
+                Ok(id) => {
+                    self.shared.saw_id(id);
+                    if let ReplyTo::Api(reply) = reply {
+                        let _ = reply.try_send(Ok(id));
+                    }
+                }
+                Err(e) => {
+                    warn!("redis: a chat message was refused: {e}");
+                    self.refuse(reply, ChatError::NotSaved(format!("Redis refused it: {e}")));
+                }
             }
         }
+        if lost_script {
+            self.post.load(con)?; // someone flushed Redis's script cache
+        }
+        Ok(())
+    }
+
+    /// `EVALSHA` of the post script for one message (the script is loaded on connecting).
+    fn post_command(&self, body: &Body) -> redis::Cmd {
+        let json = serde_json::to_string(body).unwrap_or_default();
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(self.post.get_hash())
+            .arg(4)
+            .arg(keys::COUNTER)
+            .arg(keys::stream(&body.room))
+            .arg(keys::ROOMS)
+            .arg(keys::CHANNEL)
+            .arg(json)
+            .arg(if body.private { "0" } else { "1" })
+            .arg(self.shared.history.max(1))
+            .arg(&body.room);
+        cmd
     }
 
     fn refuse(&self, reply: ReplyTo, error: ChatError) {
