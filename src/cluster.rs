@@ -194,8 +194,8 @@ impl Shared {
         } else {
             Metrics::add(&self.metrics.redis_outages, 1);
             warn!(
-                "redis: unreachable ({why}); local clients stay connected, chat messages are \
-                 refused until it is back"
+                "redis: unreachable ({why}); until it is back this node serves its own clients \
+                 alone (their messages are shown here only, without ids)"
             );
         }
     }
@@ -230,7 +230,7 @@ pub struct Cluster {
 
 impl Cluster {
     /// Starts the link and the feed threads; they connect (and reconnect) by themselves. Until
-    /// they are connected the node is degraded: it serves its clients, refuses chat messages.
+    /// they are connected the node is degraded: it serves its own clients alone.
     pub fn start(
         url: &str,
         history: usize,

@@ -631,3 +631,60 @@ fn a_node_stopped_cleanly_takes_its_users_out_at_once() {
     let left = expect_within(&mut ada, "left", Duration::from_secs(4));
     assert_eq!(left["name"], "bob");
 }
+
+#[test]
+fn a_name_another_node_claimed_first_becomes_a_guest() {
+    if !have_redis() {
+        return;
+    }
+    let scratch = Scratch::new("claim");
+    let redis = Redis::start(&scratch.0, false);
+    let a = Node::start(&redis, &scratch.0, "a");
+    // Another node took "zed" a moment ago; its `here` has not reached node a yet.
+    assert_eq!(
+        redis
+            .command(&["SET", "wschat:name:zed", "12345:1"])
+            .unwrap(),
+        "+OK"
+    );
+    let (mut zed, welcome) = a.join("/chat/dev?name=zed");
+    assert_eq!(welcome["name"], "zed", "node a knew of no other zed");
+    let renamed = zed.expect("renamed");
+    assert_eq!(renamed["from"], "zed");
+    assert!(renamed["name"].as_str().unwrap().starts_with("guest-"));
+    assert_eq!(zed.expect("error")["code"], "name_taken");
+}
+
+#[test]
+fn a_redis_that_comes_back_empty_gets_the_members_again_and_never_reuses_an_id() {
+    if !have_redis() {
+        return;
+    }
+    let scratch = Scratch::new("empty");
+    let mut redis = Redis::start(&scratch.0, false); // no persistence: a restart forgets all
+    let a = Node::start(&redis, &scratch.0, "a");
+    let (mut ada, _) = a.join("/chat/dev?name=ada");
+    ada.send("before");
+    let before = ada.expect("message")["id"].as_u64().unwrap();
+    redis.kill();
+    a.wait_health("degraded");
+    redis.spawn();
+    a.wait_health("ok");
+    ada.send("after");
+    let after = ada.expect("message");
+    assert_eq!(after["text"], "after");
+    assert!(
+        after["id"].as_u64().unwrap() > before,
+        "{after} after id {before}"
+    );
+
+    let b = Node::start(&redis, &scratch.0, "b");
+    let (_, welcome) = b.join("/chat/dev?name=bob");
+    assert_eq!(
+        welcome["users"],
+        json!(["ada", "bob"]),
+        "node a published its members again"
+    );
+    let (_, welcome) = b.join("/chat/dev?name=Ada");
+    assert_ne!(welcome["name"], "Ada", "and claimed their names again");
+}
