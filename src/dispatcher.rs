@@ -369,6 +369,7 @@ impl Hub {
         self.leave_room(id, &client.room, &client.name);
         if let Some(cluster) = &self.cluster {
             cluster.gone(id);
+            self.remote.forget_resume(id);
         }
         Some(client)
     }
@@ -480,8 +481,11 @@ impl Hub {
         let Some(me) = self.clients.get(&id) else {
             return;
         };
-        if let Some(cluster) = self.cluster.as_ref().filter(|_| is_new) {
-            cluster.here(id, &me.name, room);
+        if let Some(cluster) = &self.cluster {
+            if is_new {
+                cluster.here(id, &me.name, room);
+            }
+            self.remote.resumed(id, since);
         }
         let users = self.member_names(room);
         let count = self.headcount(room);
@@ -805,6 +809,7 @@ impl Hub {
         Metrics::add(&self.metrics.messages_received, 1);
         match m.audience {
             Audience::Room(room) => self.broadcast(&room, None, m.frame),
+            Audience::FromCluster(room) => self.show_arrived(&room, m.id, m.frame),
             Audience::Pair(from, to) => {
                 self.send_to(to, m.frame.clone());
                 if from != to {
@@ -906,6 +911,8 @@ struct Unsaved {
 enum Audience {
     /// Every member of the room.
     Room(String),
+    /// Every member of the room who does not have it yet (`--redis`: see `remote`).
+    FromCluster(String),
     /// A private message: its sender and its target.
     Pair(ClientId, ClientId),
 }

@@ -3,6 +3,7 @@
 //! the dispatcher thread, like the rest of the hub; Redis itself is [`crate::cluster`]'s.
 
 use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
 
 use super::{Audience, Hub, Origin, Unsaved};
 use crate::cluster::wire::{Body, Member};
@@ -36,9 +37,47 @@ pub(super) struct Remote {
     names: HashMap<String, (u64, ClientId)>,
     /// Each room's members on other nodes, in the order they arrived, as the hub's own `rooms`.
     rooms: HashMap<String, Vec<(u64, ClientId)>>,
+    /// Clients that resumed here with a `since` this node's copy of history had not reached
+    /// yet (the client came from a node whose feed was ahead): the messages up to it, still on
+    /// their way, are not shown to them again. Each holds for [`RESUME_GRACE`] at most.
+    resumes: HashMap<ClientId, (u64, Instant)>,
 }
 
+/// How long a resume's `since` can hold back older messages still on their way to this node:
+/// far more than one feed lags behind another, short enough that a made-up `since` (above
+/// every id) hides nothing for long.
+const RESUME_GRACE: Duration = Duration::from_secs(10);
+
 impl Remote {
+    /// A client entered a room with `since` (or without): remembered until the messages up
+    /// to it have passed, or for [`RESUME_GRACE`].
+    pub(super) fn resumed(&mut self, client: ClientId, since: Option<u64>) {
+        match since {
+            Some(since) => {
+                let until = Instant::now() + RESUME_GRACE;
+                self.resumes.insert(client, (since, until));
+            }
+            None => self.forget_resume(client),
+        }
+    }
+
+    pub(super) fn forget_resume(&mut self, client: ClientId) {
+        self.resumes.remove(&client);
+    }
+
+    /// Whether message `id` is one `client` already has (by its resume), forgetting resumes
+    /// that are past.
+    fn already_has(&mut self, client: ClientId, id: u64, now: Instant) -> bool {
+        let Some(&(since, until)) = self.resumes.get(&client) else {
+            return false;
+        };
+        if id <= since && now < until {
+            return true;
+        }
+        self.resumes.remove(&client);
+        false
+    }
+
     /// Members of `room` on other nodes.
     pub(super) fn count(&self, room: &str) -> usize {
         self.rooms.get(room).map_or(0, Vec::len)
@@ -257,9 +296,24 @@ impl Hub {
         self.unsaved.push(Unsaved {
             id,
             frame,
-            audience: Audience::Room(message.room),
+            audience: Audience::FromCluster(message.room),
             origin: Origin::Cluster,
         });
+    }
+
+    /// Shows a room message from the feed to its room, but not to a member that resumed from
+    /// a later id (it has this one from another node).
+    pub(super) fn show_arrived(&mut self, room: &str, id: u64, frame: protocol::Frame) {
+        if self.remote.resumes.is_empty() {
+            return self.broadcast(room, None, frame);
+        }
+        let now = Instant::now();
+        let members = self.members(room).to_vec();
+        for member in members {
+            if !self.remote.already_has(member, id, now) {
+                self.send_to(member, frame.clone());
+            }
+        }
     }
 
     /// Another node claimed this name first (both took it at once, or while Redis was away):
