@@ -78,6 +78,8 @@ pub struct Metrics {
     pub redis_dropped: AtomicU64,
     /// Malformed or foreign entries read from Redis and skipped.
     pub redis_bad_entries: AtomicU64,
+    /// socket.io sessions alive, on either transport (a polling one holds no connection).
+    pub socketio_sessions: AtomicU64,
     rejected: [AtomicU64; Rejection::ALL.len()],
     /// When each kind of refusal was last logged (seconds since the Unix epoch; 0: never).
     logged_at: [AtomicU64; Rejection::ALL.len()],
@@ -204,6 +206,12 @@ impl Metrics {
             "gauge",
             "Chat text waiting for the dispatcher.",
             get(&self.inbound_bytes),
+        );
+        metric(
+            "wschat_socketio_sessions",
+            "gauge",
+            "socket.io sessions alive (polling or WebSocket).",
+            get(&self.socketio_sessions),
         );
         metric(
             "wschat_dispatcher_queue",
