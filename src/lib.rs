@@ -48,6 +48,10 @@
 //! [`eio_session`], [`socketio`]) into the same events, and its outlet turns the dispatcher's
 //! frames into socket.io events, for its socket or its polling queue.
 //!
+//! With `--redis`, several nodes are one chat: at step 3 the dispatcher hands the message to
+//! [`cluster`]'s link thread instead, which has Redis give it its id and publish it; every node
+//! shows it when its feed thread brings it back, so all show the same messages in one order.
+//!
 //! Nothing in the dispatcher blocks on a client: a backlog past its bound means the client is too
 //! slow and is dropped. Every thread, queue, buffer and wait has a bound, named as a constant where
 //! it lives. [`metrics`] counts; [`config`] holds every tunable.
