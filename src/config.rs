@@ -44,6 +44,9 @@ pub struct Config {
     pub compact_bytes: u64,
     /// Bearer token for `POST /api/...`; `None` disables posting.
     pub api_token: Option<String>,
+    /// `--redis redis://HOST:PORT/DB`: this node is one of several sharing one chat through
+    /// that Redis (see `cluster`); `None` runs alone, with nothing of Redis started.
+    pub redis: Option<String>,
     /// Largest WebSocket message, frame and HTTP API body, in bytes.
     pub max_message_bytes: usize,
     /// Most WebSocket clients at once (0 = no limit).
@@ -121,6 +124,7 @@ impl Default for Config {
             fsync: Fsync::Always,
             compact_bytes: 16 << 20,
             api_token: None,
+            redis: None,
             max_message_bytes: 64 << 10,
             max_clients: 10_000,
             max_clients_per_ip: 256,
@@ -179,6 +183,8 @@ USAGE: wschat [FLAGS]
   --fsync MODE           always | interval | never (default always)
   --compact-bytes N      compact the history file above N bytes (default 16777216)
   --api-token TOKEN      bearer token for POST /api (env WSCHAT_API_TOKEN)
+  --redis URL            share one chat with other nodes through Redis,
+                         redis://HOST:PORT/DB (env WSCHAT_REDIS); not with --data-dir
   --max-message-bytes N  largest message, frame and API body (default 65536)
   --max-clients N        most WebSocket clients, 0 = no limit (default 10000)
   --max-clients-per-ip N most clients from one address, 0 = no limit (default 256)
@@ -235,6 +241,7 @@ pub fn parse_args(
         cfg.http_port = parse_port("PORT", &port)?;
     }
     cfg.api_token = env("WSCHAT_API_TOKEN");
+    cfg.redis = env("WSCHAT_REDIS");
     let mut parser = lexopt::Parser::from_iter(args);
     while let Some(arg) = parser.next()? {
         use lexopt::prelude::*;
@@ -288,6 +295,7 @@ fn apply(cfg: &mut Config, flag: &str, parser: &mut lexopt::Parser) -> Result<()
         "--fsync" => cfg.fsync = parse_fsync(&value()?)?,
         "--compact-bytes" => cfg.compact_bytes = parse_count(flag, &value()?)?,
         "--api-token" => cfg.api_token = Some(value()?),
+        "--redis" => cfg.redis = Some(value()?),
         "--max-message-bytes" => cfg.max_message_bytes = parse_count(flag, &value()?)?,
         "--max-clients" => cfg.max_clients = parse_count(flag, &value()?)?,
         "--max-clients-per-ip" => cfg.max_clients_per_ip = parse_count(flag, &value()?)?,
@@ -325,6 +333,11 @@ const WS_PORT_GONE: &str = "--ws-port was removed: WebSockets are served on --po
 const EMPTY_TOKEN: &str = "the API token (--api-token or WSCHAT_API_TOKEN) is empty: \
                            give a real token, or leave both unset to turn posting off";
 
+/// History lives in Redis's streams with `--redis`: a second copy on one node's disk would
+/// disagree with the others'.
+const REDIS_AND_DATA_DIR: &str = "--redis and --data-dir do not go together: with --redis, \
+                                  history lives in Redis (make Redis persistent instead)";
+
 /// The bounds no single flag can check alone, and values that are dangerous rather than wrong.
 fn check(cfg: &Config) -> Result<(), lexopt::Error> {
     if cfg
@@ -333,6 +346,17 @@ fn check(cfg: &Config) -> Result<(), lexopt::Error> {
         .is_some_and(|t| t.trim().is_empty())
     {
         return Err(EMPTY_TOKEN.into());
+    }
+    if let Some(url) = &cfg.redis {
+        if redis::parse_redis_url(url).is_none_or(|u| !matches!(u.scheme(), "redis" | "unix")) {
+            return Err(format!(
+                "--redis: {url:?} is not a Redis URL (redis://HOST:PORT/DB, or WSCHAT_REDIS)"
+            )
+            .into());
+        }
+        if cfg.data_dir.is_some() {
+            return Err(REDIS_AND_DATA_DIR.into());
+        }
     }
     if cfg.client_queue == 0 {
         return Err("--client-queue: must be at least 1".into());
@@ -481,6 +505,26 @@ mod tests {
         let err = parse(&["--api-token", ""], None).unwrap_err().to_string();
         assert!(err.contains("empty"), "{err}");
         assert!(parse(&["--api-token", "  "], None).is_err());
+    }
+
+    #[test]
+    fn redis_is_a_url_and_not_with_a_data_dir() {
+        let url = "redis://127.0.0.1:6379/0";
+        let Ok(Parsed::Run(cfg)) = parse(&["--redis", url], None) else {
+            panic!("expected a config")
+        };
+        assert_eq!(cfg.redis.as_deref(), Some(url));
+        let Ok(Parsed::Run(cfg)) = parse(&[], None) else {
+            panic!("expected a config")
+        };
+        assert_eq!(cfg.redis, None, "nothing of Redis without the flag");
+        let err = parse(&["--redis", "localhost:6379"], None).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("--redis: \"localhost:6379\" is not a Redis URL")
+        );
+        let err = parse(&["--redis", url, "--data-dir", "/tmp/x"], None).unwrap_err();
+        assert!(err.to_string().contains("do not go together"), "{err}");
     }
 
     #[test]

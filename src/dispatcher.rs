@@ -11,6 +11,11 @@
 //! then sends the batch's frames, so no one sees a message that a crash could still lose. Chat
 //! messages wait for that commit apart from other frames: if it fails, none of them is shown and
 //! each sender is told it was not saved.
+//!
+//! With `--redis` ([`crate::cluster`]) a chat message is handed to Redis instead, and shown when
+//! it comes back with its id, in the order all nodes share; `remote` holds that side.
+
+mod remote;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -21,6 +26,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use log::{debug, info};
 
+use crate::cluster::{self, Cluster};
 use crate::delivery::Delivery;
 use crate::history::{History, SaveError, Stored};
 use crate::metrics::Metrics;
@@ -96,6 +102,8 @@ pub enum Event {
     },
     /// Commit history, send close 1001 to every client, and stop.
     Shutdown,
+    /// From the other nodes, through Redis (`--redis`; see [`crate::cluster`]).
+    FromCluster(cluster::Inbound),
 }
 
 #[derive(serde::Serialize, Debug, Clone, PartialEq)]
@@ -154,6 +162,9 @@ pub struct Hub {
     presence_due: Option<Instant>,
     /// Each busy room's byte budget (see [`HubLimits::room_rate_bytes`]).
     room_rates: HashMap<String, TokenBucket>,
+    /// With `--redis`: the link to the other nodes, and what is known of their members.
+    cluster: Option<Cluster>,
+    remote: remote::Remote,
     stopping: bool,
 }
 
@@ -178,8 +189,16 @@ impl Hub {
             presence_changed: Vec::new(),
             presence_due: None,
             room_rates: HashMap::new(),
+            cluster: None,
+            remote: remote::Remote::default(),
             stopping: false,
         }
+    }
+
+    /// One node of several (`--redis`): chat messages take their ids and order from Redis.
+    pub fn with_cluster(mut self, cluster: Cluster) -> Hub {
+        self.cluster = Some(cluster);
+        self
     }
 
     /// The dispatcher thread's body: runs until [`Event::Shutdown`] or until every sender is gone.
@@ -264,6 +283,7 @@ impl Hub {
                 drop(reply.try_send(problem.map(|p| format!("history: cannot write ({p})"))));
             }
             Event::Shutdown => self.stopping = true,
+            Event::FromCluster(inbound) => self.heard_from_cluster(inbound),
         }
     }
 
@@ -339,20 +359,29 @@ impl Hub {
         let client = self.clients.remove(&id)?;
         self.names.remove(&names::key(&client.name));
         self.leave_room(id, &client.room, &client.name);
+        if let Some(cluster) = &self.cluster {
+            cluster.gone(id);
+            self.remote.forget_resume(id);
+        }
         Some(client)
     }
 
     fn free_name(&self, name: String, id: ClientId) -> Result<String, ChatError> {
-        match self.names.get(&names::key(&name)) {
+        let key = names::key(&name);
+        match self.names.get(&key) {
             Some(&owner) if owner != id => Err(ChatError::NameTaken(name)),
+            _ if self.remote.has_name(&key) => Err(ChatError::NameTaken(name)),
             _ => Ok(name),
         }
     }
 
-    /// `guest-<id>`: always free, since ids are unique and users cannot take the pattern
-    /// ([`names::check`] reserves it).
+    /// `guest-<id>` (with `--redis`, `guest-<node>-<id>`): always free, since ids are unique
+    /// (on a node) and users cannot take the pattern ([`names::check`] reserves it).
     fn guest_name(&self, id: ClientId) -> String {
-        format!("{}{id}", names::GUEST_PREFIX)
+        match &self.cluster {
+            Some(cluster) => format!("{}{}-{id}", names::GUEST_PREFIX, cluster.node()),
+            None => format!("{}{id}", names::GUEST_PREFIX),
+        }
     }
 
     fn rename(&mut self, id: ClientId, name: String) -> Result<(), ChatError> {
@@ -367,7 +396,10 @@ impl Hub {
         let room = client.room.clone();
         self.names.remove(&names::key(&old));
         self.names.insert(names::key(&name), id);
-        let count = self.members(&room).len();
+        if let Some(cluster) = &self.cluster {
+            cluster.here(id, &name, &room);
+        }
+        let count = self.headcount(&room);
         let frame = protocol::encode(&ServerEvent::Renamed {
             room: &room,
             from: &old,
@@ -441,8 +473,14 @@ impl Hub {
         let Some(me) = self.clients.get(&id) else {
             return;
         };
+        if let Some(cluster) = &self.cluster {
+            if is_new {
+                cluster.here(id, &me.name, room);
+            }
+            self.remote.resumed(id, since);
+        }
         let users = self.member_names(room);
-        let count = self.members(room).len();
+        let count = self.headcount(room);
         let slice = self
             .history
             .newest(room, since, self.limits.history, WELCOME_HISTORY_BYTES);
@@ -489,10 +527,11 @@ impl Hub {
         let Some(members) = self.rooms.get_mut(room) else {
             return;
         };
-        let before = members.len();
+        let elsewhere = self.remote.count(room); // members on other nodes (`--redis`)
+        let before = members.len() + elsewhere;
         members.retain(|&m| m != id);
-        let count = members.len();
-        if count == 0 {
+        let count = members.len() + elsewhere;
+        if members.is_empty() {
             self.rooms.remove(room);
         } else if before <= self.limits.presence_limit {
             let frame = protocol::encode(&ServerEvent::Left { room, name, count });
@@ -505,10 +544,13 @@ impl Hub {
     /// Names in `room`, sorted case-insensitively: all of them, or in a crowd the
     /// `presence_limit` members who have been there longest.
     fn member_names(&self, room: &str) -> Vec<&str> {
-        let members = self.members(room).iter().take(self.limits.presence_limit);
-        let mut names: Vec<&str> = members
+        let members = self.members(room).iter();
+        let local = members
             .filter_map(|m| self.clients.get(m))
-            .map(|c| c.name.as_str())
+            .map(|c| c.name.as_str());
+        let mut names: Vec<&str> = local
+            .chain(self.remote.names_in(room))
+            .take(self.limits.presence_limit)
             .collect();
         names.sort_by_cached_key(|n| n.to_lowercase());
         names
@@ -531,7 +573,7 @@ impl Hub {
         }
         self.presence_due = None;
         for room in std::mem::take(&mut self.presence_changed) {
-            let count = self.members(&room).len();
+            let count = self.headcount(&room);
             if count == 0 {
                 continue;
             }
@@ -555,6 +597,7 @@ impl Hub {
             .keys()
             .map(String::as_str)
             .chain(self.history.room_names())
+            .chain(self.remote.rooms())
             .collect();
         names.sort_unstable();
         names.dedup();
@@ -562,7 +605,7 @@ impl Hub {
             .into_iter()
             .map(|name| RoomSummary {
                 name: name.to_owned(),
-                count: self.members(name).len(),
+                count: self.headcount(name),
             })
             .collect()
     }
@@ -589,6 +632,9 @@ impl Hub {
     ) -> Result<(), ChatError> {
         self.room_allowed(room)?;
         self.take_room_bytes(room, from, text)?;
+        if self.cluster.is_some() {
+            return self.post_through_cluster(room, from, text, origin);
+        }
         let id = self.history.take_id();
         let message = ChatMessage {
             id,
@@ -639,6 +685,9 @@ impl Hub {
     }
 
     fn private_message(&mut self, id: ClientId, to: &str, text: String) -> Result<(), ChatError> {
+        if self.cluster.is_some() {
+            return self.private_through_cluster(id, to, &text);
+        }
         let target = *self
             .names
             .get(&names::key(to))
@@ -688,6 +737,9 @@ impl Hub {
             client.typing_until = None;
         }
         let (room, name) = (client.room.clone(), client.name.clone());
+        if let Some(cluster) = &self.cluster {
+            cluster.typing(&room, &name, active);
+        }
         let frame = protocol::encode(&ServerEvent::Typing {
             room: &room,
             name: &name,
@@ -745,6 +797,7 @@ impl Hub {
         Metrics::add(&self.metrics.messages_received, 1);
         match m.audience {
             Audience::Room(room) => self.broadcast(&room, None, m.frame),
+            Audience::FromCluster(room) => self.show_arrived(&room, m.id, m.frame),
             Audience::Pair(from, to) => {
                 self.send_to(to, m.frame.clone());
                 if from != to {
@@ -764,6 +817,7 @@ impl Hub {
             match m.origin {
                 Origin::Client(id) => self.send_to(id, error.to_frame()),
                 Origin::Api(reply) => self.acks.push((reply, Err(error.clone()))),
+                Origin::Cluster => {}
             }
         }
     }
@@ -801,6 +855,9 @@ impl Hub {
     }
 
     fn close_everyone(&mut self) {
+        if let Some(cluster) = &mut self.cluster {
+            cluster.stop();
+        }
         self.commit();
         self.history.finish();
         let told = self.delivery.close_all(1001, "server shutting down");
@@ -820,6 +877,8 @@ struct Unsaved {
 enum Audience {
     /// Every member of the room.
     Room(String),
+    /// Every member of the room who does not have it yet (`--redis`: see `remote`).
+    FromCluster(String),
     /// A private message: its sender and its target.
     Pair(ClientId, ClientId),
 }
@@ -829,6 +888,8 @@ enum Origin {
     Client(ClientId),
     /// The HTTP API: answered with the id, or the error.
     Api(PublishReply),
+    /// Another node (or this one, through Redis): its sender was answered there.
+    Cluster,
 }
 
 /// The hub in memory: no sockets and no courier threads. Each client's outlet writes to a

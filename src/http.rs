@@ -18,6 +18,7 @@ use include_dir::{Dir, include_dir};
 use serde_json::json;
 use tiny_http::{HTTPVersion, Header, Response};
 
+use crate::cluster;
 use crate::dispatcher::Event;
 use crate::metrics::Metrics;
 use crate::names;
@@ -232,6 +233,16 @@ fn ask<T>(shared: &HttpShared, event: impl FnOnce(Sender<T>) -> Event) -> Option
 /// dispatcher, or a history file that cannot be written (a full disk), is a 503 naming it.
 fn healthz(shared: &HttpShared) -> Reply {
     match ask(shared, |reply| Event::Ping { reply }) {
+        // Degraded still serves its own clients: a load balancer should keep sending them.
+        Some(None)
+            if shared
+                .metrics
+                .redis_state
+                .load(std::sync::atomic::Ordering::Relaxed)
+                == cluster::STATE_DEGRADED =>
+        {
+            text(200, &format!("degraded: {}\n", cluster::UNREACHABLE))
+        }
         Some(None) => text(200, "ok\n"),
         Some(Some(problem)) => text(503, &format!("{problem}\n")),
         None => text(503, "dispatcher not responding\n"),

@@ -48,6 +48,10 @@
 //! [`eio_session`], [`socketio`]) into the same events, and its outlet turns the dispatcher's
 //! frames into socket.io events, for its socket or its polling queue.
 //!
+//! With `--redis`, several nodes are one chat: at step 3 the dispatcher hands the message to
+//! [`cluster`]'s link thread instead, which has Redis give it its id and publish it; every node
+//! shows it when its feed thread brings it back, so all show the same messages in one order.
+//!
 //! Nothing in the dispatcher blocks on a client: a backlog past its bound means the client is too
 //! slow and is dropped. Every thread, queue, buffer and wait has a bound, named as a constant where
 //! it lives. [`metrics`] counts; [`config`] holds every tunable.
@@ -81,6 +85,7 @@ pub mod tls;
 
 // The running server's machinery: reached through `Server` and `Handle` only.
 mod admission;
+mod cluster;
 mod delivery;
 mod dispatcher;
 mod doorbell;
@@ -156,6 +161,8 @@ pub enum StartError {
     #[cfg(feature = "tls")]
     #[error("{0}")]
     Tls(#[from] tls::PairError),
+    #[error(transparent)]
+    Cluster(#[from] cluster::ClusterError),
 }
 
 /// Starts servers; see [`Server::start`].
@@ -221,7 +228,13 @@ impl Server {
             ),
         };
         let delivery = delivery::Delivery::start(metrics.clone()).map_err(StartError::Thread)?;
-        let hub = Hub::new(history, limits, delivery, metrics.clone());
+        let mut hub = Hub::new(history, limits, delivery, metrics.clone());
+        if let Some(url) = &config.redis {
+            let (history, bytes) = (config.history, config.history_bytes);
+            let link =
+                cluster::Cluster::start(url, history, bytes, events.clone(), metrics.clone());
+            hub = hub.with_cluster(link?);
+        }
         let dispatcher_thread = spawn("dispatcher", move || hub.run(inbox))?;
 
         let reactor = reactor::Reactor::new().map_err(StartError::Thread)?;

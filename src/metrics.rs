@@ -77,6 +77,15 @@ pub struct Metrics {
     pub backlog_bytes: AtomicU64,
     /// Chat text on its way to the dispatcher (see `session::INBOUND_BUDGET_BYTES`).
     pub inbound_bytes: AtomicU64,
+    /// `--redis` only (see `cluster`): 0 off, 1 up, 2 degraded.
+    pub redis_state: AtomicU64,
+    /// Times Redis became unreachable.
+    pub redis_outages: AtomicU64,
+    /// Work waiting for the Redis link, and work dropped because that queue was full.
+    pub redis_outbox: AtomicU64,
+    pub redis_dropped: AtomicU64,
+    /// Malformed or foreign entries read from Redis and skipped.
+    pub redis_bad_entries: AtomicU64,
     /// socket.io sessions alive, on either transport (a polling one holds no connection).
     pub socketio_sessions: AtomicU64,
     rejected: [AtomicU64; Rejection::ALL.len()],
@@ -218,6 +227,9 @@ impl Metrics {
             "Events waiting for the dispatcher.",
             dispatcher_queue as u64,
         );
+        if get(&self.redis_state) != 0 {
+            self.render_redis(&mut metric);
+        }
         let name = "wschat_handshakes_rejected_total";
         let _ = writeln!(
             out,
@@ -232,5 +244,40 @@ impl Metrics {
             );
         }
         out
+    }
+
+    /// The `--redis` metrics (absent without it).
+    fn render_redis(&self, metric: &mut impl FnMut(&str, &str, &str, u64)) {
+        let get = |c: &AtomicU64| c.load(Relaxed);
+        metric(
+            "wschat_redis_up",
+            "gauge",
+            "1 while the Redis link and feed are connected, 0 while degraded.",
+            u64::from(get(&self.redis_state) == 1),
+        );
+        metric(
+            "wschat_redis_outages_total",
+            "counter",
+            "Times Redis became unreachable.",
+            get(&self.redis_outages),
+        );
+        metric(
+            "wschat_redis_queue",
+            "gauge",
+            "Work waiting for the Redis link.",
+            get(&self.redis_outbox),
+        );
+        metric(
+            "wschat_redis_dropped_total",
+            "counter",
+            "Work refused because the Redis link's queue was full.",
+            get(&self.redis_dropped),
+        );
+        metric(
+            "wschat_redis_bad_entries_total",
+            "counter",
+            "Malformed or foreign entries read from Redis and skipped.",
+            get(&self.redis_bad_entries),
+        );
     }
 }

@@ -1,0 +1,296 @@
+//! The link thread: the one writer to Redis. It runs the dispatcher's work (chat messages,
+//! presence, typing) in order on one connection, beats this node's heartbeat and sweeps nodes
+//! whose heartbeat stopped. It never reads the channel (the feed does) and never waits on the
+//! dispatcher: answers go back as events it may drop, never as a wait.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Instant;
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use log::{debug, warn};
+use redis::{Connection, RedisResult, Script};
+
+use super::presence::Presence;
+use super::wire::{self, Body, Entry};
+use super::{Backoff, HEARTBEAT, Inbound, NODE_EXPIRY, Outbound, RECHECK, ReplyTo, Shared, keys};
+use crate::dispatcher::Event;
+use crate::protocol::ChatError;
+
+/// Takes the next id, stores a room message in its stream (trimmed to about `--history`),
+/// publishes it: one atomic step, so the channel's order is the id order.
+const POST: &str = r#"
+local id = redis.call('INCR', KEYS[1])
+local entry = '{"k":"m","id":' .. id .. ',"m":' .. ARGV[1] .. '}'
+if ARGV[2] == '1' then
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'm', entry)
+  redis.call('SADD', KEYS[3], ARGV[4])
+end
+redis.call('PUBLISH', KEYS[4], entry)
+return id
+"#;
+
+/// Most chat messages sent to Redis in one round trip: a burst costs one wait, not one each,
+/// and the first of it waits only for the others to be written.
+const BATCH: usize = 64;
+
+/// Raises the id counter to at least ARGV[1]: a Redis that lost its data (restarted without
+/// persistence) must never hand out an id some node has already shown.
+const FLOOR: &str = r"
+local now = tonumber(redis.call('GET', KEYS[1]) or '0')
+if now < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]) end
+return 0
+";
+
+/// The thread's body: connect, serve until the connection fails, wait, again; until stopped.
+pub(super) fn run(shared: &Shared, outbox: &Receiver<Outbound>, events: &Sender<Event>) {
+    let mut backoff = Backoff::new();
+    let mut link = Link {
+        shared,
+        events,
+        post: Script::new(POST),
+        floor: Script::new(FLOOR),
+        presence: Presence::new(),
+    };
+    while !shared.stopping.load(Relaxed) {
+        let served = super::connect(&shared.client).and_then(|mut con| {
+            link.prepare(&mut con)?;
+            shared.set_link(true, "");
+            backoff.reset();
+            link.serve(&mut con, outbox)
+        });
+        match served {
+            Ok(()) => break, // the dispatcher is gone: stop
+            Err(e) => shared.set_link(false, &e.to_string()),
+        }
+        link.refuse_until(Instant::now() + backoff.next_wait(), outbox);
+    }
+    link.presence.retire(shared);
+}
+
+struct Link<'a> {
+    shared: &'a Shared,
+    events: &'a Sender<Event>,
+    post: Script,
+    floor: Script,
+    presence: Presence,
+}
+
+impl Link<'_> {
+    /// Makes a fresh connection ready: the id counter at least what this node has seen, this
+    /// node's heartbeat and members.
+    fn prepare(&mut self, con: &mut Connection) -> RedisResult<()> {
+        let floor = self.shared.highest_id.load(Relaxed);
+        self.floor
+            .key(keys::COUNTER)
+            .arg(floor)
+            .invoke::<i64>(con)?;
+        self.post.load(con)?; // messages are sent by hash, many at once
+        self.beat(con)?;
+        self.republish(con)
+    }
+
+    fn republish(&mut self, con: &mut Connection) -> RedisResult<()> {
+        for lost in self.presence.republish(self.shared, con)? {
+            self.tell(lost);
+        }
+        Ok(())
+    }
+
+    /// Runs work as it comes, and the heartbeat between. Ok when the dispatcher is gone.
+    fn serve(&mut self, con: &mut Connection, outbox: &Receiver<Outbound>) -> RedisResult<()> {
+        let mut next_beat = Instant::now() + HEARTBEAT;
+        loop {
+            let wake = match self.shared.feed_up.load(Relaxed) {
+                true => next_beat,
+                false => next_beat.min(Instant::now() + RECHECK),
+            };
+            match outbox.recv_deadline(wake) {
+                Ok(work) => self.run_with_batch(con, self.took(work), outbox)?,
+                Err(RecvTimeoutError::Timeout) if Instant::now() < next_beat => self.beat(con)?,
+                Err(RecvTimeoutError::Timeout) => {
+                    self.beat(con)?;
+                    self.presence.sweep(self.shared, con)?;
+                    if self.shared.roster_stale.load(Relaxed) {
+                        self.republish(con)?;
+                    }
+                    next_beat = Instant::now() + HEARTBEAT;
+                }
+                Err(RecvTimeoutError::Disconnected) => return Ok(()),
+            }
+            self.note_queue(outbox);
+        }
+    }
+
+    /// Work taken off the queue: its chat text no longer counts against [`super::OUTBOX_BYTES`].
+    fn took(&self, work: Outbound) -> Outbound {
+        if let Outbound::Post { body, .. } = &work {
+            let bytes = body.text.len() as u64;
+            self.shared.outbox_bytes.fetch_sub(bytes, Relaxed);
+        }
+        work
+    }
+
+    fn note_queue(&self, outbox: &Receiver<Outbound>) {
+        let queued = outbox.len() as u64;
+        self.shared.metrics.redis_outbox.store(queued, Relaxed);
+    }
+
+    /// Runs `work`; a chat message with the ones queued right behind it (at most [`BATCH`]).
+    fn run_with_batch(
+        &mut self,
+        con: &mut Connection,
+        work: Outbound,
+        outbox: &Receiver<Outbound>,
+    ) -> RedisResult<()> {
+        let Outbound::Post { body, reply } = work else {
+            return self.run(con, work);
+        };
+        let mut batch = vec![(body, reply)];
+        let mut next = None;
+        while batch.len() < BATCH && next.is_none() {
+            match outbox.try_recv().map(|work| self.took(work)) {
+                Ok(Outbound::Post { body, reply }) => batch.push((body, reply)),
+                Ok(other) => next = Some(other),
+                Err(_) => break,
+            }
+        }
+        self.post(con, batch)?;
+        match next {
+            Some(work) => self.run(con, work),
+            None => Ok(()),
+        }
+    }
+
+    fn run(&mut self, con: &mut Connection, work: Outbound) -> RedisResult<()> {
+        match work {
+            Outbound::Post { body, reply } => self.post(con, vec![(body, reply)]),
+            Outbound::Here(client) => {
+                if let Some(lost) = self.presence.here(self.shared, con, client)? {
+                    self.tell(lost);
+                }
+                Ok(())
+            }
+            Outbound::Gone(client) => self.presence.gone(self.shared, con, client),
+            Outbound::Typing { room, name, active } => {
+                let node = self.shared.node;
+                let entry = Entry::Typing {
+                    node,
+                    room,
+                    name,
+                    active,
+                };
+                redis::cmd("PUBLISH")
+                    .arg(keys::CHANNEL)
+                    .arg(wire::encode(&entry))
+                    .query::<i64>(con)
+                    .map(drop)
+            }
+        }
+    }
+
+    /// Runs the post script for a batch of chat messages, in one round trip. A connection
+    /// failure leaves their fate unknown (Redis may have run them): their senders are told so,
+    /// and see them after all if they were taken.
+    fn post(&mut self, con: &mut Connection, batch: Vec<(Body, ReplyTo)>) -> RedisResult<()> {
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for (body, _) in &batch {
+            pipe.add_command(self.post_command(body));
+        }
+        let answers = match pipe.query::<Vec<redis::Value>>(con) {
+            Ok(answers) => answers,
+            Err(e) => {
+                for (_, reply) in batch {
+                    let reason = "lost contact with Redis; it may still arrive".to_owned();
+                    self.refuse(reply, ChatError::NotSaved(reason));
+                }
+                return Err(e);
+            }
+        };
+        let mut lost_script = false;
+        for ((_, reply), answer) in batch.into_iter().zip(answers) {
+            lost_script |=
+                matches!(&answer, redis::Value::ServerError(e) if e.code() == "NOSCRIPT");
+            match redis::from_redis_value::<u64>(answer) {
+                Ok(id) => {
+                    self.shared.saw_id(id);
+                    if let ReplyTo::Api(reply) = reply {
+                        let _ = reply.try_send(Ok(id));
+                    }
+                }
+                Err(e) => {
+                    warn!("redis: a chat message was refused: {e}");
+                    self.refuse(reply, ChatError::NotSaved(format!("Redis refused it: {e}")));
+                }
+            }
+        }
+        if lost_script {
+            self.post.load(con)?; // someone flushed Redis's script cache
+        }
+        Ok(())
+    }
+
+    /// `EVALSHA` of the post script for one message (the script is loaded on connecting).
+    fn post_command(&self, body: &Body) -> redis::Cmd {
+        let json = serde_json::to_string(body).unwrap_or_default();
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(self.post.get_hash())
+            .arg(4)
+            .arg(keys::COUNTER)
+            .arg(keys::stream(&body.room))
+            .arg(keys::ROOMS)
+            .arg(keys::CHANNEL)
+            .arg(json)
+            .arg(if body.private { "0" } else { "1" })
+            .arg(self.shared.history.max(1))
+            .arg(&body.room);
+        cmd
+    }
+
+    fn refuse(&self, reply: ReplyTo, error: ChatError) {
+        match reply {
+            ReplyTo::Api(reply) => drop(reply.try_send(Err(error))),
+            ReplyTo::Client(client) => self.tell(Inbound::Refused { client, error }),
+            ReplyTo::Nobody => {}
+        }
+    }
+
+    /// Tells the dispatcher without waiting: if its queue is full, this is dropped (logged).
+    fn tell(&self, inbound: Inbound) {
+        if self.events.try_send(Event::FromCluster(inbound)).is_err() {
+            debug!("redis: an answer for the dispatcher was dropped (its queue is full)");
+        }
+    }
+
+    /// Waits until `deadline` while Redis is away, refusing the chat messages that were queued
+    /// (presence changes wait in the roster, republished on reconnection).
+    fn refuse_until(&self, deadline: Instant, outbox: &Receiver<Outbound>) {
+        while let Ok(work) = outbox.recv_deadline(deadline) {
+            if let Outbound::Post { reply, .. } = self.took(work) {
+                let error = ChatError::NotSaved(super::UNREACHABLE.to_owned());
+                self.refuse(reply, error);
+            }
+        }
+        self.note_queue(outbox);
+    }
+
+    /// Renews this node's heartbeat key (expiring after [`NODE_EXPIRY`]) and its entry in the
+    /// set of nodes.
+    fn beat(&self, con: &mut Connection) -> RedisResult<()> {
+        let node = self.shared.node;
+        redis::pipe()
+            .cmd("SET")
+            .arg(keys::alive(node))
+            .arg(1)
+            .arg("PX")
+            .arg(NODE_EXPIRY.as_millis() as u64)
+            .ignore()
+            .cmd("SADD")
+            .arg(keys::NODES)
+            .arg(node)
+            .ignore()
+            .query::<()>(con)?;
+        self.shared.link_checks.fetch_add(1, Relaxed);
+        Ok(())
+    }
+}
