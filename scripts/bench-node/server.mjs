@@ -1,11 +1,15 @@
 // Minimal room-less WebSocket broadcast server used as a baseline by scripts/bench.
 //
-//   node server.mjs [PORT]      (PORT 0 or absent: an ephemeral port)
+//   node server.mjs [PORT] [CERT KEY]    (PORT 0 or absent: an ephemeral port)
 //
+// With CERT and KEY (PEM files), it terminates TLS itself with Node's `https` module and serves
+// wss:// instead: the baseline for wschat's --tls-cert/--tls-key, with the same certificate.
 // Listens on 127.0.0.1 only, accepts any path, and sends every text frame it receives to every
 // connected client, the sender included, unchanged (no envelope). Binary frames are ignored.
 // Prints "node-ws listening: ws://127.0.0.1:PORT/" on stdout once it is ready; exits on
 // SIGTERM/SIGINT. Meant to be driven by `wschat-load --raw`.
+import fs from 'node:fs';
+import https from 'node:https';
 import { WebSocketServer } from 'ws';
 
 const port = Number.parseInt(process.argv[2] ?? '0', 10);
@@ -14,10 +18,13 @@ if (!Number.isInteger(port) || port < 0 || port > 65535) {
   process.exit(2);
 }
 
+const [certFile, keyFile] = process.argv.slice(3);
+const tls = certFile && keyFile
+  ? https.createServer({ cert: fs.readFileSync(certFile), key: fs.readFileSync(keyFile) })
+  : null;
+
 const wss = new WebSocketServer({
-  host: '127.0.0.1',
-  port,
-  backlog: 4096,
+  ...(tls ? { server: tls } : { host: '127.0.0.1', port, backlog: 4096 }),
   perMessageDeflate: false,
   clientTracking: true,
   maxPayload: 64 * 1024,
@@ -35,10 +42,15 @@ wss.on('connection', (ws, req) => {
   ws.on('error', () => {});
 });
 
-wss.on('listening', () => {
-  const { port: actual } = wss.address();
-  console.log(`node-ws listening: ws://127.0.0.1:${actual}/`);
-});
+const announce = (address) => {
+  const scheme = tls ? 'wss' : 'ws';
+  console.log(`node-ws listening: ${scheme}://127.0.0.1:${address.port}/`);
+};
+if (tls) {
+  tls.listen({ host: '127.0.0.1', port, backlog: 4096 }, () => announce(tls.address()));
+} else {
+  wss.on('listening', () => announce(wss.address()));
+}
 
 wss.on('error', (err) => {
   console.error(`node-ws: ${err.message}`);
