@@ -475,12 +475,7 @@ fn run_session(
     joining: Joining,
     leftover: Vec<u8>,
 ) {
-    if wire.is_tls() {
-        // Until the session reads and writes through TLS (wss), it must not touch the socket.
-        let _ = wire.shutdown(Shutdown::Both);
-        return debug!("connection {id} from {peer}: wss is not served yet");
-    }
-    let reason = session::serve(wire.tcp().clone(), leftover, joining, front.env());
+    let reason = session::serve(wire, leftover, joining, front.env());
     debug!("connection {id} from {peer} ended: {reason}");
 }
 

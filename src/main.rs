@@ -1,6 +1,6 @@
 //! The `wschat` binary: flags and environment into a [`Config`], logging, signals (SIGTERM and
-//! SIGINT stop it; SIGHUP reloads the TLS pair), and the one line that tells a person where to
-//! point a browser.
+//! SIGINT stop it; SIGHUP reloads the TLS pair, or stops a build without TLS), and the one line
+//! that tells a person where to point a browser.
 
 use std::process::ExitCode;
 
@@ -38,17 +38,10 @@ fn main() -> ExitCode {
 }
 
 fn run(config: Config) -> ExitCode {
-    let (stop_tx, stop_rx) = crossbeam_channel::bounded(1);
-    if let Err(e) = ctrlc::set_handler(move || {
-        let _ = stop_tx.try_send(());
-    }) {
-        eprintln!("wschat: cannot install the signal handler: {e}");
-        return ExitCode::FAILURE;
-    }
-    let reloads = match reload_signals() {
-        Ok(reloads) => reloads,
+    let signals = match signals() {
+        Ok(signals) => signals,
         Err(e) => {
-            eprintln!("wschat: cannot install the SIGHUP handler: {e}");
+            eprintln!("wschat: cannot install the signal handlers: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -67,7 +60,7 @@ fn run(config: Config) -> ExitCode {
     if handle.addr().ip().is_unspecified() {
         print_lan_urls(handle.addr().port());
     }
-    wait_for_stop(&handle, &stop_rx, &reloads);
+    wait_for_stop(&handle, &signals);
     log::info!("signal received: shutting down");
     handle.shutdown();
     ExitCode::SUCCESS
@@ -83,13 +76,38 @@ fn start_failure(e: &StartError) -> ExitCode {
     ExitCode::FAILURE
 }
 
+/// What a signal asks of the server.
+enum Signal {
+    /// SIGINT, SIGTERM: shut down cleanly (and SIGHUP in a build without TLS).
+    Stop,
+    /// SIGHUP: read the TLS pair again.
+    Reload,
+}
+
+/// The signals, as messages on a channel: a thread of signal-hook's receives them, and the main
+/// thread acts on them (a signal handler itself may do almost nothing).
+fn signals() -> std::io::Result<Receiver<Signal>> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])?;
+    let (tx, rx) = crossbeam_channel::bounded(4);
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for signal in signals.forever() {
+                let asked = match signal {
+                    SIGHUP if cfg!(feature = "tls") => Signal::Reload,
+                    _ => Signal::Stop,
+                };
+                let _ = tx.try_send(asked); // a full queue already holds what to do
+            }
+        })?;
+    Ok(rx)
+}
+
 /// Runs until SIGTERM or SIGINT; each SIGHUP meanwhile reloads the TLS pair.
-fn wait_for_stop(handle: &Handle, stop: &Receiver<()>, reloads: &Receiver<()>) {
-    loop {
-        crossbeam_channel::select! {
-            recv(stop) -> _ => return,
-            recv(reloads) -> _ => reload(handle),
-        }
+fn wait_for_stop(handle: &Handle, signals: &Receiver<Signal>) {
+    while let Ok(Signal::Reload) = signals.recv() {
+        reload(handle);
     }
 }
 
@@ -106,27 +124,6 @@ fn reload(handle: &Handle) {
 
 #[cfg(not(feature = "tls"))]
 fn reload(_: &Handle) {}
-
-/// SIGHUP, as a channel (a thread of signal-hook's turns the signal into a message).
-#[cfg(feature = "tls")]
-fn reload_signals() -> std::io::Result<Receiver<()>> {
-    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGHUP])?;
-    let (tx, rx) = crossbeam_channel::bounded(1);
-    std::thread::Builder::new()
-        .name("sighup".into())
-        .spawn(move || {
-            for _ in signals.forever() {
-                let _ = tx.try_send(()); // one reload pending is as good as several
-            }
-        })?;
-    Ok(rx)
-}
-
-/// Without TLS, SIGHUP keeps its default meaning.
-#[cfg(not(feature = "tls"))]
-fn reload_signals() -> std::io::Result<Receiver<()>> {
-    Ok(crossbeam_channel::never())
-}
 
 /// Bound to every address: say where the machine's neighbours can open the page too.
 fn print_lan_urls(port: u16) {

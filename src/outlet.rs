@@ -35,6 +35,7 @@ use crate::doorbell::{Doorbell, WAITING};
 use crate::metrics::Metrics;
 use crate::protocol::Frame;
 use crate::socketio;
+use crate::wire::TlsSession;
 
 /// Flags of every write: never wait, and (where the system has it) no SIGPIPE for a peer gone.
 #[cfg(any(
@@ -124,6 +125,8 @@ enum Way {
     Socket {
         stream: Arc<TcpStream>,
         doorbell: Arc<Doorbell>,
+        /// A TLS client's session: frames are encrypted into the backlog.
+        tls: Option<TlsSession>,
     },
     /// A polling session's queue (weak: the session owns its outlet, not the other way round).
     Queue(Weak<dyn Queue>),
@@ -155,6 +158,19 @@ struct Pending {
 }
 
 impl Pending {
+    /// `n` more bytes went out; once nothing waits, the buffer starts over.
+    fn advance(&mut self, n: usize) {
+        self.sent += n;
+        if self.pending() == 0 {
+            self.sent = 0;
+            self.frames = 0;
+            self.waiting.clear();
+            if self.waiting.capacity() > KEEP_BUFFER_BYTES {
+                self.waiting = Vec::new();
+            }
+        }
+    }
+
     fn pending(&self) -> usize {
         self.waiting.len() - self.sent
     }
@@ -162,13 +178,20 @@ impl Pending {
 
 impl Outlet {
     /// An outlet to a WebSocket, whose session parks on `doorbell`.
+    /// With TLS (`tls`), every frame is encrypted on the way into the backlog: what waits, and
+    /// counts against the bounds, is what the socket will carry.
     pub fn new(
-        stream: Arc<TcpStream>,
+        (stream, tls): (Arc<TcpStream>, Option<TlsSession>),
         doorbell: Arc<Doorbell>,
         metrics: Arc<Metrics>,
         bounds: Bounds,
     ) -> Outlet {
-        Outlet::with_way(Way::Socket { stream, doorbell }, metrics, bounds)
+        let way = Way::Socket {
+            stream,
+            doorbell,
+            tls,
+        };
+        Outlet::with_way(way, metrics, bounds)
     }
 
     /// An outlet to a polling session's queue, in socket.io's form.
@@ -248,8 +271,12 @@ impl Outlet {
 
     fn deliver(&self, state: &mut State, frames: &[Frame]) -> Backlog {
         let State { way, out, .. } = state;
-        let (stream, doorbell) = match way {
-            Way::Socket { stream, doorbell } => (stream, doorbell),
+        let (stream, doorbell, tls) = match way {
+            Way::Socket {
+                stream,
+                doorbell,
+                tls,
+            } => (stream, doorbell, tls),
             Way::Queue(queue) => {
                 return queue
                     .upgrade()
@@ -257,14 +284,16 @@ impl Outlet {
             }
         };
         let before = out.pending();
-        let mut rest = frames;
-        if before == 0 {
-            rest = self.write_now(stream, out, frames);
+        if let Some(tls) = tls {
+            self.seal_and_write(tls, stream, out, frames);
+        } else {
+            let rest = match before {
+                0 => self.write_now(stream, out, frames),
+                _ => frames,
+            };
+            append_frames(None, &mut out.waiting, rest);
+            out.frames += rest.len();
         }
-        for frame in rest {
-            append_frame(&mut out.waiting, frame);
-        }
-        out.frames += rest.len();
         let backlog = self.account(out, before);
         if backlog.bytes > 0 {
             doorbell.ring(WAITING);
@@ -304,9 +333,11 @@ impl Outlet {
         mine.out.frames += theirs.out.frames;
         theirs.out = Pending::default();
         let leftovers = leftovers();
-        for frame in &leftovers {
-            append_frame(&mut mine.out.waiting, frame);
-        }
+        let tls = match &mine.way {
+            Way::Socket { tls, .. } => tls.clone(),
+            Way::Queue(_) => None,
+        };
+        append_frames(tls.as_ref(), &mut mine.out.waiting, &leftovers);
         mine.out.frames += leftovers.len();
         from.account(&theirs.out, before_theirs);
         self.account(&mine.out, before_mine);
@@ -367,9 +398,37 @@ impl Outlet {
     pub fn append_own(&self, bytes: &[u8]) -> Backlog {
         let mut state = self.lock();
         let before = state.out.pending();
-        state.out.waiting.extend_from_slice(bytes);
+        match &state.way {
+            Way::Socket { tls: Some(tls), .. } => {
+                let tls = tls.clone();
+                if let Err(e) = tls.seal(&[IoSlice::new(bytes)], &mut state.out.waiting) {
+                    log::debug!("a TLS client's own frames were dropped: {e}");
+                }
+            }
+            _ => state.out.waiting.extend_from_slice(bytes),
+        }
         state.out.frames += 1;
         self.account(&state.out, before)
+    }
+
+    /// A TLS client's frames: encrypted into the backlog, which is then written as far as the
+    /// socket takes it without blocking (if nothing waited before: else the session is on it).
+    fn seal_and_write(
+        &self,
+        tls: &TlsSession,
+        stream: &TcpStream,
+        out: &mut Pending,
+        frames: &[Frame],
+    ) {
+        let before = out.pending();
+        append_frames(Some(tls), &mut out.waiting, frames);
+        out.frames += frames.len();
+        if before == 0 {
+            let waiting = [IoSlice::new(&out.waiting[out.sent..])];
+            // A broken connection: the session learns it from its read.
+            let written = self.send_without_blocking(stream, &waiting).unwrap_or(0);
+            out.advance(written);
+        }
     }
 
     /// Writes what the socket takes now, without blocking.
@@ -530,6 +589,31 @@ fn append_frame(out: &mut Vec<u8>, frame: &Frame) {
     out.extend_from_slice(frame.as_bytes());
 }
 
+/// Appends `frames` to `out` as WebSocket text frames: as they are, or encrypted by `tls`
+/// (a few frames per TLS record, not one record per header and payload).
+fn append_frames(tls: Option<&TlsSession>, out: &mut Vec<u8>, frames: &[Frame]) {
+    let Some(tls) = tls else {
+        frames.iter().for_each(|frame| append_frame(out, frame));
+        return;
+    };
+    for chunk in frames.chunks(FRAMES_PER_WRITE) {
+        let mut headers = [[0u8; MAX_HEADER_BYTES]; FRAMES_PER_WRITE];
+        let mut header_lens = [0; FRAMES_PER_WRITE];
+        for (i, frame) in chunk.iter().enumerate() {
+            header_lens[i] = text_header(&mut headers[i], frame.len());
+        }
+        let mut slices = [IoSlice::new(&[]); 2 * FRAMES_PER_WRITE];
+        for (i, frame) in chunk.iter().enumerate() {
+            slices[2 * i] = IoSlice::new(&headers[i][..header_lens[i]]);
+            slices[2 * i + 1] = IoSlice::new(frame.as_bytes());
+        }
+        if let Err(e) = tls.seal(&slices[..2 * chunk.len()], out) {
+            // rustls refuses only once the connection failed; its session sees that too.
+            return log::debug!("a TLS client's frames were dropped: {e}");
+        }
+    }
+}
+
 /// For unit tests of whatever hands frames to outlets (delivery, the dispatcher): an outlet whose
 /// way is a [`Recorder`], which keeps every frame it is given instead of writing to a socket.
 #[cfg(test)]
@@ -611,7 +695,7 @@ mod tests {
     /// An outlet to the server's end of a pair, as a session makes it.
     fn socket_outlet(server: Arc<TcpStream>, metrics: &Arc<Metrics>, bounds: Bounds) -> Outlet {
         let doorbell = Doorbell::for_current_thread();
-        Outlet::new(server, doorbell, metrics.clone(), bounds)
+        Outlet::new((server, None), doorbell, metrics.clone(), bounds)
     }
 
     /// Reads one unmasked text frame of under 126 bytes.

@@ -48,6 +48,7 @@ use crate::outlet::{self, Outlet};
 use crate::protocol::{self, Arrival, ChatError, Command, Frame};
 use crate::ratelimit::{AddressBuckets, FloodDetector, TokenBucket};
 use crate::reactor::{Reactor, Registration};
+use crate::wire::{TlsSession, Wire};
 
 /// tungstenite's read buffer per connection: small, since an idle connection keeps it; a large
 /// message only takes more (cheap, non-blocking) reads.
@@ -153,7 +154,8 @@ pub struct Env<'a> {
 }
 
 /// Serves one upgraded connection until it ends; returns the reason, for the log.
-pub fn serve(stream: Arc<TcpStream>, leftover: Vec<u8>, joining: Joining, env: Env<'_>) -> String {
+pub fn serve(wire: Wire, leftover: Vec<u8>, joining: Joining, env: Env<'_>) -> String {
+    let (stream, tls) = wire.into_parts();
     let doorbell = Doorbell::for_current_thread();
     let registration = match env
         .reactor
@@ -165,7 +167,7 @@ pub fn serve(stream: Arc<TcpStream>, leftover: Vec<u8>, joining: Joining, env: E
     let id = joining.id;
     cap_socket_buffers(&stream);
     let outlet = Arc::new(Outlet::new(
-        stream.clone(),
+        (stream.clone(), tls.clone()),
         doorbell.clone(),
         env.metrics.clone(),
         env.settings.backlog,
@@ -184,7 +186,7 @@ pub fn serve(stream: Arc<TcpStream>, leftover: Vec<u8>, joining: Joining, env: E
     let reason = if !join(&joining, &outlet, &env) {
         "server shutting down".to_owned()
     } else {
-        let conn = Conn::new(stream.clone(), outlet.clone());
+        let conn = Conn::new(stream.clone(), tls, outlet.clone());
         let wakes = Wakes {
             doorbell,
             outlet,
@@ -803,6 +805,8 @@ fn stop_for(error: WsError) -> Stop {
 /// frames) collect in a buffer that `flush` hands to the outlet, behind the dispatcher's frames.
 pub struct Conn {
     stream: Arc<TcpStream>,
+    /// A TLS client's session: what is read is decrypted through it.
+    tls: Option<TlsSession>,
     outlet: Arc<Outlet>,
     out: Vec<u8>,
     /// The outlet found the backlog over its bounds when the last frames were handed to it.
@@ -814,9 +818,10 @@ pub struct Conn {
 }
 
 impl Conn {
-    fn new(stream: Arc<TcpStream>, outlet: Arc<Outlet>) -> Conn {
+    fn new(stream: Arc<TcpStream>, tls: Option<TlsSession>, outlet: Arc<Outlet>) -> Conn {
         Conn {
             stream,
+            tls,
             outlet,
             out: Vec::new(),
             too_slow: false,
@@ -837,11 +842,42 @@ impl Read for Conn {
         if self.read_budget == 0 {
             return Err(io::ErrorKind::WouldBlock.into()); // the reactor wakes us again at once
         }
+        if let Some(tls) = &self.tls {
+            return self.read_tls(&tls.clone(), buf);
+        }
         let len = buf.len().min(self.read_budget);
         let n = recv_without_blocking(&self.stream, &mut buf[..len])?;
         self.read_budget -= n;
         self.bytes_read += n as u64;
         Ok(n)
+    }
+}
+
+impl Conn {
+    /// A TLS client's bytes: plaintext already decrypted first; else one read of encrypted
+    /// bytes (without the TLS lock: the outlet may be encrypting meanwhile), decrypted under it.
+    /// The read budget and the byte rate count the encrypted bytes, as the socket carried them.
+    fn read_tls(&mut self, tls: &TlsSession, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            match tls.read_plain(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                done => return done,
+            }
+            if self.read_budget == 0 {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            // On the stack only while reading: an idle session gives these pages back.
+            let mut raw = [0u8; TlsSession::MAX_OPEN_BYTES];
+            let len = raw.len().min(self.read_budget);
+            let n = recv_without_blocking(&self.stream, &mut raw[..len])?;
+            self.read_budget -= n;
+            self.bytes_read += n as u64;
+            tls.open(&raw[..n])?;
+            if n == 0 {
+                // The end of the stream: rustls says whether it was a clean one.
+                return tls.read_plain(buf).or(Ok(0));
+            }
+        }
     }
 }
 

@@ -132,6 +132,12 @@ pub struct TlsSession(Arc<Mutex<rustls::ServerConnection>>);
 #[derive(Clone)]
 pub enum TlsSession {}
 
+impl TlsSession {
+    /// rustls holds up to 16 KiB of decrypted bytes not yet read; fed no more than that at
+    /// once, with its plaintext taken in between, it never refuses bytes.
+    pub const MAX_OPEN_BYTES: usize = 16 * 1024;
+}
+
 #[cfg(feature = "tls")]
 impl TlsSession {
     fn lock(&self) -> MutexGuard<'_, rustls::ServerConnection> {
@@ -154,13 +160,16 @@ impl TlsSession {
     }
 
     /// Decrypts bytes the session read from the socket (an empty slice: the end of the
-    /// stream); the plaintext waits for [`TlsSession::read_plain`].
+    /// stream); the plaintext waits for [`TlsSession::read_plain`]. At most
+    /// [`TlsSession::MAX_OPEN_BYTES`] at once, so the plaintext always fits rustls' buffer for
+    /// it; bytes after the peer's `close_notify` are ignored.
     pub fn open(&self, mut raw: &[u8]) -> io::Result<()> {
+        debug_assert!(raw.len() <= Self::MAX_OPEN_BYTES);
         let mut conn = self.lock();
         loop {
-            conn.read_tls(&mut raw)?;
+            let taken = conn.read_tls(&mut raw)?;
             conn.process_new_packets().map_err(io::Error::other)?;
-            if raw.is_empty() {
+            if taken == 0 || raw.is_empty() {
                 return Ok(());
             }
         }

@@ -47,6 +47,10 @@ impl Pki {
         std::fs::create_dir_all(&dir).unwrap();
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        // Names of their own: a leaf named like its issuer looks self-signed to OpenSSL.
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "wschat test CA");
         let key = KeyPair::generate().unwrap();
         let ca = params.self_signed(&key).unwrap();
         std::fs::write(dir.join("ca.crt"), ca.pem()).unwrap();
@@ -72,6 +76,9 @@ impl Pki {
         let names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
         let mut params = CertificateParams::new(names).unwrap();
         params.serial_number = Some(serial.into());
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "localhost");
         adjust(&mut params);
         let key = KeyPair::generate().unwrap();
         let cert = params.signed_by(&key, &self.ca).unwrap();
@@ -340,7 +347,9 @@ fn python_websockets_chats_over_wss() {
             std::env::var_os("WSCHAT_REQUIRE_PYTHON").is_none(),
             "python3-websockets is not installed"
         );
-        eprintln!("skipped: {PYTHON} has no websockets module (apt-get install python3-websockets)");
+        eprintln!(
+            "skipped: {PYTHON} has no websockets module (apt-get install python3-websockets)"
+        );
         return;
     }
     let pki = Pki::new();
@@ -352,7 +361,12 @@ fn python_websockets_chats_over_wss() {
         .output()
         .unwrap();
     let said = String::from_utf8_lossy(&output.stdout);
-    assert_eq!(said.trim(), "ok", "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(
+        said.trim(),
+        "ok",
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     handle.shutdown();
 }
 

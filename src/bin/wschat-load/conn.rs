@@ -258,19 +258,16 @@ impl Target {
         let has_room = (path.starts_with("/chat/") && path.len() > "/chat/".len())
             || query.split('&').any(|kv| kv.starts_with("room="));
         let tls = default_port == 443;
+        #[cfg(not(feature = "tls"))]
+        if tls || ca.is_some() {
+            return Err(format!("{url}: this wschat-load was built without TLS"));
+        }
         Ok(Target {
             base: url.to_string(),
             addr,
             has_room,
             #[cfg(feature = "tls")]
             tls: tls_target(tls, ca, authority)?,
-        })
-        .and_then(|target| {
-            #[cfg(not(feature = "tls"))]
-            if tls || ca.is_some() {
-                return Err(format!("{url}: this wschat-load was built without TLS"));
-            }
-            Ok(target)
         })
     }
 
@@ -345,11 +342,7 @@ pub fn open(url: &str, target: &Target, opts: ConnOpts) -> Result<Ws, String> {
         let session = tls.connect(&conn.tcp);
         conn.tls = Some(session.map_err(|e| format!("tls: {}", io_kind(&e)))?);
     }
-    match tungstenite::client::client_with_config(
-        url,
-        conn,
-        Some(ws_config(opts.read_buf)),
-    ) {
+    match tungstenite::client::client_with_config(url, conn, Some(ws_config(opts.read_buf))) {
         Ok((ws, _response)) => Ok(ws),
         Err(HandshakeError::Interrupted(_)) => Err("handshake: timeout".into()),
         Err(HandshakeError::Failure(e)) => Err(format!("handshake: {}", ws_kind(&e))),

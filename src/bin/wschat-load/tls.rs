@@ -31,7 +31,9 @@ impl TlsTarget {
         let what = |e: &dyn std::fmt::Display| format!("--ca {}: {e}", ca.display());
         let mut roots = RootCertStore::empty();
         for cert in CertificateDer::pem_file_iter(ca).map_err(|e| what(&e))? {
-            roots.add(cert.map_err(|e| what(&e))?).map_err(|e| what(&e))?;
+            roots
+                .add(cert.map_err(|e| what(&e))?)
+                .map_err(|e| what(&e))?;
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let config = ClientConfig::builder_with_provider(provider)
