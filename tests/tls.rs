@@ -165,13 +165,13 @@ fn wss_join(addr: SocketAddr, client: &Arc<ClientConfig>, name: &str) -> WebSock
     ws
 }
 
-/// The next frame of `kind` (others skipped), within [`WAIT`].
+/// The next frame of `kind` (`a|b`: either), others skipped, within [`WAIT`].
 fn expect(ws: &mut WebSocket<TlsStream>, kind: &str) -> Value {
     let deadline = Instant::now() + WAIT;
     while Instant::now() < deadline {
         if let Message::Text(text) = ws.read().unwrap() {
             let value: Value = serde_json::from_str(&text).unwrap();
-            if value["type"] == kind {
+            if kind.split('|').any(|k| value["type"] == k) {
                 return value;
             }
         }
@@ -220,6 +220,22 @@ fn socketio_polling_works_over_https() {
     );
     assert_eq!(status, 200);
     assert!(open.starts_with("0{\"sid\":"), "{open}");
+    handle.shutdown();
+}
+
+#[test]
+fn socketio_over_wss_opens_and_connects() {
+    let pki = Pki::new();
+    let handle = common::start(tls_config(&pki.pair("server", 1)));
+    let stream = connect(handle.addr(), &pki.client());
+    let port = handle.addr().port();
+    let url = format!("wss://localhost:{port}/socket.io/?EIO=4&transport=websocket");
+    let (mut ws, _) = tungstenite::client(url, stream).unwrap();
+    let open = ws.read().unwrap().into_text().unwrap();
+    assert!(open.starts_with("0{\"sid\":"), "{open}");
+    ws.send(Message::text("40")).unwrap();
+    let connected = ws.read().unwrap().into_text().unwrap();
+    assert!(connected.starts_with("40{\"sid\":"), "{connected}");
     handle.shutdown();
 }
 
@@ -498,4 +514,55 @@ fn sighup_serves_the_new_pair_to_new_connections_and_keeps_the_old_if_bad() {
         .unwrap();
     assert!(log.contains("TLS pair reloaded"), "{log}");
     assert!(log.contains("still serving the previous pair"), "{log}");
+}
+
+#[test]
+fn a_tls_client_that_stops_reading_is_dropped_as_too_slow() {
+    let pki = Pki::new();
+    let config = wschat::Config {
+        rate: 1e6,
+        burst: 1e6,
+        rate_bytes: 1e9,
+        rate_bytes_per_ip: 1e9,
+        room_rate_bytes: 1e9,
+        client_queue_bytes: 256 * 1024,
+        ..tls_config(&pki.pair("server", 1))
+    };
+    let handle = common::start(config);
+    let client = pki.client();
+    // The staller never reads after its welcome.
+    let _staller = wss_join(handle.addr(), &client, "staller");
+    let mut filler = wss_join(handle.addr(), &client, "filler");
+    let big = "z".repeat(32 * 1024);
+    let private = serde_json::json!({"type": "message", "text": big, "to": "staller"});
+    // 2 MiB encrypted: more than the socket buffers and the 256 KiB the backlog may hold.
+    for _ in 0..64 {
+        filler.send(Message::text(private.to_string())).unwrap();
+        // Its own copy (the staller's is queued by now), or, once the staller is gone, an error.
+        if expect(&mut filler, "message|error")["type"] == "error" {
+            break;
+        }
+    }
+    let deadline = Instant::now() + WAIT;
+    while metric(&handle, "wschat_slow_clients_dropped_total") == 0 {
+        assert!(Instant::now() < deadline, "the staller was not dropped");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Its backlog went with it; the filler chats on.
+    assert_eq!(metric(&handle, "wschat_backlog_bytes"), 0);
+    filler.send(Message::text("still fine")).unwrap();
+    assert_eq!(expect(&mut filler, "message")["text"], "still fine");
+    handle.shutdown();
+}
+
+/// A metric without labels.
+fn metric(handle: &wschat::Handle, name: &str) -> u64 {
+    let metrics = handle.metrics().render(0);
+    let prefix = format!("{name} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("no {name} in {metrics}"))
+        .parse()
+        .unwrap()
 }
