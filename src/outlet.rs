@@ -182,7 +182,7 @@ impl Pending {
 
     /// `n` more bytes went out; once all did, the buffer starts over (and is released if a
     /// burst made it large).
-    fn sent(&mut self, n: usize) {
+    fn advance(&mut self, n: usize) {
         self.sent += n;
         if self.pending() == 0 {
             self.sent = 0;
@@ -439,7 +439,7 @@ impl Outlet {
         match self.send_without_blocking(&wire.stream, &slice) {
             Ok(0) => {}
             Ok(written) => {
-                out.sent(written);
+                out.advance(written);
                 state.stalled_since = Some(Instant::now());
             }
             Err(_) => *out = Pending::default(),

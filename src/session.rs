@@ -1,21 +1,24 @@
 //! One client connection after its handshake: one thread, which owns the WebSocket state.
 //!
 //! ```text
-//!   socket --recv (blocking)--> [session thread] --Event--> dispatcher
+//!   socket --blocking read--> [session thread] --Event--> dispatcher
 //!   socket <------------- outlet <--frames-- dispatcher, and the session's own frames
 //!                            `--"the socket is full"--> [reactor] --writes the rest--> socket
 //! ```
 //!
-//! The session thread reads its socket with a plain blocking `recv`, as the design card has it,
-//! with a receive timeout so that the keepalive ping (and the check for a silent peer) comes on
-//! time. It feeds tungstenite, and hands what the client asked to the dispatcher. It never waits
-//! for anything else: the dispatcher's frames and its own (pongs, errors, the close) are written
-//! straight to the socket, without blocking, through the client's [`Outlet`], and whatever the
-//! socket does not take at once is written by the [`reactor`](crate::reactor) when there is room.
-//! A close the dispatcher asks for (too slow, kicked, server shutting down) interrupts the
-//! blocked `recv` (the outlet shuts the socket's read side); the session then sends its close
-//! frame and waits, bounded, for the client's. Only those last writes block, for at most
-//! `CLOSE_TIMEOUT` each. An idle connection costs no CPU between pings.
+//! The session thread waits on its socket with a plain blocking read, as the design card has it
+//! (std's `peek`, then a `read` of what came), with a receive timeout so that the keepalive ping
+//! (and the check for a silent peer) comes on time. It feeds tungstenite, and hands what the
+//! client asked to the dispatcher. It never waits for anything else: the dispatcher's frames and
+//! its own (pongs, errors, the close) are written straight to the socket, without blocking,
+//! through the client's [`Outlet`], and whatever the socket does not take at once is written by
+//! the [`reactor`](crate::reactor) when there is room. A close the dispatcher asks for (too slow,
+//! kicked, server shutting down) interrupts the blocked read (the outlet shuts the socket's read
+//! side); the session then sends its close frame and waits, bounded, for the client's. Only those
+//! last writes block, for at most `CLOSE_TIMEOUT` each. A client that stops reading lets its
+//! backlog grow until the outlet calls it too slow, or until its socket has taken nothing for
+//! `outlet::WRITE_TIMEOUT`. An idle connection costs no CPU between pings, and a broadcast
+//! reaches a client without waking its thread at all.
 //!
 //! The session parses and rate-limits what the client sends ([`Gate`]; a client that sends more
 //! bytes than `--rate-bytes` is simply not read for a while: its thread sleeps, and TCP makes the
@@ -492,6 +495,10 @@ impl<'a> Session<'a> {
     }
 
     fn event_loop(&mut self) -> Stop {
+        // Frames the client sent right behind its handshake are already in tungstenite's buffer.
+        if let Err(stop) = self.read_frames() {
+            return stop;
+        }
         crate::stack::release_unused(); // the handshake's pages: an idle connection needs none
         loop {
             if let Err(stop) = self.turn() {
@@ -500,14 +507,20 @@ impl<'a> Session<'a> {
         }
     }
 
-    /// One turn: reads what the client sent (waiting in `recv` until it sends, a ping is due or
-    /// a close is asked), or sleeps while reads are paused; then does what is due.
+    /// One turn: waits until the client sent something (or a ping is due, or a close is asked)
+    /// and reads it, or sleeps while reads are paused; then does what is due.
     fn turn(&mut self) -> Result<(), Stop> {
         match self.read_paused_until {
             Some(until) if Instant::now() < until => self.pause(until.min(self.next_ping)),
             _ => {
                 self.read_paused_until = None;
-                self.read_frames()?;
+                let conn = self.ws.get_mut();
+                let readable = conn
+                    .wait_readable(self.next_ping)
+                    .map_err(|e| Stop::Gone(format!("cannot set the receive timeout: {e}")))?;
+                if readable {
+                    self.read_frames()?;
+                }
             }
         }
         if let Some((code, reason)) = self.outlet().close_request() {
@@ -524,12 +537,11 @@ impl<'a> Session<'a> {
         }
     }
 
-    /// Reads once from the socket (blocking until bytes come, the next ping is due or a close
-    /// interrupts) and handles every complete frame.
+    /// Reads once from the socket (which has bytes) and handles every complete frame. In a
+    /// frame of its own: tungstenite's reading goes deeper than the idle wait, and its stack
+    /// pages are not to be kept while the session waits.
+    #[inline(never)]
     fn read_frames(&mut self) -> Result<(), Stop> {
-        let conn = self.ws.get_mut();
-        conn.set_deadline(self.next_ping)
-            .map_err(|e| Stop::Gone(format!("cannot set the receive timeout: {e}")))?;
         let result = self.read_available();
         let got = self.ws.get_mut().next_turn();
         if got > 0 {
@@ -748,9 +760,9 @@ fn stop_for(error: WsError) -> Stop {
     }
 }
 
-/// The stream tungstenite sees: one blocking `recv` per turn of the session's loop (a second
-/// read in the same turn says `WouldBlock`, so the session hands over what it parsed before it
-/// waits again), and writes (the session's own frames) that collect in a buffer `flush` hands to
+/// The stream tungstenite sees: one `recv` per turn of the session's loop, once
+/// [`Conn::wait_readable`] found bytes (a second read in the same turn says `WouldBlock`, so
+/// the session hands over what it parsed before it waits again), and writes (the session's own frames) that collect in a buffer `flush` hands to
 /// the outlet, behind the dispatcher's frames.
 pub struct Conn {
     stream: Arc<TcpStream>,
@@ -776,7 +788,7 @@ impl Conn {
             out: Vec::new(),
             too_slow: false,
             bytes_read: 0,
-            may_read: true,
+            may_read: false, // the first turn reads what came with the handshake
             timeout_set: None,
             read_shut: false,
         }
@@ -786,6 +798,26 @@ impl Conn {
     fn next_turn(&mut self) -> u64 {
         self.may_read = true;
         std::mem::take(&mut self.bytes_read)
+    }
+
+    /// Waits until the socket has bytes, an end of stream or an error (true), or `deadline`
+    /// passes (false). It only peeks: tungstenite's read that follows takes the bytes. Waiting
+    /// here, near the top of the stack, rather than in a `recv` deep inside tungstenite, keeps
+    /// an idle thread's stack to the pages it had when the session last gave the rest back.
+    fn wait_readable(&mut self, deadline: Instant) -> io::Result<bool> {
+        self.set_deadline(deadline)?;
+        match self.stream.peek(&mut [0u8; 1]) {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                Ok(false)
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(false), // the next turn waits
+            _ => Ok(true), // bytes, an end or an error: the read finds out which
+        }
     }
 
     /// Makes a `recv` give up at `deadline` (to within [`TIMER_SLACK`]): sets the socket's
