@@ -808,15 +808,8 @@ impl Conn {
     fn wait_readable(&mut self, deadline: Instant) -> io::Result<bool> {
         self.set_deadline(deadline)?;
         match self.stream.peek(&mut [0u8; 1]) {
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                Ok(false)
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(false), // the next turn waits
+            // A signal: the next turn waits again.
+            Err(e) if timed_out(&e) || e.kind() == io::ErrorKind::Interrupted => Ok(false),
             _ => Ok(true), // bytes, an end or an error: the read finds out which
         }
     }
@@ -840,31 +833,40 @@ impl Conn {
     }
 }
 
+/// The error of a read that hit the socket's receive timeout (`EAGAIN` on Linux; some systems
+/// say `TimedOut`).
+fn timed_out(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
 impl Read for Conn {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if !self.may_read {
             return Err(io::ErrorKind::WouldBlock.into());
         }
         self.may_read = false;
-        loop {
-            return match (&*self.stream).read(buf) {
-                // Our own shut read side (a close request), not the client's end: no more to
-                // read now, and the session looks at the request.
-                Ok(0) if self.outlet.close_request().is_some() => {
-                    self.read_shut = true;
-                    Err(io::ErrorKind::WouldBlock.into())
-                }
-                Ok(n) => {
-                    self.bytes_read += n as u64;
-                    Ok(n)
-                }
+        let read = loop {
+            match (&*self.stream).read(buf) {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                // The receive timeout (`EAGAIN`; some systems say `TimedOut`).
-                Err(e) if e.kind() == io::ErrorKind::TimedOut => {
-                    Err(io::ErrorKind::WouldBlock.into())
-                }
-                Err(e) => Err(e),
-            };
+                read => break read,
+            }
+        };
+        match read {
+            // Our own shut read side (a close request), not the client's end: nothing more to
+            // read now, and the session looks at the request.
+            Ok(0) if self.outlet.close_request().is_some() => {
+                self.read_shut = true;
+                Err(io::ErrorKind::WouldBlock.into())
+            }
+            Ok(n) => {
+                self.bytes_read += n as u64;
+                Ok(n)
+            }
+            Err(e) if timed_out(&e) => Err(io::ErrorKind::WouldBlock.into()),
+            Err(e) => Err(e),
         }
     }
 }
