@@ -11,15 +11,15 @@
 //!                          | plain HTTP                        | GET /chat + Upgrade
 //!                          v answered on this thread (http)    v
 //!                          | Event (+ reply channel)   [session thread] --Event::Commands--+
-//!                          |                             ^  ^ doorbell: "socket readable"  |
-//!                          |                             |  +-- [reactor thread] (epoll)   |
+//!                          |                             ^ blocking recv on its socket     |
+//!                          |                             |                                 |
 //!                          v                             |                                 v
 //!                     +--------------------------------------------------------------------+
 //!                     | dispatcher (hub): clients, names, rooms, history --> history file  |
 //!                     +----------------------------------+---------------------------------+
 //!                                                        | each client's frames, written
 //!                                                        v without blocking (+ couriers)
-//!  socket <------ "a backlog waits" (session) ---- [outlet per client] -----> socket
+//!  socket <-- "a backlog waits" [reactor] (epoll) <-- [outlet per client] -----> socket
 //! ```
 //!
 //! 1. [`listener`] accepts a TCP connection on the one public port, if [`admission`] lets it
@@ -27,10 +27,10 @@
 //!    it reads a request head ([`request`], bounded in size and time) and either answers plain
 //!    HTTP on the spot ([`http`]: the page, the API, health, metrics) or checks a WebSocket
 //!    upgrade ([`handshake`]: path, origin, client caps).
-//! 2. The thread becomes the client's [`session`]: it owns the tungstenite state and parks on a
-//!    [`doorbell`], which the [`reactor`] (one thread watching every client socket) rings when the
-//!    socket has bytes. It reads without blocking and parses frames ([`protocol`]). A parked
-//!    session gives back the stack pages it no longer needs ([`stack`]).
+//! 2. The thread becomes the client's [`session`]: it owns the tungstenite state and waits in a
+//!    blocking `recv` on its socket, and parses frames ([`protocol`]). A close the dispatcher
+//!    asks for interrupts that `recv`. An idle session gives back the stack pages it no longer
+//!    needs ([`stack`]).
 //! 3. A chat message becomes an [`dispatcher::Event`] for the [`dispatcher`], the one thread that
 //!    owns rooms, names and [`history`]. It gives the message an id, appends it to history (and the
 //!    file), and serialises it once.
@@ -38,7 +38,7 @@
 //!    [`delivery`] sends the whole batch in one call: each client's frames go to its [`outlet`],
 //!    which writes them straight to the socket without blocking, all of them in one `sendmsg`;
 //!    courier threads do part of the clients on the other cores. Only what a socket does not take
-//!    waits in its outlet, and the doorbell tells the session to write it when the socket has
+//!    waits in its outlet, and the [`reactor`] (one thread, epoll) writes it when the socket has
 //!    room. If the batch cannot be saved (a full disk), its messages are shown to no one and each
 //!    sender gets an error.
 //!
@@ -88,7 +88,6 @@ mod admission;
 mod cluster;
 mod delivery;
 mod dispatcher;
-mod doorbell;
 mod history;
 mod listener;
 mod metrics;

@@ -1,13 +1,20 @@
 //! A client's outlet: the way out to one client's socket, shared by the dispatcher (which hands
-//! it frames) and the client's session thread (which writes what could not go out at once).
+//! it frames), the client's session thread (its own frames: pongs, errors, replies, the close)
+//! and the reactor (which writes what could not go out at once).
 //!
 //! The common case needs no thread switch at all: when nothing is waiting, the dispatcher writes
-//! a batch's frames for this client straight to the socket, without blocking, in one `sendmsg`.
-//! Whatever the socket does not take at once waits here, and the doorbell tells the session,
-//! which writes more each time the socket has room. Nobody ever blocks on a write before the
-//! session's final close, so a client that sends without reading cannot wedge its session: its
-//! backlog grows until the dispatcher drops it as too slow. One lock keeps frames whole and in
-//! order; it is held for a copy or a non-blocking write, never for a wait.
+//! a batch's frames for this client straight to the socket, without blocking, in one `sendmsg`,
+//! and the session writes its own frames the same way. Whatever the socket does not take at once
+//! waits here, and the outlet asks the [`reactor`](crate::reactor) to write more each time the
+//! socket has room; a backlog that the socket takes nothing of for [`WRITE_TIMEOUT`] means the
+//! client is not reading, and its session is asked to close. Nobody ever blocks on a write before
+//! the session's final close, so a client that sends without reading cannot wedge its session:
+//! its backlog grows until the dispatcher drops it as too slow. One lock keeps frames whole and
+//! in order; it is held for a copy or a non-blocking write, never for a wait.
+//!
+//! A close request (the dispatcher's, or the reactor's for a client not reading) interrupts the
+//! session wherever it waits: its socket's read side is shut, so a blocked `recv` returns, and
+//! its thread is unparked, in case it is pausing its reads.
 //!
 //! Everything that waits for one client counts against one bound, the dispatcher's frames and
 //! the session's own (pongs, errors, close) alike, and against a budget for all clients
@@ -23,17 +30,18 @@
 
 use std::collections::HashMap;
 use std::io::{self, IoSlice, Write};
-use std::net::TcpStream;
+use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
-use std::time::Duration;
+use std::thread::{self, Thread};
+use std::time::{Duration, Instant};
 
 use tungstenite::protocol::frame::FrameHeader;
 use tungstenite::protocol::frame::coding::{Data, OpCode};
 
-use crate::doorbell::{Doorbell, WAITING};
 use crate::metrics::Metrics;
 use crate::protocol::Frame;
+use crate::reactor::{Backlogged, Watch};
 use crate::socketio;
 use crate::wire::TlsSession;
 
@@ -53,7 +61,10 @@ const SEND_FLAGS: libc::c_int = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
 )))]
 const SEND_FLAGS: libc::c_int = libc::MSG_DONTWAIT;
 
+/// What TLS adds to a record: its header, the tag, and TLS 1.3's content type (enough for one).
+const TLS_RECORD_OVERHEAD_BYTES: usize = 32;
 /// Frames per `sendmsg`: headers and payloads make two slices each, well under `IOV_MAX` (1024).
+/// With TLS, frames per call to encrypt them (the same slices).
 const FRAMES_PER_WRITE: usize = 64;
 /// A header for a payload of any length: 2 bytes, plus 8 for the length (no mask).
 const MAX_HEADER_BYTES: usize = 10;
@@ -61,6 +72,11 @@ const MAX_HEADER_BYTES: usize = 10;
 const KEEP_BUFFER_BYTES: usize = 16 * 1024;
 /// Entries of the socket.io forms table kept between batches; a bigger batch's is released.
 const KEEP_FORMS: usize = 1024;
+
+/// A backlog the socket takes nothing of for this long means the peer is gone or not reading.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The close asked of a client whose backlog made no progress for [`WRITE_TIMEOUT`].
+const NOT_READING: CloseRequest = (1008, "not reading");
 
 /// A client over the total budget is dropped only if it holds at least this much of it: a
 /// client with a small backlog is not punished for the others'.
@@ -81,23 +97,13 @@ pub struct Bounds {
     pub total_bytes: usize,
 }
 
-/// What is waiting for the session to write, after a [`Outlet::send`].
+/// What waits for the client, after a [`Outlet::send`].
 #[derive(Debug, Default, Clone, Copy, PartialEq)]
 pub struct Backlog {
     pub frames: usize,
     pub bytes: usize,
     /// Past the client's bound, or past the total budget with more than a fair share.
     pub too_slow: bool,
-}
-
-/// What the session learns from [`Outlet::drain`].
-#[derive(Debug, Default, Clone, Copy, PartialEq)]
-pub struct Drained {
-    /// Bytes still wait for room in the socket.
-    pub pending: bool,
-    /// Some bytes went out.
-    pub progressed: bool,
-    pub close: Option<CloseRequest>,
 }
 
 /// How the client reads frames.
@@ -121,15 +127,31 @@ pub trait Queue: Send + Sync {
 /// An outlet's destination.
 #[derive(Clone)]
 enum Way {
-    /// A WebSocket, written here; its session is rung for what waits.
-    Socket {
-        stream: Arc<TcpStream>,
-        doorbell: Arc<Doorbell>,
-        /// A TLS client's session: frames are encrypted into the backlog.
-        tls: Option<TlsSession>,
-    },
+    /// A WebSocket, written here.
+    Socket(Wire),
     /// A polling session's queue (weak: the session owns its outlet, not the other way round).
     Queue(Weak<dyn Queue>),
+}
+
+/// A WebSocket's end of the outlet: its socket, the reactor's watch on it (for a backlog), and
+/// the session thread that reads it (to interrupt, for a close).
+#[derive(Clone)]
+struct Wire {
+    stream: Arc<TcpStream>,
+    /// A TLS client's session: frames are encrypted on their way into the backlog.
+    tls: Option<TlsSession>,
+    watch: Arc<Watch>,
+    session: Thread,
+}
+
+impl Wire {
+    /// Ends the session's wait: its blocked `recv` returns (the read side is shut: what the
+    /// client already sent can still be read, then reads return 0), and a session pausing its
+    /// reads wakes.
+    fn interrupt(&self) {
+        let _ = self.stream.shutdown(Shutdown::Read);
+        self.session.unpark();
+    }
 }
 
 pub struct Outlet {
@@ -145,6 +167,8 @@ struct State {
     close: Option<CloseRequest>,
     /// The session is ending: frames from the dispatcher are dropped.
     shut: bool,
+    /// Since when bytes have waited without the socket taking any.
+    stalled_since: Option<Instant>,
 }
 
 /// Bytes the socket has not taken yet.
@@ -158,7 +182,12 @@ struct Pending {
 }
 
 impl Pending {
-    /// `n` more bytes went out; once nothing waits, the buffer starts over.
+    fn pending(&self) -> usize {
+        self.waiting.len() - self.sent
+    }
+
+    /// `n` more bytes went out; once all did, the buffer starts over (and is released if a
+    /// burst made it large).
     fn advance(&mut self, n: usize) {
         self.sent += n;
         if self.pending() == 0 {
@@ -170,28 +199,25 @@ impl Pending {
             }
         }
     }
-
-    fn pending(&self) -> usize {
-        self.waiting.len() - self.sent
-    }
 }
 
 impl Outlet {
-    /// An outlet to a WebSocket, whose session parks on `doorbell`.
-    /// With TLS (`tls`), every frame is encrypted on the way into the backlog: what waits, and
-    /// counts against the bounds, is what the socket will carry.
+    /// An outlet to a WebSocket, `watch`ed by the reactor; made on the session's thread, which
+    /// a close request interrupts. With TLS, every frame is encrypted on its way into the
+    /// backlog: what waits, and counts against the bounds, is what the socket will carry.
     pub fn new(
         (stream, tls): (Arc<TcpStream>, Option<TlsSession>),
-        doorbell: Arc<Doorbell>,
+        watch: Watch,
         metrics: Arc<Metrics>,
         bounds: Bounds,
     ) -> Outlet {
-        let way = Way::Socket {
+        let wire = Wire {
             stream,
-            doorbell,
             tls,
+            watch: Arc::new(watch),
+            session: thread::current(),
         };
-        Outlet::with_way(way, metrics, bounds)
+        Outlet::with_way(Way::Socket(wire), metrics, bounds)
     }
 
     /// An outlet to a polling session's queue, in socket.io's form.
@@ -208,6 +234,7 @@ impl Outlet {
             out: Pending::default(),
             close: None,
             shut: false,
+            stalled_since: None,
         };
         Outlet {
             metrics,
@@ -237,12 +264,35 @@ impl Outlet {
         }
     }
 
+    /// After bytes were added to a backlog that held `before`: if they are the first to wait,
+    /// the reactor is asked to write them once the socket has room. If it cannot watch the
+    /// socket, nothing would ever write them: the session is asked to close.
+    fn wait_for_room(self: &Arc<Self>, state: &mut State, before: usize) {
+        if before > 0 || state.out.pending() == 0 {
+            return; // nothing waits, or the reactor already watches
+        }
+        state.stalled_since = Some(Instant::now());
+        self.watch_again(state);
+    }
+
+    /// Asks the reactor for one more [`Backlogged::write_some`].
+    fn watch_again(self: &Arc<Self>, state: &mut State) {
+        let Way::Socket(wire) = &state.way else {
+            return;
+        };
+        let me: Weak<dyn Backlogged> = Arc::downgrade(self) as Weak<Outlet>;
+        if let Err(e) = wire.watch.when_writable(me) {
+            log::warn!("cannot watch a client's socket for room: {e}");
+            request_close(state, (1011, "internal error"));
+        }
+    }
+
     // ----- the dispatcher's side -----
 
     /// Sends `frames` (wschat's frames, turned into the client's form, through `forms`) in
-    /// order: at once if the socket takes them, else they wait for the session. Never blocks.
+    /// order: at once if the socket takes them, else they wait for room. Never blocks.
     /// Returns what is waiting now.
-    pub fn send(&self, frames: &[Frame], forms: &mut SocketIoForms) -> Backlog {
+    pub fn send(self: &Arc<Self>, frames: &[Frame], forms: &mut SocketIoForms) -> Backlog {
         let mut state = self.lock();
         if state.shut {
             return Backlog::default();
@@ -261,7 +311,7 @@ impl Outlet {
 
     /// Sends frames already in the client's form (socket.io's own packets: the answer to a
     /// CONNECT, acknowledgements, errors), behind everything sent before.
-    pub fn send_as_is(&self, frames: &[Frame]) -> Backlog {
+    pub fn send_as_is(self: &Arc<Self>, frames: &[Frame]) -> Backlog {
         let mut state = self.lock();
         if state.shut {
             return Backlog::default();
@@ -269,47 +319,38 @@ impl Outlet {
         self.deliver(&mut state, frames)
     }
 
-    fn deliver(&self, state: &mut State, frames: &[Frame]) -> Backlog {
-        let State { way, out, .. } = state;
-        let (stream, doorbell, tls) = match way {
-            Way::Socket {
-                stream,
-                doorbell,
-                tls,
-            } => (stream, doorbell, tls),
+    fn deliver(self: &Arc<Self>, state: &mut State, frames: &[Frame]) -> Backlog {
+        let before = state.out.pending();
+        let State { way, out, .. } = &mut *state;
+        let wire = match way {
+            Way::Socket(wire) => wire,
             Way::Queue(queue) => {
                 return queue
                     .upgrade()
                     .map_or_else(Backlog::default, |q| q.push(frames));
             }
         };
-        let before = out.pending();
-        if let Some(tls) = tls {
-            self.seal_and_write(tls, stream, out, frames);
+        if let Some(tls) = &wire.tls {
+            self.seal_and_write(tls, &wire.stream, out, frames);
         } else {
-            let rest = match before {
-                0 => self.write_now(stream, out, frames),
-                _ => frames,
-            };
+            let mut rest = frames;
+            if before == 0 {
+                rest = self.write_now(&wire.stream, out, frames);
+            }
             append_frames(None, &mut out.waiting, rest);
             out.frames += rest.len();
         }
         let backlog = self.account(out, before);
-        if backlog.bytes > 0 {
-            doorbell.ring(WAITING);
-        }
+        self.wait_for_room(state, before);
         backlog
     }
 
-    /// Asks the session to close the connection, after what is waiting.
+    /// Asks the session to close the connection, after what is waiting: interrupts its read.
+    /// The first request wins.
     pub fn close(&self, code: u16, reason: &'static str) {
         let mut state = self.lock();
         match &state.way {
-            Way::Socket { doorbell, .. } => {
-                let doorbell = doorbell.clone();
-                state.close.get_or_insert((code, reason));
-                doorbell.ring(WAITING);
-            }
+            Way::Socket(_) => request_close(&mut state, (code, reason)),
             Way::Queue(queue) => {
                 if let Some(queue) = queue.upgrade() {
                     queue.close(reason);
@@ -322,7 +363,7 @@ impl Outlet {
     /// socket.io upgrade): this outlet writes there from now on, first what `from` still holds,
     /// then `leftovers` (taken while no frame can slip in between: what the queue still held for
     /// the old way). `from` is shut.
-    pub fn take_over(&self, from: &Outlet, leftovers: impl FnOnce() -> Vec<Frame>) {
+    pub fn take_over(self: &Arc<Self>, from: &Outlet, leftovers: impl FnOnce() -> Vec<Frame>) {
         let mut mine = self.lock();
         let mut theirs = from.lock();
         theirs.shut = true;
@@ -332,17 +373,21 @@ impl Outlet {
         mine.out.waiting.extend_from_slice(moved);
         mine.out.frames += theirs.out.frames;
         theirs.out = Pending::default();
+        theirs.stalled_since = None;
         let leftovers = leftovers();
         let tls = match &mine.way {
-            Way::Socket { tls, .. } => tls.clone(),
+            Way::Socket(wire) => wire.tls.clone(),
             Way::Queue(_) => None,
         };
         append_frames(tls.as_ref(), &mut mine.out.waiting, &leftovers);
         mine.out.frames += leftovers.len();
         from.account(&theirs.out, before_theirs);
         self.account(&mine.out, before_mine);
-        if let Way::Socket { doorbell, .. } = &mine.way {
-            doorbell.ring(WAITING);
+        // What waits goes out now if the socket takes it, or when it has room.
+        let left = self.write_waiting(&mut mine);
+        if left > 0 {
+            mine.stalled_since.get_or_insert_with(Instant::now);
+            self.watch_again(&mut mine);
         }
     }
 
@@ -390,29 +435,68 @@ impl Outlet {
         &[]
     }
 
+    /// Writes what the socket takes of the backlog now, without blocking; returns the bytes
+    /// still waiting. A broken connection's backlog is dropped: the session learns of the break
+    /// from its read.
+    fn write_waiting(&self, state: &mut State) -> usize {
+        let before = state.out.pending();
+        let Way::Socket(wire) = &state.way else {
+            return before; // a queue is drained by its polls
+        };
+        if before == 0 {
+            return 0;
+        }
+        let out = &mut state.out;
+        let slice = [IoSlice::new(&out.waiting[out.sent..])];
+        match self.send_without_blocking(&wire.stream, &slice) {
+            Ok(0) => {}
+            Ok(written) => {
+                out.advance(written);
+                state.stalled_since = Some(Instant::now());
+            }
+            Err(_) => *out = Pending::default(),
+        }
+        self.account(&state.out, before);
+        if state.out.pending() == 0 {
+            state.stalled_since = None;
+        }
+        state.out.pending()
+    }
+
     // ----- the session's side -----
 
-    /// Queues bytes the session framed itself (pongs, pings, errors, close) behind the
-    /// dispatcher's frames; [`Outlet::drain`] writes them. They count against the same bounds:
-    /// a client that sends pings and reads nothing grows its own backlog until it is too slow.
-    pub fn append_own(&self, bytes: &[u8]) -> Backlog {
+    /// Sends bytes the session framed itself (pongs, pings, errors, replies, the close) behind
+    /// the dispatcher's frames: at once if nothing waits and the socket takes them, else they
+    /// wait for room. They count against the same bounds: a client that sends pings and reads
+    /// nothing grows its own backlog until it is too slow.
+    pub fn append_own(self: &Arc<Self>, bytes: &[u8]) -> Backlog {
         let mut state = self.lock();
         let before = state.out.pending();
-        match &state.way {
-            Way::Socket { tls: Some(tls), .. } => {
-                let tls = tls.clone();
-                if let Err(e) = tls.seal(&[IoSlice::new(bytes)], &mut state.out.waiting) {
-                    log::debug!("a TLS client's own frames were dropped: {e}");
-                }
+        let sealed;
+        let bytes = match &state.way {
+            Way::Socket(Wire { tls: Some(tls), .. }) => {
+                sealed = seal_own(tls, bytes);
+                &sealed[..]
             }
-            _ => state.out.waiting.extend_from_slice(bytes),
+            _ => bytes,
+        };
+        let mut rest = bytes;
+        if let (0, Way::Socket(wire)) = (before, &state.way) {
+            // A broken connection takes nothing more: the session learns it from its read.
+            let written = self.send_without_blocking(&wire.stream, &[IoSlice::new(bytes)]);
+            rest = &bytes[written.unwrap_or(bytes.len())..];
         }
-        state.out.frames += 1;
-        self.account(&state.out, before)
+        if !rest.is_empty() {
+            state.out.waiting.extend_from_slice(rest);
+            state.out.frames += 1;
+        }
+        let backlog = self.account(&state.out, before);
+        self.wait_for_room(&mut state, before);
+        backlog
     }
 
     /// A TLS client's frames: encrypted into the backlog, which is then written as far as the
-    /// socket takes it without blocking (if nothing waited before: else the session is on it).
+    /// socket takes it without blocking (if nothing waited before: else the reactor is on it).
     fn seal_and_write(
         &self,
         tls: &TlsSession,
@@ -423,7 +507,7 @@ impl Outlet {
         let before = out.pending();
         append_frames(Some(tls), &mut out.waiting, frames);
         out.frames += frames.len();
-        if before == 0 {
+        if before == 0 && out.pending() > 0 {
             let waiting = [IoSlice::new(&out.waiting[out.sent..])];
             // A broken connection: the session learns it from its read.
             let written = self.send_without_blocking(stream, &waiting).unwrap_or(0);
@@ -431,37 +515,10 @@ impl Outlet {
         }
     }
 
-    /// Writes what the socket takes now, without blocking.
-    pub fn drain(&self) -> io::Result<Drained> {
-        let mut state = self.lock();
-        let State {
-            way, out, close, ..
-        } = &mut *state;
-        let mut drained = Drained {
-            close: *close,
-            ..Drained::default()
-        };
-        let Way::Socket { stream, .. } = way else {
-            return Ok(drained); // a queue is drained by its polls
-        };
-        let before = out.pending();
-        if before > 0 {
-            let written =
-                self.send_without_blocking(stream, &[IoSlice::new(&out.waiting[out.sent..])])?;
-            out.sent += written;
-            drained.progressed = written > 0;
-        }
-        if out.pending() == 0 {
-            out.sent = 0;
-            out.frames = 0;
-            out.waiting.clear();
-            if out.waiting.capacity() > KEEP_BUFFER_BYTES {
-                out.waiting = Vec::new();
-            }
-        }
-        drained.pending = out.pending() > 0;
-        self.account(out, before);
-        Ok(drained)
+    /// The close asked of the session, if any (the dispatcher's, or the reactor's for a client
+    /// not reading).
+    pub fn close_request(&self) -> Option<CloseRequest> {
+        self.lock().close
     }
 
     /// The session is ending: frames from the dispatcher are dropped from now on.
@@ -475,16 +532,17 @@ impl Outlet {
         let (bytes, sent, way) = {
             let mut state = self.lock();
             state.shut = true;
+            state.stalled_since = None;
             let before = state.out.pending();
             let taken = std::mem::take(&mut state.out);
             self.account(&state.out, before);
             (taken.waiting, taken.sent, state.way.clone())
         };
-        let Way::Socket { stream, .. } = way else {
+        let Way::Socket(wire) = way else {
             return Ok(());
         };
-        stream.set_write_timeout(Some(timeout))?;
-        (&*stream).write_all(&bytes[sent..])?;
+        wire.stream.set_write_timeout(Some(timeout))?;
+        (&*wire.stream).write_all(&bytes[sent..])?;
         Metrics::add(&self.metrics.bytes_out, (bytes.len() - sent) as u64);
         Ok(())
     }
@@ -508,6 +566,38 @@ impl Outlet {
                 Err(e) => return Err(e),
             }
         }
+    }
+}
+
+// ----- the reactor's side -----
+
+impl Backlogged for Outlet {
+    fn write_some(self: Arc<Self>) {
+        let mut state = self.lock();
+        if self.write_waiting(&mut state) > 0 {
+            self.watch_again(&mut state);
+        }
+    }
+
+    fn check_progress(&self, now: Instant) {
+        let mut state = self.lock();
+        let stalled = state
+            .stalled_since
+            .is_some_and(|since| now.saturating_duration_since(since) >= WRITE_TIMEOUT);
+        if stalled {
+            request_close(&mut state, NOT_READING);
+        }
+    }
+}
+
+/// Records a close for the session (the first request wins) and interrupts it.
+fn request_close(state: &mut State, request: CloseRequest) {
+    if state.close.is_some() {
+        return;
+    }
+    state.close = Some(request);
+    if let Way::Socket(wire) = &state.way {
+        wire.interrupt();
     }
 }
 
@@ -590,7 +680,7 @@ fn append_frame(out: &mut Vec<u8>, frame: &Frame) {
 }
 
 /// Appends `frames` to `out` as WebSocket text frames: as they are, or encrypted by `tls`
-/// (a few frames per TLS record, not one record per header and payload).
+/// (several frames to a TLS record, not a record for each header and each payload).
 fn append_frames(tls: Option<&TlsSession>, out: &mut Vec<u8>, frames: &[Frame]) {
     let Some(tls) = tls else {
         frames.iter().for_each(|frame| append_frame(out, frame));
@@ -612,6 +702,15 @@ fn append_frames(tls: Option<&TlsSession>, out: &mut Vec<u8>, frames: &[Frame]) 
             return log::debug!("a TLS client's frames were dropped: {e}");
         }
     }
+}
+
+/// The session's own bytes (already framed), encrypted.
+fn seal_own(tls: &TlsSession, bytes: &[u8]) -> Vec<u8> {
+    let mut sealed = Vec::with_capacity(bytes.len() + TLS_RECORD_OVERHEAD_BYTES);
+    if let Err(e) = tls.seal(&[IoSlice::new(bytes)], &mut sealed) {
+        log::debug!("a TLS client's own frames were dropped: {e}"); // as in append_frames
+    }
+    sealed
 }
 
 /// For unit tests of whatever hands frames to outlets (delivery, the dispatcher): an outlet whose
@@ -668,6 +767,7 @@ pub mod testing {
 mod tests {
     use super::testing::Recorder;
     use super::*;
+    use crate::reactor::Reactor;
     use std::io::Read;
     use std::net::TcpListener;
 
@@ -692,12 +792,6 @@ mod tests {
         (Arc::new(server), client)
     }
 
-    /// An outlet to the server's end of a pair, as a session makes it.
-    fn socket_outlet(server: Arc<TcpStream>, metrics: &Arc<Metrics>, bounds: Bounds) -> Outlet {
-        let doorbell = Doorbell::for_current_thread();
-        Outlet::new((server, None), doorbell, metrics.clone(), bounds)
-    }
-
     /// Reads one unmasked text frame of under 126 bytes.
     fn read_text(client: &mut TcpStream) -> String {
         let mut header = [0u8; 2];
@@ -712,7 +806,7 @@ mod tests {
     fn a_socketio_outlet_queues_events_turned_once_per_batch() {
         let queue = Arc::new(Recorder::default());
         let weak: Weak<dyn Queue> = Arc::downgrade(&queue) as Weak<Recorder>;
-        let outlet = Outlet::queued(weak, Arc::new(Metrics::default()), BOUNDS);
+        let outlet = Arc::new(Outlet::queued(weak, Arc::new(Metrics::default()), BOUNDS));
         let mut forms = SocketIoForms::default();
         let frame = chat_frame("hi");
         outlet.send(std::slice::from_ref(&frame), &mut forms);
@@ -728,19 +822,35 @@ mod tests {
         assert!(forms.turned.is_empty());
     }
 
+    /// An outlet to the server's end of a pair, watched by `reactor`, made on this thread (as a
+    /// session makes its own).
+    fn socket_outlet(
+        reactor: &Arc<Reactor>,
+        server: Arc<TcpStream>,
+        metrics: &Arc<Metrics>,
+        bounds: Bounds,
+    ) -> Arc<Outlet> {
+        let watch = reactor.watch(1, server.clone());
+        Arc::new(Outlet::new((server, None), watch, metrics.clone(), bounds))
+    }
+
+    /// [`socket_outlet`] with its own metrics and the usual bounds.
+    fn plain_outlet(reactor: &Arc<Reactor>, server: Arc<TcpStream>) -> Arc<Outlet> {
+        socket_outlet(reactor, server, &Arc::new(Metrics::default()), BOUNDS)
+    }
+
     #[test]
     fn an_upgrade_moves_the_client_to_the_socket_in_order() {
         let (server, mut client) = socket_pair();
-        let metrics = Arc::new(Metrics::default());
-        let socket = socket_outlet(server, &metrics, BOUNDS);
+        let reactor = Reactor::new().unwrap();
+        let socket = plain_outlet(&reactor, server);
         let queue = Arc::new(Recorder::default());
         let weak: Weak<dyn Queue> = Arc::downgrade(&queue) as Weak<Recorder>;
-        let polling = Outlet::queued(weak, metrics, BOUNDS);
+        let polling = Arc::new(Outlet::queued(weak, Arc::new(Metrics::default()), BOUNDS));
         socket.send_as_is(&["3probe".into()]);
         polling.take_over(&socket, || vec!["4left in the queue".into()]);
         let mut forms = SocketIoForms::default();
         polling.send(&[chat_frame("after")], &mut forms);
-        polling.drain().unwrap(); // as the session does once it took the outlet over
         assert_eq!(read_text(&mut client), "3probe");
         assert_eq!(read_text(&mut client), "4left in the queue");
         assert_eq!(read_text(&mut client), r#"42["chat message","after"]"#);
@@ -812,7 +922,8 @@ mod tests {
         const FRAMES: usize = 300;
         let (server, mut client) = narrow_pair();
         let metrics = Arc::new(Metrics::default());
-        let outlet = socket_outlet(server, &metrics, ROOMY);
+        let reactor = Reactor::new().unwrap();
+        let outlet = socket_outlet(&reactor, server, &metrics, ROOMY);
         let frames: Vec<Frame> = (0..FRAMES).map(numbered).collect();
         let mut forms = SocketIoForms::default();
         let backlog = outlet.send(&frames[..1], &mut forms);
@@ -839,23 +950,28 @@ mod tests {
             }
             got
         });
-        // The session's part, while more batches come behind the backlog.
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        // The reactor writes the backlog as the socket makes room, while more batches come
+        // behind it.
+        let writer = std::thread::spawn({
+            let reactor = reactor.clone();
+            move || reactor.run()
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
         let mut batches = second.chunks(10);
         loop {
             if let Some(batch) = batches.next() {
                 outlet.send(batch, &mut forms);
             }
-            let drained = outlet.drain().unwrap();
-            if !drained.pending && batches.len() == 0 {
+            let pending = outlet.lock().out.pending();
+            if pending == 0 && batches.len() == 0 {
                 break;
             }
-            let pending = outlet.lock().out.pending();
-            let late = std::time::Instant::now() > deadline;
-            assert!(!late, "{pending} bytes never drained");
+            assert!(Instant::now() < deadline, "{pending} bytes never drained");
             std::thread::sleep(Duration::from_micros(200));
         }
         let got = reader.join().unwrap();
+        reactor.stop();
+        writer.join().unwrap();
         let sent: Vec<&str> = frames.iter().map(Frame::as_str).collect();
         assert!(got == sent, "frames arrived changed or out of order");
         assert_eq!(metrics.backlog_bytes.load(Relaxed), 0);
@@ -867,7 +983,8 @@ mod tests {
         let mut forms = SocketIoForms::default();
         let mut first_too_slow = |bounds: Bounds, frame: Frame| {
             let (server, _client) = narrow_pair();
-            let outlet = socket_outlet(server, &metrics, bounds);
+            let reactor = Reactor::new().unwrap();
+            let outlet = socket_outlet(&reactor, server, &metrics, bounds);
             (0..100_000)
                 .map(|_| outlet.send(std::slice::from_ref(&frame), &mut forms))
                 .find(|backlog| backlog.too_slow)
@@ -902,5 +1019,95 @@ mod tests {
         assert!(!bounds.exceeded(total, 10, FAIR_SHARE_BYTES - 1));
         assert!(!bounds.exceeded(bounds.total_bytes as u64, 10, 200 << 10));
         assert!(bounds.exceeded(0, 1001, 0) && bounds.exceeded(0, 0, (1 << 20) + 1));
+    }
+
+    #[test]
+    fn what_a_full_socket_did_not_take_the_reactor_writes_in_order() {
+        let (server, mut client) = socket_pair();
+        socket2::SockRef::from(&*server)
+            .set_send_buffer_size(64 * 1024)
+            .unwrap();
+        socket2::SockRef::from(&client)
+            .set_recv_buffer_size(64 * 1024)
+            .unwrap();
+        let reactor = Reactor::new().unwrap();
+        let outlet = plain_outlet(&reactor, server);
+        let big = "x".repeat(60_000);
+        let frames: Vec<Frame> = (0..64).map(|i| format!("{i} {big}").into()).collect();
+        let mut forms = SocketIoForms::default();
+        let backlog = outlet.send(&frames, &mut forms);
+        assert!(backlog.bytes > 0, "the socket took all 4 MB at once");
+        assert!(
+            !reactor.is_idle(),
+            "a partial write asks the reactor to watch"
+        );
+        assert!(outlet.lock().stalled_since.is_some());
+        let thread = std::thread::spawn({
+            let reactor = reactor.clone();
+            move || reactor.run()
+        });
+        // The session's own frame goes behind the dispatcher's.
+        outlet.append_own(&[0x81, 3, b'o', b'w', b'n']);
+        for i in 0..64 {
+            let mut header = [0u8; 4];
+            client.read_exact(&mut header).unwrap();
+            assert_eq!(&header[..2], &[0x81, 126], "frame {i}'s header");
+            let mut payload = vec![0u8; usize::from(u16::from_be_bytes([header[2], header[3]]))];
+            client.read_exact(&mut payload).unwrap();
+            assert!(
+                payload.starts_with(format!("{i} x").as_bytes()),
+                "frame {i}"
+            );
+        }
+        assert_eq!(read_text(&mut client), "own");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while outlet.lock().out.pending() > 0 || !reactor.is_idle() {
+            assert!(Instant::now() < deadline, "the backlog never emptied");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(outlet.lock().stalled_since, None);
+        reactor.stop();
+        thread.join().unwrap();
+    }
+
+    #[test]
+    fn a_close_request_interrupts_a_blocked_read() {
+        let (server, _client) = socket_pair();
+        let reactor = Reactor::new().unwrap();
+        let (outlet_tx, outlet_rx) = std::sync::mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            // The outlet is made on the thread that reads, as a session's is.
+            let outlet = plain_outlet(&reactor, server.clone());
+            outlet_tx.send(outlet.clone()).unwrap();
+            server
+                .set_read_timeout(Some(Duration::from_secs(30)))
+                .unwrap();
+            let started = Instant::now();
+            let read = (&*server).read(&mut [0u8; 16]).unwrap();
+            (read, started.elapsed(), outlet.close_request())
+        });
+        let outlet = outlet_rx.recv().unwrap();
+        std::thread::sleep(Duration::from_millis(50)); // the reader is in `recv` by now
+        outlet.close(1008, "too slow");
+        outlet.close(1001, "server shutting down"); // the first request wins
+        let (read, took, request) = reader.join().unwrap();
+        assert_eq!(read, 0, "the read returns as at an end of stream");
+        assert!(took < Duration::from_secs(30), "interrupted, not timed out");
+        assert_eq!(request, Some((1008, "too slow")));
+    }
+
+    #[test]
+    fn a_backlog_that_takes_nothing_for_the_write_timeout_asks_for_a_close() {
+        let (server, _client) = socket_pair();
+        let reactor = Reactor::new().unwrap();
+        let outlet = plain_outlet(&reactor, server);
+        let big: Frame = "y".repeat(60_000).into();
+        let mut forms = SocketIoForms::default();
+        while outlet.send(std::slice::from_ref(&big), &mut forms).bytes == 0 {}
+        let since = outlet.lock().stalled_since.expect("stalled");
+        outlet.check_progress(since + WRITE_TIMEOUT / 2);
+        assert_eq!(outlet.close_request(), None, "not yet");
+        outlet.check_progress(since + WRITE_TIMEOUT);
+        assert_eq!(outlet.close_request(), Some(NOT_READING));
     }
 }

@@ -1,27 +1,33 @@
 //! One client connection after its handshake: one thread, which owns the WebSocket state.
 //!
 //! ```text
-//!   socket --readable--> [reactor thread] --ring--> [session thread] --Event--> dispatcher
-//!   socket <--------------- outlet <--frames-- dispatcher
-//!                             `--ring: "the rest is yours"--> [session thread] --write--> socket
+//!   socket --blocking read--> [session thread] --Event--> dispatcher
+//!   socket <------------- outlet <--frames-- dispatcher, and the session's own frames
+//!                            `--"the socket is full"--> [reactor] --writes the rest--> socket
 //! ```
 //!
-//! The session thread parks on its [`Doorbell`] until the [`Reactor`] rings (its socket has
-//! bytes) or its [`Outlet`] does (frames the socket did not take at once are waiting), or a
-//! keepalive ping is due. It reads without blocking and feeds tungstenite; it writes what waits in
-//! the outlet without blocking either, when the reactor says the socket has room (only its very
-//! last writes, the close, block, for at most `CLOSE_TIMEOUT` each). A client that stops reading
-//! lets its backlog grow until the outlet calls it too slow, or until nothing has gone out for
-//! `WRITE_TIMEOUT`. An idle connection costs no CPU, and a broadcast usually reaches a client
-//! without waking its thread at all.
+//! The session thread waits on its socket with a plain blocking read, as the design card has it
+//! (std's `peek`, then a `read` of what came), with a receive timeout so that the keepalive ping
+//! (and the check for a silent peer) comes on time. It feeds tungstenite, and hands what the
+//! client asked to the dispatcher. It never waits for anything else: the dispatcher's frames and
+//! its own (pongs, errors, the close) are written straight to the socket, without blocking,
+//! through the client's [`Outlet`], and whatever the socket does not take at once is written by
+//! the [`reactor`](crate::reactor) when there is room. A close the dispatcher asks for (too slow,
+//! kicked, server shutting down) interrupts the blocked read (the outlet shuts the socket's read
+//! side); the session then sends its close frame and waits, bounded, for the client's. Only those
+//! last writes block, for at most `CLOSE_TIMEOUT` each. A client that stops reading lets its
+//! backlog grow until the outlet calls it too slow, or until its socket has taken nothing for
+//! `outlet::WRITE_TIMEOUT`. An idle connection costs no CPU between pings, and a broadcast
+//! reaches a client without waking its thread at all.
 //!
 //! The session parses and rate-limits what the client sends ([`Gate`]; a client that sends more
-//! bytes than `--rate-bytes` is simply not read for a while), and answers malformed input itself;
-//! everything else goes to the dispatcher. It knows nothing of rooms or other clients. A socket.io
-//! client's WebSocket is a session too, in socket.io's dialect: its text frames go to the
-//! [`Carried`] protocol (socket.io's link, which applies the same [`Gate`]), its pings are
-//! Engine.IO's `2`, and when a polling client upgrades here the session takes over the client's
-//! outlet. The session never looks inside socket.io's packets.
+//! bytes than `--rate-bytes` is simply not read for a while: its thread sleeps, and TCP makes the
+//! client wait), and answers malformed input itself; everything else goes to the dispatcher. It
+//! knows nothing of rooms or other clients. A socket.io client's WebSocket is a session too, in
+//! socket.io's dialect: its text frames go to the [`Carried`] protocol (socket.io's link, which
+//! applies the same [`Gate`]), its pings are Engine.IO's `2`, and when a polling client upgrades
+//! here the session takes over the client's outlet. The session never looks inside socket.io's
+//! packets.
 //!
 //! On the echo endpoint ([`Endpoint::Echo`], `--echo`, for conformance suites) the same session
 //! runs in a third dialect: what the client sends goes back to its own outlet instead of to the
@@ -32,6 +38,7 @@ use std::io::{self, Read, Write};
 use std::net::{IpAddr, Shutdown, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
+use std::thread;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
@@ -41,28 +48,30 @@ use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tungstenite::{Error as WsError, Message, WebSocket};
 
 use crate::dispatcher::{ClientId, Event};
-use crate::doorbell::{Doorbell, READABLE, WAITING, WRITABLE};
 use crate::handshake::{Endpoint, Upgrade};
 use crate::metrics::Metrics;
 use crate::outlet::{self, Outlet};
 use crate::protocol::{self, Arrival, ChatError, Command, Frame};
 use crate::ratelimit::{AddressBuckets, FloodDetector, TokenBucket};
-use crate::reactor::{Reactor, Registration};
+use crate::reactor::Reactor;
 use crate::wire::{TlsSession, Wire};
 
 /// tungstenite's read buffer per connection: small, since an idle connection keeps it; a large
-/// message only takes more (cheap, non-blocking) reads.
+/// message only takes more reads (one `recv` per turn of the session's loop, each returning at
+/// once while the client's bytes wait in the socket).
 const READ_BUFFER_BYTES: usize = 512;
-/// Bytes read per wake before the session turns to its outbound queue again (the reactor wakes it
-/// again at once if more is waiting). A client that sends faster is slowed down by TCP itself.
-const READ_BUDGET_BYTES: usize = 64 * 1024;
 /// Capacity of the buffer for the session's own frames kept between flushes.
 const KEEP_OUT_BUFFER_BYTES: usize = 1024;
-/// A backlog the socket takes nothing of for this long means the peer is gone or not reading.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// At the end: how long each last write may make no progress, and how long to wait for the
 /// peer's close frame after sending ours.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+/// While waiting for the peer's close after a close request shut the socket's read side (a
+/// `recv` then returns at once when nothing is there): the pause between two looks.
+const CLOSE_POLL: Duration = Duration::from_millis(10);
+/// How late a receive timeout may let the session wake for its next ping: the timeout is set
+/// again only once it is this much out of date, not before every wait (a system call; at 200
+/// messages a second, a slack of 10 ms still cost one every other message).
+const TIMER_SLACK: Duration = Duration::from_millis(50);
 /// Typing events accepted per second (and at once); the excess is dropped silently.
 const TYPING_RATE: f64 = 2.0;
 /// Nick and join commands per second, and at once.
@@ -156,19 +165,12 @@ pub struct Env<'a> {
 /// Serves one upgraded connection until it ends; returns the reason, for the log.
 pub fn serve(wire: Wire, leftover: Vec<u8>, joining: Joining, env: Env<'_>) -> String {
     let (stream, tls) = wire.into_parts();
-    let doorbell = Doorbell::for_current_thread();
-    let registration = match env
-        .reactor
-        .register(joining.id, stream.clone(), doorbell.clone())
-    {
-        Ok(registration) => registration,
-        Err(e) => return format!("cannot watch its socket: {e}"),
-    };
     let id = joining.id;
     cap_socket_buffers(&stream);
+    let watch = env.reactor.watch(id, stream.clone());
     let outlet = Arc::new(Outlet::new(
         (stream.clone(), tls.clone()),
-        doorbell.clone(),
+        watch,
         env.metrics.clone(),
         env.settings.backlog,
     ));
@@ -186,14 +188,9 @@ pub fn serve(wire: Wire, leftover: Vec<u8>, joining: Joining, env: Env<'_>) -> S
     let reason = if !join(&joining, &outlet, &env) {
         "server shutting down".to_owned()
     } else {
-        let conn = Conn::new(stream.clone(), tls, outlet.clone());
-        let wakes = Wakes {
-            doorbell,
-            outlet,
-            registration,
-        };
+        let conn = Conn::new(stream.clone(), tls, outlet);
         let dialect = Dialect::of(joining, env.settings);
-        Session::boxed(id, dialect, conn, leftover, wakes, &env).run()
+        Session::boxed(id, dialect, conn, leftover, &env).run()
     };
     leave.reason = reason.clone();
     let _ = stream.shutdown(Shutdown::Both);
@@ -404,17 +401,10 @@ impl Dialect {
     }
 }
 
-/// What wakes a session, and what it then looks at.
-struct Wakes {
-    doorbell: Arc<Doorbell>,
-    outlet: Arc<Outlet>,
-    registration: Registration,
-}
-
 struct Session<'a> {
     id: ClientId,
+    /// The WebSocket over [`Conn`], which holds the socket and the client's outlet.
     ws: WebSocket<Conn>,
-    wakes: Wakes,
     env: Env<'a>,
     dialect: Dialect,
     events: Sender<Event>,
@@ -429,10 +419,6 @@ struct Session<'a> {
     read_paused_until: Option<Instant>,
     /// Commands parsed from the current read, not yet sent to the dispatcher.
     commands: Vec<Command>,
-    /// Since when bytes have waited in the outlet without the socket taking any.
-    stalled_since: Option<Instant>,
-    /// The reactor also watches for room to write.
-    write_armed: bool,
 }
 
 impl<'a> Session<'a> {
@@ -444,20 +430,18 @@ impl<'a> Session<'a> {
         dialect: Dialect,
         conn: Conn,
         leftover: Vec<u8>,
-        wakes: Wakes,
         env: &Env<'a>,
     ) -> Box<Session<'a>> {
         let settings = env.settings;
         let config = WebSocketConfig::default()
             .read_buffer_size(READ_BUFFER_BYTES)
-            .write_buffer_size(0) // Conn buffers; we flush once per batch
+            .write_buffer_size(0) // Conn buffers; we flush once per read
             .max_message_size(Some(settings.max_message_bytes))
             .max_frame_size(Some(settings.max_message_bytes));
         let now = Instant::now();
         Box::new(Session {
             id,
             ws: WebSocket::from_partially_read(conn, leftover, Role::Server, Some(config)),
-            wakes,
             env: *env,
             dialect,
             events: env.events.clone(),
@@ -472,24 +456,23 @@ impl<'a> Session<'a> {
             ),
             read_paused_until: None,
             commands: Vec::new(),
-            stalled_since: None,
-            write_armed: false,
         })
     }
 
+    /// The client's outlet: its way out, and where a close request is found.
+    fn outlet(&self) -> &Arc<Outlet> {
+        &self.ws.get_ref().outlet
+    }
+
     fn run(&mut self) -> String {
-        // Bytes the client sent right behind its handshake are already in tungstenite's buffer.
-        let stop = match self.read_frames() {
-            Err(stop) => stop,
-            Ok(()) => self.event_loop(),
-        };
-        self.wakes.outlet.shut(); // no frames from the dispatcher after our close frame
+        let stop = self.event_loop();
+        self.outlet().shut(); // no frames from the dispatcher after our close frame
         match stop {
             Stop::Gone(reason) => {
                 // tungstenite answers a client's close frame into our buffer, then reports the
                 // connection closed before flushing: send the answer.
                 let _ = self.ws.get_mut().flush();
-                let _ = self.wakes.outlet.finish(CLOSE_TIMEOUT);
+                let _ = self.outlet().finish(CLOSE_TIMEOUT);
                 reason
             }
             Stop::Close(code, reason) => {
@@ -506,89 +489,55 @@ impl<'a> Session<'a> {
     }
 
     fn event_loop(&mut self) -> Stop {
+        // Frames the client sent right behind its handshake are already in tungstenite's buffer.
+        if let Err(stop) = self.read_frames() {
+            return stop;
+        }
         crate::stack::release_unused(); // the handshake's pages: an idle connection needs none
         loop {
-            if let Err(stop) = self.wait_once() {
+            if let Err(stop) = self.turn() {
                 return stop;
             }
         }
     }
 
-    /// Waits for whichever comes first: bytes from the client, frames waiting for it, or a
-    /// ping due.
-    fn wait_once(&mut self) -> Result<(), Stop> {
-        let deadline = [
-            Some(self.next_ping),
-            self.stalled_since.map(|since| since + WRITE_TIMEOUT),
-            self.read_paused_until,
-        ]
-        .into_iter()
-        .flatten()
-        .min()
-        .unwrap_or(self.next_ping);
-        let reasons = self.wakes.doorbell.wait_until(deadline);
-        if reasons & READABLE != 0 {
-            self.read_frames()?; // flushes, which also drains the outlet
-        } else if reasons & (WRITABLE | WAITING) != 0 {
-            self.drain_outlet()?;
+    /// One turn: waits until the client sent something (or a ping is due, or a close is asked)
+    /// and reads it, or sleeps while reads are paused; then does what is due.
+    fn turn(&mut self) -> Result<(), Stop> {
+        match self.read_paused_until {
+            Some(until) if Instant::now() < until => self.pause(until.min(self.next_ping)),
+            _ => {
+                self.read_paused_until = None;
+                let conn = self.ws.get_mut();
+                let readable = conn
+                    .wait_readable(self.next_ping)
+                    .map_err(|e| Stop::Gone(format!("cannot set the receive timeout: {e}")))?;
+                if readable {
+                    self.read_frames()?;
+                }
+            }
         }
-        let resumed = self.read_paused_until.is_some_and(|t| Instant::now() >= t);
-        if resumed {
-            self.read_paused_until = None;
-        }
-        // The reactor's watch is one-shot: renew it after it fired (or reading resumed), and
-        // ask for room to write while bytes wait.
-        let fired = reasons & (READABLE | WRITABLE) != 0;
-        let want_read = self.read_paused_until.is_none();
-        let want_write = self.stalled_since.is_some();
-        if fired || resumed || (want_write && !self.write_armed) {
-            self.wakes
-                .registration
-                .rearm(want_read, want_write)
-                .map_err(|e| Stop::Gone(format!("cannot watch the socket: {e}")))?;
-            self.write_armed = want_write;
-        }
-        if reasons == 0 && !resumed {
-            self.on_timer()?;
-        }
-        Ok(())
-    }
-
-    /// Writes what the socket takes of the outlet's backlog; ends the session if the
-    /// dispatcher asked.
-    fn drain_outlet(&mut self) -> Result<(), Stop> {
-        let drained = self
-            .wakes
-            .outlet
-            .drain()
-            .map_err(|e| Stop::Gone(format!("connection lost: {e}")))?;
-        if let Some((code, reason)) = drained.close {
+        if let Some((code, reason)) = self.outlet().close_request() {
             return Err(Stop::Close(code.into(), reason));
-        }
-        self.stalled_since = match (drained.pending, drained.progressed) {
-            (false, _) => None,
-            (true, true) => Some(Instant::now()),
-            (true, false) => Some(self.stalled_since.unwrap_or_else(Instant::now)),
-        };
-        Ok(())
-    }
-
-    /// A deadline passed: a write that made no progress for too long, or a keepalive ping.
-    fn on_timer(&mut self) -> Result<(), Stop> {
-        if let Some(since) = self.stalled_since
-            && since.elapsed() >= WRITE_TIMEOUT
-        {
-            return Err(Stop::Gone(format!(
-                "not reading: nothing written for {WRITE_TIMEOUT:?}"
-            )));
         }
         self.keepalive()
     }
 
-    /// Reads what the socket has (up to a budget) and handles every complete frame.
+    /// Reads nothing until `until`; a close request wakes the thread (the outlet unparks it).
+    fn pause(&self, until: Instant) {
+        let now = Instant::now();
+        if now < until && self.outlet().close_request().is_none() {
+            thread::park_timeout(until - now); // may return early: the next turn looks again
+        }
+    }
+
+    /// Reads once from the socket (which has bytes) and handles every complete frame. In a
+    /// frame of its own: tungstenite's reading goes deeper than the idle wait, and its stack
+    /// pages are not to be kept while the session waits.
+    #[inline(never)]
     fn read_frames(&mut self) -> Result<(), Stop> {
         let result = self.read_available();
-        let got = self.ws.get_mut().take_bytes_read();
+        let got = self.ws.get_mut().next_turn();
         if got > 0 {
             let now = Instant::now();
             self.last_heard = now;
@@ -670,7 +619,7 @@ impl<'a> Session<'a> {
     }
 
     /// A polling socket.io client moved to this WebSocket: its outlet (the one the dispatcher
-    /// holds) writes here from now on, and this session drains it.
+    /// holds) writes here from now on, and a close asked of it interrupts this session.
     fn take_over_outlet(&mut self) -> Result<(), Stop> {
         let Dialect::SocketIo(link) = &self.dialect else {
             return Ok(());
@@ -679,10 +628,9 @@ impl<'a> Session<'a> {
             return Ok(());
         };
         self.ws.flush().map_err(stop_for)?; // the `3probe` first, on the old outlet
-        outlet.take_over(&self.wakes.outlet, || link.take_waiting());
-        self.wakes.outlet = outlet.clone();
+        outlet.take_over(self.outlet(), || link.take_waiting());
         self.ws.get_mut().outlet = outlet;
-        self.drain_outlet()
+        Ok(())
     }
 
     /// Hands the commands of one read to the dispatcher as one event: it then handles them in
@@ -714,10 +662,12 @@ impl<'a> Session<'a> {
             .map_err(stop_for)
     }
 
+    /// Sends a ping when one is due, after checking that the client was heard since the last
+    /// but one; gives back the stack pages busy moments touched.
     fn keepalive(&mut self) -> Result<(), Stop> {
         let now = Instant::now();
         if now < self.next_ping {
-            return Ok(()); // woke early
+            return Ok(());
         }
         if now.duration_since(self.last_heard) >= 2 * self.ping_interval {
             return Err(Stop::Gone(format!(
@@ -740,14 +690,14 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
-    /// Hands the session's own frames to the outlet, and writes what the socket takes.
+    /// Hands the session's own frames to the outlet, which writes what the socket takes.
     fn flush(&mut self) -> Result<(), Stop> {
         self.ws.flush().map_err(stop_for)?;
         if self.ws.get_ref().too_slow {
             Metrics::add(&self.metrics.slow_clients_dropped, 1);
             return Err(Stop::Close(CloseCode::Policy, "too slow"));
         }
-        self.drain_outlet()
+        Ok(())
     }
 
     /// Sends what waits and a close frame; false if the connection cannot take them.
@@ -756,25 +706,29 @@ impl<'a> Session<'a> {
             code,
             reason: reason.into(),
         };
-        self.ws.close(Some(frame)).is_ok() && self.wakes.outlet.finish(CLOSE_TIMEOUT).is_ok()
+        self.ws.close(Some(frame)).is_ok() && self.outlet().finish(CLOSE_TIMEOUT).is_ok()
     }
 
-    /// Waits (bounded) for the peer's close frame, so the TCP close is clean.
+    /// Waits (bounded) for the peer's close frame, reading and dropping what comes before it,
+    /// so that no unread byte makes the kernel end the connection with a reset, which could
+    /// destroy our close frame before the peer reads it.
     fn await_peer_close(&mut self) {
         let deadline = Instant::now() + CLOSE_TIMEOUT;
-        loop {
-            match self.ws.read() {
-                Ok(_) => continue,
-                Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(_) => return, // the peer's close arrived (or the connection broke)
-            }
-            if self.wakes.registration.rearm(true, false).is_err() {
+        while Instant::now() < deadline {
+            let conn = self.ws.get_mut();
+            if conn.set_deadline(deadline).is_err() {
                 return;
             }
-            while self.wakes.doorbell.wait_until(deadline) & READABLE == 0 {
-                if Instant::now() >= deadline {
-                    return;
+            conn.next_turn();
+            match self.ws.read() {
+                Ok(_) => continue,
+                // A shut read side returns at once: look again shortly.
+                Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if self.ws.get_ref().read_shut {
+                        thread::sleep(CLOSE_POLL);
+                    }
                 }
+                Err(_) => return, // the peer's close arrived (or the connection broke)
             }
         }
     }
@@ -800,9 +754,10 @@ fn stop_for(error: WsError) -> Stop {
     }
 }
 
-/// The stream tungstenite sees: reads take what the socket has without blocking (`WouldBlock`
-/// when it has nothing, or when this wake's read budget is spent), writes (the session's own
-/// frames) collect in a buffer that `flush` hands to the outlet, behind the dispatcher's frames.
+/// The stream tungstenite sees: one `recv` per turn of the session's loop, once
+/// [`Conn::wait_readable`] found bytes (a second read in the same turn says `WouldBlock`, so
+/// the session hands over what it parsed before it waits again), and writes (the session's own frames) that collect in a buffer `flush` hands to
+/// the outlet, behind the dispatcher's frames.
 pub struct Conn {
     stream: Arc<TcpStream>,
     /// A TLS client's session: what is read is decrypted through it.
@@ -813,8 +768,12 @@ pub struct Conn {
     too_slow: bool,
     /// Bytes read since the session last asked.
     bytes_read: u64,
-    /// Bytes still allowed before yielding to other work.
-    read_budget: usize,
+    /// This turn's `recv` is still to come.
+    may_read: bool,
+    /// When the receive timeout was set, and the deadline it was set for.
+    timeout_set: Option<(Instant, Instant)>,
+    /// A close request shut the socket's read side: reads no longer wait.
+    read_shut: bool,
 }
 
 impl Conn {
@@ -826,82 +785,114 @@ impl Conn {
             out: Vec::new(),
             too_slow: false,
             bytes_read: 0,
-            read_budget: READ_BUDGET_BYTES,
+            may_read: false, // the first turn reads what came with the handshake
+            timeout_set: None,
+            read_shut: false,
         }
     }
 
-    /// Bytes read since the last call; also renews the read budget.
-    fn take_bytes_read(&mut self) -> u64 {
-        self.read_budget = READ_BUDGET_BYTES;
+    /// Starts a new turn (one more `recv` allowed); returns the bytes read in the last one.
+    fn next_turn(&mut self) -> u64 {
+        self.may_read = true;
         std::mem::take(&mut self.bytes_read)
     }
+
+    /// Waits until the socket has bytes, an end of stream or an error (true), or `deadline`
+    /// passes (false). It only peeks: tungstenite's read that follows takes the bytes. Waiting
+    /// here, near the top of the stack, rather than in a `recv` deep inside tungstenite, keeps
+    /// an idle thread's stack to the pages it had when the session last gave the rest back.
+    fn wait_readable(&mut self, deadline: Instant) -> io::Result<bool> {
+        self.set_deadline(deadline)?;
+        match self.stream.peek(&mut [0u8; 1]) {
+            // A signal: the next turn waits again.
+            Err(e) if timed_out(&e) || e.kind() == io::ErrorKind::Interrupted => Ok(false),
+            _ => Ok(true), // bytes, an end or an error: the read finds out which
+        }
+    }
+
+    /// Makes a `recv` give up at `deadline` (to within [`TIMER_SLACK`]): sets the socket's
+    /// receive timeout, unless the one set is for the same deadline and recent enough.
+    fn set_deadline(&mut self, deadline: Instant) -> io::Result<()> {
+        let now = Instant::now();
+        if let Some((set_at, set_for)) = self.timeout_set
+            && set_for == deadline
+            && now.duration_since(set_at) < TIMER_SLACK
+        {
+            return Ok(());
+        }
+        // A zero timeout would mean "never": a deadline that passed waits one millisecond.
+        let timeout = deadline.saturating_duration_since(now);
+        self.stream
+            .set_read_timeout(Some(timeout.max(Duration::from_millis(1))))?;
+        self.timeout_set = Some((now, deadline));
+        Ok(())
+    }
+}
+
+/// The error of a read that hit the socket's receive timeout (`EAGAIN` on Linux; some systems
+/// say `TimedOut`).
+fn timed_out(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
 }
 
 impl Read for Conn {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.read_budget == 0 {
-            return Err(io::ErrorKind::WouldBlock.into()); // the reactor wakes us again at once
+        match self.tls.clone() {
+            Some(tls) => self.read_tls(&tls, buf),
+            None => self.recv(buf),
         }
-        if let Some(tls) = &self.tls {
-            return self.read_tls(&tls.clone(), buf);
-        }
-        let len = buf.len().min(self.read_budget);
-        let n = recv_without_blocking(&self.stream, &mut buf[..len])?;
-        self.read_budget -= n;
-        self.bytes_read += n as u64;
-        Ok(n)
     }
 }
 
 impl Conn {
-    /// A TLS client's bytes: plaintext already decrypted first; else one read of encrypted
-    /// bytes (without the TLS lock: the outlet may be encrypting meanwhile), decrypted under it.
-    /// The read budget and the byte rate count the encrypted bytes, as the socket carried them.
+    /// A TLS client's bytes: plaintext decrypted before first (no system call); else this
+    /// turn's `recv` of encrypted bytes, made without the TLS lock (the outlet may be encrypting
+    /// meanwhile) and decrypted under it. The byte rate counts encrypted bytes, as they came.
     fn read_tls(&mut self, tls: &TlsSession, buf: &mut [u8]) -> io::Result<usize> {
-        loop {
-            match tls.read_plain(buf) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                done => return done,
-            }
-            if self.read_budget == 0 {
-                return Err(io::ErrorKind::WouldBlock.into());
-            }
-            // On the stack only while reading: an idle session gives these pages back.
-            let mut raw = [0u8; TlsSession::MAX_OPEN_BYTES];
-            let len = raw.len().min(self.read_budget);
-            let n = recv_without_blocking(&self.stream, &mut raw[..len])?;
-            self.read_budget -= n;
-            self.bytes_read += n as u64;
-            tls.open(&raw[..n])?;
-            if n == 0 {
-                // The end of the stream: rustls says whether it was a clean one.
-                return tls.read_plain(buf).or(Ok(0));
-            }
+        match tls.read_plain(buf) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            done => return done,
+        }
+        // On the stack only while reading: the session gives the pages back when idle.
+        let mut raw = [0u8; TlsSession::MAX_OPEN_BYTES];
+        let n = self.recv(&mut raw)?;
+        tls.open(&raw[..n])?;
+        match tls.read_plain(buf) {
+            // The end of the stream: rustls says whether it was a clean one.
+            result if n == 0 => result.or(Ok(0)),
+            // Part of a record: the next turn reads the rest.
+            result => result,
         }
     }
-}
 
-/// `recv` with `MSG_DONTWAIT`: the socket stays blocking for writes (which have a timeout), while
-/// reads never wait.
-fn recv_without_blocking(stream: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
-    use std::os::fd::AsRawFd;
-    loop {
-        // SAFETY: `buf` is valid for `buf.len()` bytes of writes, and `stream` keeps the
-        // descriptor open for the duration of the call.
-        let n = unsafe {
-            libc::recv(
-                stream.as_raw_fd(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                libc::MSG_DONTWAIT,
-            )
-        };
-        if n >= 0 {
-            return Ok(n as usize);
+    /// This turn's one `recv`.
+    fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if !self.may_read {
+            return Err(io::ErrorKind::WouldBlock.into());
         }
-        let error = io::Error::last_os_error();
-        if error.kind() != io::ErrorKind::Interrupted {
-            return Err(error);
+        self.may_read = false;
+        let read = loop {
+            match (&*self.stream).read(buf) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                read => break read,
+            }
+        };
+        match read {
+            // Our own shut read side (a close request), not the client's end: nothing more to
+            // read now, and the session looks at the request.
+            Ok(0) if self.outlet.close_request().is_some() => {
+                self.read_shut = true;
+                Err(io::ErrorKind::WouldBlock.into())
+            }
+            Ok(n) => {
+                self.bytes_read += n as u64;
+                Ok(n)
+            }
+            Err(e) if timed_out(&e) => Err(io::ErrorKind::WouldBlock.into()),
+            Err(e) => Err(e),
         }
     }
 }
