@@ -42,6 +42,12 @@
 //!    room. If the batch cannot be saved (a full disk), its messages are shown to no one and each
 //!    sender gets an error.
 //!
+//! With `--tls-cert` (feature `tls`), the same road runs inside TLS: the connection's thread
+//! first completes a TLS handshake (`tls`), within the deadline of the first request head, and
+//! everything after reads and writes a [`wire::Wire`]; the session decrypts what it reads, and
+//! each client's outlet encrypts its frames (serialised once, encrypted per client) on the way
+//! into its backlog, whose bounds then count what the socket carries.
+//!
 //! socket.io clients take the same road from step 3 on: [`sio_door`] serves `/socket.io/`
 //! (long polls on the connection's own thread, or a session in socket.io's dialect), each client
 //! is a [`sio_link::Link`] that turns Engine.IO and socket.io packets ([`engineio`],
