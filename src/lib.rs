@@ -65,6 +65,7 @@ pub mod listener;
 pub mod metrics;
 pub mod names;
 pub mod outlet;
+pub mod pool;
 pub mod protocol;
 pub mod ratelimit;
 pub mod reactor;
