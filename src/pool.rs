@@ -14,12 +14,10 @@
 //! This module knows nothing of sockets or HTTP; the listener decides what a job is.
 
 use std::io;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering::AcqRel, Ordering::Acquire};
-use std::thread;
-use std::time::Duration;
-
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
+use std::sync::atomic::{AtomicBool, Ordering::Acquire, Ordering::Release};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::{self, Thread};
+use std::time::{Duration, Instant};
 
 /// Parked threads kept at most. Each costs its trimmed stack (about 8 KiB resident, the top
 /// page with the thread's control block and the parked frames) and a 16 KiB kernel stack:
@@ -44,21 +42,31 @@ pub struct Job {
 /// Hands jobs to parked threads, or starts threads. Dropping it ends every parked thread (and
 /// every busy one as soon as its job returns).
 pub struct Pool {
-    handoff: Sender<Job>,
-    parked: Receiver<Job>,
-    idle: Arc<AtomicUsize>,
+    shared: Arc<Shared>,
     stack_bytes: usize,
+}
+
+/// What the pool and its threads share.
+#[derive(Default)]
+struct Shared {
+    /// The parked threads, the most recently parked last: it is handed the next job (its stack
+    /// is the warmest, and the others, left alone, reach their lifetime and end).
+    parked: Mutex<Vec<Arc<Slot>>>,
+    /// Set when the pool is dropped: parked threads end, busy ones do not park again.
+    closed: AtomicBool,
+}
+
+/// Where a parked thread waits for its next job.
+struct Slot {
+    job: Mutex<Option<Job>>,
+    thread: Thread,
 }
 
 impl Pool {
     /// A pool whose threads have stacks of `stack_bytes`.
     pub fn new(stack_bytes: usize) -> Pool {
-        // Zero capacity: a hand-off succeeds only into the hands of a thread waiting for it.
-        let (handoff, parked) = crossbeam_channel::bounded(0);
         Pool {
-            handoff,
-            parked,
-            idle: Arc::new(AtomicUsize::new(0)),
+            shared: Arc::default(),
             stack_bytes,
         }
     }
@@ -66,31 +74,64 @@ impl Pool {
     /// Runs `job` on a parked thread, or on a new one if none waits. On error (no thread could
     /// be started) the job is dropped unrun.
     pub fn run(&self, job: Job) -> io::Result<()> {
-        let job = match self.handoff.try_send(job) {
-            Ok(()) => return Ok(()),
-            Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) => job,
-        };
-        let parked = self.parked.clone();
-        let idle = self.idle.clone();
+        let slot = self.shared.parked().pop();
+        if let Some(slot) = slot {
+            *lock(&slot.job) = Some(job);
+            slot.thread.unpark();
+            return Ok(());
+        }
+        let shared = self.shared.clone();
         thread::Builder::new()
             .name(job.name.clone())
             .stack_size(self.stack_bytes)
-            .spawn(move || work(job, &parked, &idle))
+            .spawn(move || work(job, &shared))
             .map(drop)
     }
 
     /// Threads parked now.
     pub fn idle(&self) -> usize {
-        self.idle.load(Acquire)
+        self.shared.parked().len()
     }
 }
 
+impl Drop for Pool {
+    fn drop(&mut self) {
+        self.shared.closed.store(true, Release);
+        for slot in self.shared.parked().drain(..) {
+            slot.thread.unpark();
+        }
+    }
+}
+
+impl Shared {
+    fn parked(&self) -> MutexGuard<'_, Vec<Arc<Slot>>> {
+        lock(&self.parked)
+    }
+
+    /// Takes `slot` off the parked list; false if a job was handed to it meanwhile.
+    fn unpark_self(&self, slot: &Arc<Slot>) -> bool {
+        let mut parked = self.parked();
+        let before = parked.len();
+        parked.retain(|other| !Arc::ptr_eq(other, slot));
+        parked.len() < before
+    }
+}
+
+/// Every lock here is held for one statement: a poisoned one is still sound.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 /// A pool thread's life: its first job, then whatever it is handed while it is wanted.
-fn work(first: Job, parked: &Receiver<Job>, idle: &AtomicUsize) {
+fn work(first: Job, shared: &Shared) {
+    let slot = Arc::new(Slot {
+        job: Mutex::new(None),
+        thread: thread::current(),
+    });
     let mut job = first;
     loop {
         (job.run)(); // whatever the job owned is dropped by now
-        match park(parked, idle) {
+        match park(shared, &slot) {
             Some(next) => {
                 name_this_thread(&next.name);
                 job = next;
@@ -103,21 +144,38 @@ fn work(first: Job, parked: &Receiver<Job>, idle: &AtomicUsize) {
 /// Waits for the next job as one of the parked threads, if there is room for one more.
 /// Never inlined: the stack pages below this frame are the ones given back.
 #[inline(never)]
-fn park(parked: &Receiver<Job>, idle: &AtomicUsize) -> Option<Job> {
-    if idle.fetch_add(1, AcqRel) >= MAX_IDLE_THREADS {
-        idle.fetch_sub(1, AcqRel);
-        return None;
+fn park(shared: &Shared, slot: &Arc<Slot>) -> Option<Job> {
+    {
+        let mut parked = shared.parked();
+        if parked.len() >= MAX_IDLE_THREADS || shared.closed.load(Acquire) {
+            return None;
+        }
+        parked.push(slot.clone());
     }
     name_this_thread(IDLE_NAME);
-    let job = match parked.recv_timeout(TRIM_AFTER) {
-        Err(RecvTimeoutError::Timeout) => {
-            crate::stack::release_unused();
-            parked.recv_timeout(IDLE_LIFETIME).ok()
+    let parked_at = Instant::now();
+    let mut trimmed = false;
+    loop {
+        if let Some(job) = lock(&slot.job).take() {
+            return Some(job);
         }
-        received => received.ok(),
-    };
-    idle.fetch_sub(1, AcqRel);
-    job
+        if shared.closed.load(Acquire) {
+            return None;
+        }
+        let idle = parked_at.elapsed();
+        if !trimmed && idle >= TRIM_AFTER {
+            crate::stack::release_unused();
+            trimmed = true;
+        }
+        // Past its lifetime, a thread still on the list leaves; one taken off it has a job coming.
+        if idle >= IDLE_LIFETIME && shared.unpark_self(slot) {
+            return None;
+        }
+        let wake = if trimmed { IDLE_LIFETIME } else { TRIM_AFTER };
+        // May return early (the pool's unpark, a stale unpark from a finished connection's
+        // doorbell, or spuriously): the loop looks again.
+        thread::park_timeout(wake.saturating_sub(idle));
+    }
 }
 
 /// Renames the calling thread as the system shows it (Linux keeps 15 bytes of it).
@@ -147,13 +205,11 @@ mod tests {
         }
     }
 
-    /// Waits until a thread is parked, and a little more: it counts itself idle just before it
-    /// waits for a job, and a hand-off only reaches a thread that waits.
+    /// Waits until a thread is parked.
     fn settle(pool: &Pool) {
         while pool.idle() == 0 {
             thread::yield_now();
         }
-        thread::sleep(Duration::from_millis(50));
     }
 
     /// Runs a job that reports its thread, and waits until that thread is parked again.
