@@ -23,7 +23,8 @@
 //! ```
 //!
 //! 1. [`listener`] accepts a TCP connection on the one public port, if [`admission`] lets it
-//!    (descriptor budget, per-address shares and rates), and gives it a thread, the front door:
+//!    (descriptor budget, per-address shares and rates), and gives it a thread ([`pool`]: one a
+//!    finished connection left parked, or a new one), the front door:
 //!    it reads a request head ([`request`], bounded in size and time) and either answers plain
 //!    HTTP on the spot ([`http`]: the page, the API, health, metrics) or checks a WebSocket
 //!    upgrade ([`handshake`]: path, origin, client caps).

@@ -1,5 +1,6 @@
 //! The front door: one blocking `std::net::TcpListener` on the one public port, whose accept loop
-//! gives every connection its own thread. That thread reads the request head (bounded in size
+//! gives every connection its own thread (from the [`Pool`]: one that a finished connection left
+//! parked, or a new one). That thread reads the request head (bounded in size
 //! and time, [`crate::request`]) and then either upgrades it to a WebSocket ([`handshake`], then
 //! the [`session`]), hands it to the socket.io door ([`sio_door`], for `/socket.io/`: polling
 //! requests, or a WebSocket in socket.io's dialect), or answers it as plain HTTP ([`http`]),
@@ -176,7 +177,12 @@ struct Registered<'a> {
 impl Drop for Registered<'_> {
     fn drop(&mut self) {
         self.front.streams().remove(&self.id);
-        self.front.ended.notify_all();
+        // Only shutdown waits for connections to end, once `stopping` is set: before that, a
+        // wake-up (a syscall, even with no one waiting) per connection would be for nobody.
+        // A waiter checks the map under the same lock, so it cannot miss this removal.
+        if self.front.stopping.load(Relaxed) {
+            self.front.ended.notify_all();
+        }
     }
 }
 

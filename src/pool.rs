@@ -1,9 +1,10 @@
 //! Connection threads, kept for the next connection: when a connection ends, its thread parks
 //! here and the next accepted connection is handed to it, instead of a thread ending and another
-//! starting. Starting a thread is the largest part of the server's cost of a short connection
-//! (the kernel's `clone`, the mappings of a guard page and a signal stack, their removal at the
-//! end), and a reconnecting client, a load test or a flaky mobile network make nothing but
-//! short connections. Still one thread per connection: a parked thread serves no one.
+//! starting. Starting and ending a thread (the kernel's `clone` and exit, the mappings of a guard
+//! page and a signal stack and their removal, a dozen system calls) was about a quarter of the
+//! server's CPU for a short connection, and a reconnecting client, a load test or a flaky mobile
+//! network make nothing but short connections. Still one thread per connection: a parked thread
+//! serves no one.
 //!
 //! Bounded: at most [`MAX_IDLE_THREADS`] wait at once (a thread that finishes when as many
 //! wait ends instead), each gives its stack pages back soon after it parks, and each ends after
