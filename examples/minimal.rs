@@ -1,23 +1,18 @@
-//! The design of wschat on one page: a chat in which every text message goes to every client,
-//! its sender included. `PORT=5000 cargo run --example minimal`, then connect any WebSocket
-//! client to `ws://127.0.0.1:5000/` (any path). docs/TUTORIAL.md walks through it.
+//! wschat's design on one page: every text message goes to every client, its sender included.
+//! `PORT=5000 cargo run --example minimal`, then connect any WebSocket client to
+//! `ws://127.0.0.1:5000/` (any path). docs/TUTORIAL.md walks through it.
 //!
-//! `main` accepts TCP connections and gives each a thread, which does the handshake and then
-//! blocks reading frames; each text message becomes an [`Event::Said`]. The dispatcher thread
-//! alone owns the list of clients (so nothing is locked around it) and puts every message in
-//! every client's queue. It never blocks on a client: queues are bounded, and a client whose
-//! queue is full is too slow and is cut off (its socket shut down, which ends its threads).
-//!
-//! A thread blocked in `read` cannot write, and tungstenite's `WebSocket` is one object, so each
-//! connection has a second thread, its writer, with a `WebSocket` of its own over a clone of the
-//! socket. The reader's `WebSocket` answers pings and close frames itself. Frames of the two must
-//! not interleave: both write through [`Shared`], which writes each buffer whole under one lock
-//! (tungstenite hands `write` whole frames). The reader sends its close reply only after the
-//! writer has stopped, so no message follows it. (One thread reading with a timeout and writing
-//! between reads would either wake up all the time or delay every message.)
+//! `main` gives each TCP connection a thread, which does the handshake and then blocks reading
+//! frames; each text message becomes an [`Event::Said`]. The dispatcher thread alone owns the
+//! client list (nothing is locked around it) and puts every message in every client's bounded
+//! queue, never blocking: a client whose queue is full is too slow and is cut off. A thread
+//! blocked in `read` cannot write, so each connection has a second thread, its writer, with a
+//! `WebSocket` of its own over a clone of the socket; both write through [`Shared`], one whole
+//! frame at a time, so their frames never interleave.
 
 use std::collections::HashMap;
-use std::io::{self, ErrorKind, Read, Write};
+use std::io::ErrorKind::{TimedOut, WouldBlock};
+use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
@@ -82,6 +77,7 @@ fn main() {
     }
 }
 
+/// A one-line error and exit status 1, for what the user can fix (the port, the address).
 fn fail(message: String) -> ! {
     eprintln!("minimal: {message}");
     std::process::exit(1);
@@ -160,7 +156,7 @@ fn read_loop(ws: &mut WebSocket<Shared>, events: &Sender<Event>) -> Option<Close
             Ok(Message::Binary(_)) => return close_with(CloseCode::Unsupported, "text only"),
             Ok(Message::Close(_)) => return None, // tungstenite queued the reply
             Ok(_) => {}                           // a ping (tungstenite queued the pong) or a pong
-            Err(Error::Io(e)) if !pinged && is_timeout(&e) => {
+            Err(Error::Io(e)) if !pinged && matches!(e.kind(), WouldBlock | TimedOut) => {
                 ws.send(Message::Ping(Bytes::new())).ok()?; // silent for PING_INTERVAL
                 pinged = true;
                 continue;
@@ -182,11 +178,6 @@ fn close_with(code: CloseCode, why: &'static str) -> Option<CloseFrame> {
         code,
         reason: Utf8Bytes::from_static(why),
     })
-}
-
-/// A read timeout, as the platform reports it.
-fn is_timeout(e: &io::Error) -> bool {
-    matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut)
 }
 
 /// Writes what the dispatcher queued for this client, until it drops the queue.

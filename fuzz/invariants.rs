@@ -163,11 +163,11 @@ pub fn handshake_check(data: &[u8]) {
     let (peer, policy) = policy_for(selector);
     match check(head, peer, &policy) {
         Ok(upgrade) => {
-            room_ok(&upgrade.room);
+            room_ok(&upgrade.arrival.room);
             assert_eq!(upgrade.accept_key.len(), 28, "base64 of a SHA-1");
             if policy.trusted_proxy != Some(peer) {
                 assert_eq!(
-                    upgrade.client_ip, peer,
+                    upgrade.arrival.ip, peer,
                     "X-Forwarded-For from an untrusted peer"
                 );
             }
@@ -267,8 +267,8 @@ pub fn engineio_parse(data: &[u8]) {
         let sid = query.sid.unwrap_or_default();
         assert!(sid.len() <= engineio::MAX_SID_CHARS);
     }
-    match wschat::socketio::ConnectOptions::from_query(&text) {
-        Ok(options) => _ = options.room.inspect(|room| room_ok(room)),
+    match wschat::socketio::ConnectOptions::from_query(&text, [127, 0, 0, 1].into()) {
+        Ok(options) => room_ok(&options.arrival.room),
         Err(e) => reply_ok(wschat::socketio::connect_refused(&e).as_str()),
     }
 }

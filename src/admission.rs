@@ -90,16 +90,13 @@ impl Admission {
         }
     }
 
-    pub fn limits(&self) -> &Limits {
-        &self.limits
-    }
-
     fn counts(&self) -> MutexGuard<'_, Counts> {
         // Every update below is whole before the lock is let go: a poisoned lock is still sound.
         self.counts.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Connections now, of every kind.
+    #[cfg(test)]
     pub fn connections(&self) -> usize {
         self.counts().connections
     }

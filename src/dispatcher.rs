@@ -2,15 +2,15 @@
 //! connected, their names, rooms, typing states and history — and decides who receives what.
 //!
 //! Sessions and the HTTP API talk to it only through [`Event`]s on one channel, and it talks back
-//! only through each client's [`Outlet`], handing it frames. It never blocks on a client: a client
-//! whose outlet's backlog passes its bound is dropped as too slow. Because all chat state lives on
-//! this one thread it needs no locks, and every room sees its messages in one order (the id
-//! order).
+//! by posting frames to clients through [`Delivery`], which alone knows how bytes reach sockets.
+//! It never blocks on a client: a client that delivery finds too slow is dropped. Because all
+//! chat state lives on this one thread it needs no locks, and every room sees its messages in one
+//! order (the id order).
 //!
 //! Each loop turn handles a batch of events, then commits history (one write, one sync), and only
-//! then hands the batch's frames to the outlets, each client's frames together, so no one sees a
-//! message that a crash could still lose. Chat messages wait for that commit apart from other
-//! frames: if it fails, none of them is shown and each sender is told it was not saved.
+//! then sends the batch's frames, so no one sees a message that a crash could still lose. Chat
+//! messages wait for that commit apart from other frames: if it fails, none of them is shown and
+//! each sender is told it was not saved.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -21,12 +21,14 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use log::{debug, info};
 
-use crate::courier::{Couriers, Parcel};
+use crate::delivery::Delivery;
 use crate::history::{History, SaveError, Stored};
 use crate::metrics::Metrics;
 use crate::names;
 use crate::outlet::Outlet;
-use crate::protocol::{self, ChatError, ChatMessage, Command, Frame, RoomState, ServerEvent};
+use crate::protocol::{
+    self, Arrival, ChatError, ChatMessage, Command, Frame, RoomState, ServerEvent,
+};
 use crate::ratelimit::TokenBucket;
 
 pub use crate::protocol::ClientId;
@@ -36,8 +38,6 @@ pub use crate::protocol::ClientId;
 const MAX_BATCH_EVENTS: usize = 512;
 /// A typing state that is not refreshed within this time ends by itself.
 pub const TYPING_TIMEOUT: Duration = Duration::from_secs(5);
-/// Mailbox capacity a client keeps between batches; a bigger one (after a burst) is released.
-const KEEP_MAILBOX_FRAMES: usize = 16;
 /// A message frame's bytes beyond its text, sender and room (type, id, time, quotes).
 const MESSAGE_FRAME_BYTES: usize = 80;
 /// A crowd (a room above the presence limit) hears its member count at most this often: telling
@@ -57,7 +57,13 @@ pub type PublishReply = Sender<Result<u64, ChatError>>;
 
 /// Everything the dispatcher is asked to do.
 pub enum Event {
-    Connect(Box<Connect>),
+    /// A client after its handshake (a socket.io client: after its CONNECT); from now on its
+    /// frames go out through `outlet`.
+    Connect {
+        id: ClientId,
+        arrival: Arrival,
+        outlet: Arc<Outlet>,
+    },
     /// Commands from one read of a client's socket, in order.
     Commands {
         id: ClientId,
@@ -92,16 +98,6 @@ pub enum Event {
     Shutdown,
 }
 
-/// A new client, after its handshake.
-pub struct Connect {
-    pub id: ClientId,
-    pub peer: String,
-    pub name: Option<String>,
-    pub room: String,
-    pub since: Option<u64>,
-    pub outlet: Arc<Outlet>,
-}
-
 #[derive(serde::Serialize, Debug, Clone, PartialEq)]
 pub struct RoomSummary {
     pub name: String,
@@ -133,9 +129,6 @@ pub struct HubLimits {
 struct Client {
     name: String,
     room: String,
-    outlet: Arc<Outlet>,
-    /// This batch's frames for the client, in order, until the batch is committed.
-    mailbox: Vec<Frame>,
     /// When the client's typing state expires, if it is typing.
     typing_until: Option<Instant>,
 }
@@ -149,12 +142,8 @@ pub struct Hub {
     history: History,
     limits: HubLimits,
     metrics: Arc<Metrics>,
-    /// Clients with frames in their mailbox from this batch, delivered after the commit.
-    touched: Vec<ClientId>,
-    /// Helper threads that write part of each batch (see [`crate::courier`]).
-    couriers: Couriers,
-    /// The frames this thread writes itself (lane 0), kept for its allocation.
-    own: Parcel,
+    /// Every client's way out: frames posted there leave after the commit.
+    delivery: Delivery,
     /// This batch's chat messages, shown only once the commit saved them.
     unsaved: Vec<Unsaved>,
     /// API publishers waiting for their answer, answered after the batch is delivered.
@@ -172,7 +161,7 @@ impl Hub {
     pub fn new(
         history: History,
         limits: HubLimits,
-        couriers: Couriers,
+        delivery: Delivery,
         metrics: Arc<Metrics>,
     ) -> Hub {
         Hub {
@@ -182,9 +171,7 @@ impl Hub {
             history,
             limits,
             metrics,
-            touched: Vec::new(),
-            couriers,
-            own: Parcel::default(),
+            delivery,
             unsaved: Vec::new(),
             acks: Vec::new(),
             typing_deadlines: BinaryHeap::new(),
@@ -210,12 +197,17 @@ impl Hub {
             for event in events.try_iter().take(MAX_BATCH_EVENTS) {
                 self.handle(event);
             }
-            let now = Instant::now();
-            self.expire_typing(now);
-            self.announce_presence(now);
-            self.commit();
+            self.end_batch(Instant::now());
         }
         self.close_everyone();
+    }
+
+    /// What follows a batch of events: typing states and crowd counts due by `now`, then the
+    /// commit, which shows the batch to its audience.
+    fn end_batch(&mut self, now: Instant) {
+        self.expire_typing(now);
+        self.announce_presence(now);
+        self.commit();
     }
 
     fn next_deadline(&self) -> Option<Instant> {
@@ -228,7 +220,11 @@ impl Hub {
 
     fn handle(&mut self, event: Event) {
         match event {
-            Event::Connect(connect) => self.connect(*connect),
+            Event::Connect {
+                id,
+                arrival,
+                outlet,
+            } => self.connect(id, arrival, outlet),
             Event::Commands { id, commands } => {
                 let held: usize = commands.iter().map(Command::held_bytes).sum();
                 self.metrics.inbound_bytes.fetch_sub(held as u64, Relaxed);
@@ -293,42 +289,37 @@ impl Hub {
 
     // ----- connections -----
 
-    fn connect(&mut self, c: Connect) {
-        let mut errors = Vec::new();
-        let name = match c
-            .name
-            .map(|n| protocol::check_name(&n).and_then(|n| self.free_name(n, c.id)))
-        {
-            Some(Ok(name)) => name,
-            Some(Err(e)) => {
-                errors.push(e);
-                self.guest_name(c.id)
-            }
-            None => self.guest_name(c.id),
+    fn connect(&mut self, id: ClientId, arrival: Arrival, outlet: Arc<Outlet>) {
+        let (name, name_error) = self.name_for(id, arrival.name);
+        let (room, room_error) = match self.room_allowed(&arrival.room) {
+            Ok(()) => (arrival.room, None),
+            Err(e) => (protocol::DEFAULT_ROOM.to_owned(), Some(e)),
         };
-        let mut room = c.room;
-        if let Err(e) = self.room_allowed(&room) {
-            errors.push(e);
-            room = protocol::DEFAULT_ROOM.to_owned();
-        }
         info!(
-            "a user connected: id {} name {name:?} room {room:?} from {}",
-            c.id, c.peer
+            "a user connected: id {id} name {name:?} room {room:?} from {}",
+            arrival.ip
         );
-        self.names.insert(names::key(&name), c.id);
-        self.clients.insert(
-            c.id,
-            Client {
-                name,
-                room: room.clone(),
-                outlet: c.outlet,
-                mailbox: Vec::new(),
-                typing_until: None,
-            },
-        );
-        self.enter_room(c.id, &room, c.since, true);
-        for e in errors {
-            self.send_to(c.id, e.to_frame());
+        self.names.insert(names::key(&name), id);
+        self.delivery.add(id, outlet);
+        let client = Client {
+            name,
+            room: room.clone(),
+            typing_until: None,
+        };
+        self.clients.insert(id, client);
+        self.enter_room(id, &room, arrival.since, true);
+        for e in [name_error, room_error].into_iter().flatten() {
+            self.send_to(id, e.to_frame());
+        }
+    }
+
+    /// The name a new client asked for, if it may have it; else `guest-<id>`, and why not.
+    fn name_for(&self, id: ClientId, asked: Option<String>) -> (String, Option<ChatError>) {
+        let checked = asked.map(|n| protocol::check_name(&n).and_then(|n| self.free_name(n, id)));
+        match checked {
+            Some(Ok(name)) => (name, None),
+            Some(Err(e)) => (self.guest_name(id), Some(e)),
+            None => (self.guest_name(id), None),
         }
     }
 
@@ -344,6 +335,7 @@ impl Hub {
     /// Forgets a client: frees its name, ends its typing, tells its room it left.
     fn remove_client(&mut self, id: ClientId) -> Option<Client> {
         self.set_typing(id, false);
+        self.delivery.remove(id);
         let client = self.clients.remove(&id)?;
         self.names.remove(&names::key(&client.name));
         self.leave_room(id, &client.room, &client.name);
@@ -721,14 +713,14 @@ impl Hub {
 
     /// Queues a frame for one client, to be delivered after the commit.
     fn send_to(&mut self, id: ClientId, frame: Frame) {
-        post_to(&mut self.clients, &mut self.touched, id, frame);
+        self.delivery.post(id, frame);
     }
 
-    /// Queues a frame for every member of `room` but `except`.
+    /// Queues a frame for every member of `room` but `except`: the same bytes for each.
     fn broadcast(&mut self, room: &str, except: Option<ClientId>, frame: Frame) {
         let members = self.rooms.get(room).map(Vec::as_slice).unwrap_or(&[]);
         for &member in members.iter().filter(|&&m| Some(m) != except) {
-            post_to(&mut self.clients, &mut self.touched, member, frame.clone());
+            self.delivery.post(member, frame.clone());
         }
     }
 
@@ -742,11 +734,7 @@ impl Hub {
             Err(e) => self.refuse(unsaved, &e),
         }
         self.update_history_gauges();
-        // Dropping a slow client queues `left` frames for its room; deliver those too. Each pass
-        // after the first removes at least one client, so this ends.
-        while !self.touched.is_empty() {
-            self.deliver();
-        }
+        self.deliver();
         for (reply, answer) in self.acks.drain(..) {
             let _ = reply.try_send(answer);
         }
@@ -788,57 +776,35 @@ impl Hub {
             .store(self.history.write_failures(), Relaxed);
     }
 
-    /// Hands each touched client's mailbox to its outlet, all of its frames together so they
-    /// leave in one write: by this thread (lane 0) or a courier.
+    /// Sends the batch's frames, and drops each client too slow for them. Dropping one tells
+    /// its room it left; those frames go out too. Every pass that finds a slow client removes
+    /// it, so this ends.
     fn deliver(&mut self) {
-        let lanes = self.couriers.lanes() as u64;
-        let mut touched = std::mem::take(&mut self.touched);
-        for id in touched.drain(..) {
-            let Some(client) = self.clients.get_mut(&id) else {
-                continue; // gone since: its frames went with it
-            };
-            let parcel = match (id % lanes) as usize {
-                0 => &mut self.own,
-                lane => self.couriers.parcel(lane),
-            };
-            parcel.add(id, &client.outlet, client.mailbox.drain(..));
-            if client.mailbox.capacity() > KEEP_MAILBOX_FRAMES {
-                client.mailbox = Vec::new(); // an idle client keeps little
+        loop {
+            let slow = self.delivery.send();
+            if slow.is_empty() {
+                return;
             }
-        }
-        self.touched = touched; // keep the allocation for the next batch
-        self.couriers.send_all();
-        let mut slow = Vec::new();
-        let handed = self.own.deliver(|id| slow.push(id));
-        Metrics::add(&self.metrics.messages_sent, handed);
-        slow.extend(self.couriers.slow_clients());
-        for id in slow {
-            self.drop_slow(id);
+            slow.into_iter().for_each(|id| self.drop_slow(id));
         }
     }
 
     fn drop_slow(&mut self, id: ClientId) {
+        self.delivery.close(id, 1008, "too slow");
         if let Some(client) = self.remove_client(id) {
             info!(
                 "a user disconnected: id {id} name {:?} (too slow: its backlog is full)",
                 client.name
             );
             Metrics::add(&self.metrics.slow_clients_dropped, 1);
-            client.outlet.close(1008, "too slow");
         }
     }
 
     fn close_everyone(&mut self) {
         self.commit();
         self.history.finish();
-        self.couriers.stop(); // what they carry goes out before the close frames
-        for client in self.clients.values() {
-            client.outlet.close(1001, "server shutting down");
-        }
-        info!(
-            "dispatcher stopped ({} clients told to go away)",
-            self.clients.len()
-        );
+        let told = self.delivery.close_all(1001, "server shutting down");
+        info!("dispatcher stopped ({told} clients told to go away)");
     }
 }
 
@@ -865,18 +831,387 @@ enum Origin {
     Api(PublishReply),
 }
 
-/// Puts a frame in a client's mailbox (if it is still connected), noting the client as touched
-/// the first time in a batch.
-fn post_to(
-    clients: &mut HashMap<ClientId, Client>,
-    touched: &mut Vec<ClientId>,
-    id: ClientId,
-    frame: Frame,
-) {
-    if let Some(client) = clients.get_mut(&id) {
-        if client.mailbox.is_empty() {
-            touched.push(id);
+/// The hub in memory: no sockets and no courier threads. Each client's outlet writes to a
+/// recorder (`outlet::testing`) instead of a socket; the tests feed events and read what each
+/// client got.
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value, json};
+
+    use super::*;
+    use crate::config::Fsync;
+    use crate::history::Settings;
+    use crate::outlet::Bounds;
+    use crate::outlet::testing::{Recorder, recording};
+
+    /// Bounds no test reaches: a client is slow only when its recorder says so.
+    const BOUNDS: Bounds = Bounds {
+        frames: 1 << 20,
+        bytes: 1 << 30,
+        total_bytes: 1 << 30,
+    };
+    const PRESENCE_LIMIT: usize = 3;
+
+    /// A hub with in-memory history and inline delivery, and its clients' recorders.
+    struct Chat {
+        hub: Hub,
+        metrics: Arc<Metrics>,
+        recorders: HashMap<ClientId, Arc<Recorder>>,
+    }
+
+    impl Chat {
+        fn new() -> Chat {
+            let history = History::open(&Settings {
+                per_room: 100,
+                total_bytes: 1 << 20,
+                data_dir: None,
+                fsync: Fsync::Never,
+                compact_bytes: 1 << 20,
+                max_line_bytes: 1 << 16,
+            })
+            .unwrap();
+            let limits = HubLimits {
+                history: 100,
+                max_rooms: 10,
+                presence_limit: PRESENCE_LIMIT,
+                room_quiet: Duration::from_secs(600),
+                room_rate_bytes: 1e9,
+                room_burst_bytes: 1e9,
+            };
+            let metrics = Arc::new(Metrics::default());
+            let delivery = Delivery::with_couriers(0, metrics.clone()).unwrap();
+            let hub = Hub::new(history, limits, delivery, metrics.clone());
+            let recorders = HashMap::new();
+            Chat {
+                hub,
+                metrics,
+                recorders,
+            }
         }
-        client.mailbox.push(frame);
+
+        /// Connects client `id` (`?name=...&since=...` in `room`) and ends the batch.
+        fn connect(&mut self, id: ClientId, name: Option<&str>, room: &str, since: Option<u64>) {
+            let (outlet, recorder) = recording(&self.metrics, BOUNDS);
+            self.recorders.insert(id, recorder);
+            let arrival = Arrival {
+                ip: [192, 0, 2, 1].into(),
+                room: room.to_owned(),
+                name: name.map(str::to_owned),
+                since,
+            };
+            self.batch([Event::Connect {
+                id,
+                arrival,
+                outlet,
+            }]);
+        }
+
+        /// Handles `events` as one batch, and ends it.
+        fn batch(&mut self, events: impl IntoIterator<Item = Event>) {
+            events.into_iter().for_each(|e| self.hub.handle(e));
+            self.hub.end_batch(Instant::now());
+        }
+
+        fn send(&mut self, id: ClientId, command: Command) {
+            self.batch([commands(id, [command])]);
+        }
+
+        /// The frames client `id` got since the last look, parsed.
+        fn got(&self, id: ClientId) -> Vec<Value> {
+            let frames = self.recorders[&id].take();
+            frames
+                .iter()
+                .map(|f| serde_json::from_str(f.as_str()).unwrap())
+                .collect()
+        }
+
+        /// The `type` of each frame client `id` got since the last look.
+        fn types(&self, id: ClientId) -> Vec<String> {
+            let got = self.got(id);
+            got.iter()
+                .map(|f| f["type"].as_str().unwrap().to_owned())
+                .collect()
+        }
+
+        /// Drops what these clients got so far.
+        fn forget(&self, ids: &[ClientId]) {
+            ids.iter().for_each(|id| drop(self.got(*id)));
+        }
+    }
+
+    fn commands(id: ClientId, commands: impl IntoIterator<Item = Command>) -> Event {
+        let commands = commands.into_iter().collect();
+        Event::Commands { id, commands }
+    }
+
+    fn say(text: &str) -> Command {
+        Command::Message {
+            text: text.into(),
+            to: None,
+        }
+    }
+
+    fn whisper(to: &str, text: &str) -> Command {
+        Command::Message {
+            text: text.into(),
+            to: Some(to.into()),
+        }
+    }
+
+    fn texts(frames: &[Value]) -> Vec<&str> {
+        frames.iter().filter_map(|f| f["text"].as_str()).collect()
+    }
+
+    #[test]
+    fn a_client_is_welcomed_with_its_name_room_and_members() {
+        let mut chat = Chat::new();
+        chat.connect(1, Some("ada"), "lobby", None);
+        chat.connect(2, Some("bob"), "lobby", None);
+        let welcome = &chat.got(2)[0];
+        assert_eq!(welcome["type"], "welcome");
+        assert_eq!(welcome["client_id"], 2);
+        assert_eq!(welcome["name"], "bob");
+        assert_eq!(welcome["room"], "lobby");
+        assert_eq!(welcome["users"], json!(["ada", "bob"]));
+        assert_eq!(welcome["last_id"], 0);
+    }
+
+    #[test]
+    fn the_room_hears_who_joins_and_who_leaves() {
+        let mut chat = Chat::new();
+        chat.connect(1, Some("ada"), "lobby", None);
+        chat.connect(2, Some("bob"), "lobby", None);
+        chat.connect(3, Some("cy"), "elsewhere", None);
+        chat.forget(&[1]);
+        chat.connect(4, Some("dee"), "lobby", None);
+        assert_eq!(
+            chat.got(1),
+            [json!({"type":"joined","room":"lobby","name":"dee","count":3})]
+        );
+        let reason = "gone".to_owned();
+        chat.batch([Event::Disconnect { id: 2, reason }]);
+        assert_eq!(
+            chat.got(1),
+            [json!({"type":"left","room":"lobby","name":"bob","count":2})]
+        );
+        assert_eq!(chat.types(3), ["welcome"], "another room hears nothing");
+    }
+
+    #[test]
+    fn a_message_reaches_the_whole_room_sender_included_in_id_order() {
+        let mut chat = Chat::new();
+        chat.connect(1, Some("ada"), "lobby", None);
+        chat.connect(2, Some("bob"), "lobby", None);
+        chat.connect(3, Some("cy"), "elsewhere", None);
+        chat.forget(&[1, 2, 3]);
+        chat.batch([
+            commands(1, [say("one"), say("two")]),
+            commands(2, [say("three")]),
+        ]);
+        for id in [1, 2] {
+            let got = chat.got(id);
+            assert_eq!(texts(&got), ["one", "two", "three"], "client {id}");
+            let ids: Vec<u64> = got.iter().map(|f| f["id"].as_u64().unwrap()).collect();
+            assert_eq!(ids, [1, 2, 3]);
+            assert_eq!(got[2]["from"], "bob");
+        }
+        assert!(chat.got(3).is_empty());
+    }
+
+    #[test]
+    fn nothing_is_shown_before_the_batch_is_committed() {
+        let mut chat = Chat::new();
+        chat.connect(1, Some("ada"), "lobby", None);
+        chat.forget(&[1]);
+        chat.hub.handle(commands(1, [say("soon")]));
+        assert!(chat.got(1).is_empty(), "held until the commit");
+        chat.hub.end_batch(Instant::now());
+        assert_eq!(texts(&chat.got(1)), ["soon"]);
+    }
+
+    #[test]
+    fn a_private_message_reaches_its_sender_and_target_only() {
+        let mut chat = Chat::new();
+        chat.connect(1, Some("ada"), "lobby", None);
+        chat.connect(2, Some("bob"), "dev", None);
+        chat.connect(3, Some("cy"), "lobby", None);
+        chat.forget(&[1, 2, 3]);
+        chat.send(1, whisper("bob", "psst"));
+        for id in [1, 2] {
+            let got = chat.got(id);
+            assert_eq!(texts(&got), ["psst"]);
+            assert_eq!(
+                (got[0]["private"].clone(), got[0]["to"].clone()),
+                (json!(true), json!("bob"))
+            );
+        }
+        assert!(chat.got(3).is_empty());
+        chat.send(1, whisper("nobody", "hello?"));
+        assert_eq!(chat.got(1)[0]["code"], "no_such_user");
+    }
+
+    #[test]
+    fn a_taken_name_is_refused_at_a_rename_and_at_connect() {
+        let mut chat = Chat::new();
+        chat.connect(1, Some("ada"), "lobby", None);
+        chat.connect(2, Some("bob"), "lobby", None);
+        chat.forget(&[1, 2]);
+        chat.send(2, Command::Nick { name: "ADA".into() });
+        assert_eq!(chat.got(2)[0]["code"], "name_taken");
+        assert!(chat.got(1).is_empty(), "a refused rename is not told");
+        chat.connect(3, Some("ada"), "lobby", None);
+        let got = chat.got(3);
+        assert_eq!(
+            (got[0]["type"].clone(), got[0]["name"].clone()),
+            (json!("welcome"), json!("guest-3"))
+        );
+        assert_eq!(got[1]["code"], "name_taken");
+    }
+
+    #[test]
+    fn a_rename_is_told_to_the_room_and_frees_the_old_name() {
+        let mut chat = Chat::new();
+        chat.connect(1, Some("ada"), "lobby", None);
+        chat.connect(2, Some("bob"), "lobby", None);
+        chat.forget(&[1, 2]);
+        chat.send(2, Command::Nick { name: "rob".into() });
+        let renamed = json!({"type":"renamed","room":"lobby","from":"bob","name":"rob","count":2});
+        for id in [1, 2] {
+            assert_eq!(chat.got(id), std::slice::from_ref(&renamed));
+        }
+        chat.send(1, Command::Nick { name: "bob".into() });
+        assert_eq!(chat.got(1)[0]["type"], "renamed", "the old name is free");
+    }
+
+    #[test]
+    fn a_slow_client_is_dropped_and_its_room_told() {
+        let mut chat = Chat::new();
+        chat.connect(1, Some("ada"), "lobby", None);
+        chat.connect(2, Some("bob"), "lobby", None);
+        chat.forget(&[1, 2]);
+        *chat.recorders[&2].slow.lock().unwrap() = true;
+        chat.send(1, say("flood"));
+        let got = chat.got(1);
+        assert_eq!(texts(&got), ["flood"]);
+        assert_eq!(
+            got[1],
+            json!({"type":"left","room":"lobby","name":"bob","count":1})
+        );
+        assert_eq!(*chat.recorders[&2].closed.lock().unwrap(), Some("too slow"));
+        assert_eq!(chat.metrics.slow_clients_dropped.load(Relaxed), 1);
+        chat.send(1, say("after"));
+        assert_eq!(
+            chat.types(2),
+            ["message"],
+            "nothing reaches a dropped client"
+        );
+    }
+
+    #[test]
+    fn a_resume_with_since_gets_exactly_what_was_missed() {
+        let mut chat = Chat::new();
+        chat.connect(1, Some("ada"), "lobby", None);
+        chat.batch([commands(1, [say("a"), say("b"), say("c")])]);
+        chat.connect(2, Some("bob"), "lobby", Some(1));
+        let welcome = &chat.got(2)[0];
+        let history = welcome["history"].as_array().unwrap();
+        assert_eq!(texts(history), ["b", "c"]);
+        assert_eq!(
+            (welcome["last_id"].clone(), welcome["truncated"].clone()),
+            (json!(3), json!(false))
+        );
+        chat.connect(3, Some("cy"), "lobby", Some(3));
+        let welcome = &chat.got(3)[0];
+        assert_eq!(
+            (welcome["history"].clone(), welcome["last_id"].clone()),
+            (json!([]), json!(3))
+        );
+    }
+
+    #[test]
+    fn a_join_moves_the_client_and_tells_both_rooms() {
+        let mut chat = Chat::new();
+        chat.connect(1, Some("ada"), "lobby", None);
+        chat.connect(2, Some("bob"), "dev", None);
+        chat.connect(3, Some("cy"), "lobby", None);
+        chat.forget(&[1, 2, 3]);
+        chat.send(
+            3,
+            Command::Join {
+                room: "dev".into(),
+                since: None,
+            },
+        );
+        assert_eq!(
+            chat.got(1),
+            [json!({"type":"left","room":"lobby","name":"cy","count":1})]
+        );
+        assert_eq!(
+            chat.got(2),
+            [json!({"type":"joined","room":"dev","name":"cy","count":2})]
+        );
+        let room = &chat.got(3)[0];
+        assert_eq!(
+            (room["type"].clone(), room["users"].clone()),
+            (json!("room"), json!(["bob", "cy"]))
+        );
+        chat.send(3, say("hi dev"));
+        assert_eq!(
+            (chat.types(1), chat.types(2)),
+            (vec![], vec!["message".to_owned()])
+        );
+    }
+
+    #[test]
+    fn typing_is_told_to_the_others_and_ends_by_itself() {
+        let mut chat = Chat::new();
+        chat.connect(1, Some("ada"), "lobby", None);
+        chat.connect(2, Some("bob"), "lobby", None);
+        chat.forget(&[1, 2]);
+        chat.send(1, Command::Typing { active: true });
+        assert_eq!(
+            chat.got(2),
+            [json!({"type":"typing","room":"lobby","name":"ada","active":true})]
+        );
+        assert!(chat.got(1).is_empty(), "the typist is not told");
+        chat.hub.end_batch(Instant::now() + TYPING_TIMEOUT);
+        assert_eq!(chat.got(2)[0]["active"], false);
+    }
+
+    #[test]
+    fn a_crowd_hears_counts_once_a_tick_instead_of_names() {
+        let mut chat = Chat::new();
+        for id in 1..=PRESENCE_LIMIT as u64 + 1 {
+            chat.connect(id, None, "lobby", None);
+        }
+        chat.forget(&[1]);
+        chat.connect(9, None, "lobby", None);
+        assert!(chat.got(1).is_empty(), "no `joined` in a crowd");
+        chat.hub.end_batch(Instant::now() + PRESENCE_TICK);
+        assert_eq!(
+            chat.got(1),
+            [json!({"type":"presence","room":"lobby","count":5})]
+        );
+    }
+
+    #[test]
+    fn an_api_post_is_shown_then_answered_with_its_id() {
+        let mut chat = Chat::new();
+        chat.connect(1, Some("ada"), "ops", None);
+        chat.forget(&[1]);
+        let (reply, answer) = crossbeam_channel::bounded(1);
+        let publish = Event::Publish {
+            room: "ops".into(),
+            from: "deploy".into(),
+            text: "done".into(),
+            reply,
+        };
+        chat.batch([publish]);
+        assert_eq!(answer.try_recv(), Ok(Ok(1)));
+        let got = chat.got(1);
+        assert_eq!(
+            (texts(&got), got[0]["from"].clone()),
+            (vec!["done"], json!("deploy"))
+        );
     }
 }

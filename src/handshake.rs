@@ -12,7 +12,7 @@ use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream, UdpSocket};
 use std::time::Duration;
 
 use crate::metrics::{Metrics, Rejection};
-use crate::protocol::{self, DEFAULT_ROOM};
+use crate::protocol::{self, Arrival, DEFAULT_ROOM};
 use crate::request::Request;
 
 /// What the server checks a handshake against.
@@ -43,18 +43,15 @@ pub enum Endpoint {
     Echo,
 }
 
-/// An accepted handshake: what the session needs to know.
+/// An accepted handshake: the `101` answer's parts, and the client's [`Arrival`] for the
+/// session to carry to the dispatcher.
 #[derive(Debug, PartialEq)]
 pub struct Upgrade {
     pub endpoint: Endpoint,
-    pub room: String,
-    pub name: Option<String>,
-    pub since: Option<u64>,
+    pub arrival: Arrival,
     /// `chat` if the client offered it.
     pub protocol: Option<&'static str>,
     pub accept_key: String,
-    /// The client's address: the peer, or `X-Forwarded-For` from a trusted proxy.
-    pub client_ip: IpAddr,
 }
 
 /// A refused handshake and the HTTP answer it gets.
@@ -163,23 +160,25 @@ pub fn check(request: &Request, policy: &Policy) -> Result<Upgrade, Refusal> {
                 .map_err(|_| Refusal::BadRequest("since must be a message id"))?,
         ),
     };
-    let upgrade = Upgrade {
-        endpoint,
+    let arrival = Arrival {
+        ip: request.client_ip(policy.trusted_proxy),
         room: request
             .query_value("room")
             .or(room)
             .unwrap_or_else(|| DEFAULT_ROOM.to_owned()),
         name: request.query_value("name"),
         since,
+    };
+    protocol::check_room(&arrival.room)
+        .map_err(|_| Refusal::BadRequest("room names are 1-64 of A-Z a-z 0-9 - _ ."))?;
+    Ok(Upgrade {
+        endpoint,
+        arrival,
         protocol: request
             .has_token("sec-websocket-protocol", "chat")
             .then_some("chat"),
         accept_key,
-        client_ip: request.client_ip(policy.trusted_proxy),
-    };
-    protocol::check_room(&upgrade.room)
-        .map_err(|_| Refusal::BadRequest("room names are 1-64 of A-Z a-z 0-9 - _ ."))?;
-    Ok(upgrade)
+    })
 }
 
 /// The checks of every WebSocket upgrade, whatever its path: `GET`, HTTP/1.1, version 13, a
@@ -343,14 +342,20 @@ mod tests {
             "Sec-WebSocket-Protocol: superchat, chat\r\n",
         );
         let up = check(&r, &policy()).unwrap();
+        let arrival = &up.arrival;
         assert_eq!(
-            (up.room.as_str(), up.name.as_deref(), up.since, up.protocol),
-            ("dev", Some("Al ice"), Some(41), Some("chat"))
+            (
+                arrival.room.as_str(),
+                arrival.name.as_deref(),
+                arrival.since
+            ),
+            ("dev", Some("Al ice"), Some(41))
         );
+        assert_eq!(up.protocol, Some("chat"));
         assert_eq!(up.accept_key, "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
         let r = request("/chat?room=ops", "Sec-WebSocket-Protocol: superchat\r\n");
         let up = check(&r, &policy()).unwrap();
-        assert_eq!((up.room.as_str(), up.protocol), ("ops", None));
+        assert_eq!((up.arrival.room.as_str(), up.protocol), ("ops", None));
     }
 
     #[test]
@@ -437,7 +442,7 @@ mod tests {
         let xff = "X-Forwarded-For: 10.0.0.9, 192.0.2.7\r\n";
         let up = check(&request("/chat", xff), &policy()).unwrap();
         assert_eq!(
-            up.client_ip,
+            up.arrival.ip,
             PEER.parse::<std::net::SocketAddr>().unwrap().ip()
         );
         let p = Policy {
@@ -445,6 +450,6 @@ mod tests {
             ..policy()
         };
         let up = check(&request("/chat", xff), &p).unwrap();
-        assert_eq!(up.client_ip, "192.0.2.7".parse::<IpAddr>().unwrap());
+        assert_eq!(up.arrival.ip, "192.0.2.7".parse::<IpAddr>().unwrap());
     }
 }

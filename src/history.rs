@@ -245,21 +245,29 @@ impl History {
         }
     }
 
-    /// Drops a room's history whole; its slot is free again.
-    fn forget(&mut self, room: &str) {
-        let Some(log) = self.rooms.remove(room) else {
-            return;
-        };
+    /// Drops a room's history whole; its slot is free again. Returns the room's newest id.
+    fn forget(&mut self, room: &str) -> Option<u64> {
+        let log = self.rooms.remove(room)?;
         for m in &log.messages {
             self.ages.remove(&m.id);
             self.bytes -= m.cost();
         }
         let last = log.messages.back().map_or(log.evicted_up_to, |m| m.id);
         self.forgotten_up_to = self.forgotten_up_to.max(last);
+        Some(last)
+    }
+
+    /// A `forget` line of the file: the room's lines before it are not history.
+    fn forget_loaded(&mut self, room: &str, up_to: u64) {
+        let newest = self.rooms.get(room).and_then(|log| log.messages.back());
+        if newest.is_some_and(|m| m.id <= up_to) {
+            self.forget(room);
+        }
     }
 
     /// Frees the slot of the room quiet the longest among those `may_forget` allows, if its
-    /// newest message is older than `quiet_before` (ms since the epoch). Returns the room.
+    /// newest message is older than `quiet_before` (ms since the epoch). Returns the room. The
+    /// file records it with the next commit, so the room stays forgotten after a restart.
     pub fn forget_quietest(
         &mut self,
         quiet_before: u64,
@@ -271,7 +279,10 @@ impl History {
             .filter(|(name, log)| log.last_ts < quiet_before && may_forget(name))
             .min_by_key(|(_, log)| log.last_ts)?;
         let room = room.to_string();
-        self.forget(&room);
+        let up_to = self.forget(&room)?;
+        if let Some(store) = &mut self.store {
+            store.stage_forgotten(&room, up_to);
+        }
         Some(room)
     }
 
@@ -337,11 +348,6 @@ impl History {
     /// Messages held in memory, over all rooms (a metric).
     pub fn len(&self) -> usize {
         self.ages.len()
-    }
-
-    /// Whether no room has any history.
-    pub fn is_empty(&self) -> bool {
-        self.rooms.is_empty()
     }
 
     /// Bytes the kept messages cost, overhead included (a metric; at most `--history-bytes`).

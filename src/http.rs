@@ -32,9 +32,6 @@ static WWW: Dir<'static> = include_dir!("$CARGO_MANIFEST_DIR/www");
 const DISPATCHER_TIMEOUT: Duration = Duration::from_secs(2);
 /// Most messages `GET /api/rooms/<room>/messages` returns.
 const MAX_HISTORY_PAGE: usize = 1000;
-/// Bytes of an oversized body read and thrown away before answering 413, so the client reads a
-/// clean response instead of a connection reset.
-const DRAIN_LIMIT_BYTES: usize = 1 << 20;
 /// Largest file served from `--www DIR`.
 const MAX_FILE_BYTES: u64 = 16 << 20;
 
@@ -88,6 +85,8 @@ pub fn serve(
     log::debug!("{} {} -> {status}", request.method, request.target);
     // A body left unread would be taken for the next request: close instead.
     let keep_open = request.keep_alive() && exchange.body_done;
+    // tiny_http names itself in a `Server` header unless the response has one.
+    let reply = reply.with_header(header("Server", "wschat"));
     let reply = if keep_open {
         reply
     } else {
@@ -397,7 +396,7 @@ fn over_post_rate(shared: &HttpShared, request: &Request) -> Option<Reply> {
 
 /// The body, or `None` when it is over `max` bytes (or does not arrive in time). A client that
 /// asked `Expect: 100-continue` is answered without being asked for the body; from others, up to
-/// [`DRAIN_LIMIT_BYTES`] are read and dropped first, so the answer is not lost in a connection
+/// [`request::DRAIN_LIMIT_BYTES`] are read and dropped first, so the answer is not lost in a connection
 /// reset.
 fn read_body(exchange: &mut Exchange<'_>, max: usize) -> Option<Vec<u8>> {
     let length = exchange.request.content_length().ok()?;
@@ -407,7 +406,7 @@ fn read_body(exchange: &mut Exchange<'_>, max: usize) -> Option<Vec<u8>> {
         .header("Expect")
         .is_some_and(|v| v.eq_ignore_ascii_case("100-continue"));
     if length > max {
-        if !expects_continue && length <= DRAIN_LIMIT_BYTES {
+        if !expects_continue && length <= request::DRAIN_LIMIT_BYTES {
             exchange.body_done = request::skip_body(stream, exchange.buffered, length, deadline);
         }
         return None;

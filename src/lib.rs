@@ -35,12 +35,13 @@
 //! 3. A chat message becomes an [`dispatcher::Event`] for the [`dispatcher`], the one thread that
 //!    owns rooms, names and [`history`]. It gives the message an id, appends it to history (and the
 //!    file), and serialises it once.
-//! 4. Once the batch is saved, the dispatcher hands each member of the room the same bytes
-//!    through the client's [`outlet`], which writes them straight to the socket without blocking,
-//!    all of a batch's frames for that client in one `sendmsg`; [`courier`] threads do part of
-//!    the clients on the other cores. Only what a socket does not take waits in its outlet, and
-//!    the doorbell tells the session to write it when the socket has room. If the batch cannot
-//!    be saved (a full disk), its messages are shown to no one and each sender gets an error.
+//! 4. Once the batch is saved, the dispatcher posts the same bytes to each member of the room, and
+//!    [`delivery`] sends the whole batch in one call: each client's frames go to its [`outlet`],
+//!    which writes them straight to the socket without blocking, all of them in one `sendmsg`;
+//!    courier threads do part of the clients on the other cores. Only what a socket does not take
+//!    waits in its outlet, and the doorbell tells the session to write it when the socket has
+//!    room. If the batch cannot be saved (a full disk), its messages are shown to no one and each
+//!    sender gets an error.
 //!
 //! socket.io clients take the same road from step 3 on: [`sio_door`] serves `/socket.io/`
 //! (long polls on the connection's own thread, or a session in socket.io's dialect), each client
@@ -51,31 +52,48 @@
 //! Nothing in the dispatcher blocks on a client: a backlog past its bound means the client is too
 //! slow and is dropped. Every thread, queue, buffer and wait has a bound, named as a constant where
 //! it lives. [`metrics`] counts; [`config`] holds every tunable.
+//!
+//! ## What is public
+//!
+//! A program runs the server with [`Server::start`], which takes a [`Config`] and returns a
+//! [`Handle`] (its address, its [`Metrics`], and `shutdown`); `src/main.rs` is that and the
+//! command line. The modules a test or a fuzz target calls on their own are public: the pure
+//! parsers and checkers ([`protocol`], [`names`], [`request`], [`handshake`], [`http`]'s path
+//! check, socket.io's [`engineio`], [`eio_session`] and [`socketio`]) and [`config`]. Everything
+//! else is the running server's machinery, private to the crate; the links above lead to it in
+//! `cargo doc --document-private-items`.
 
-pub mod admission;
+// The tour above is a map of the private modules too.
+#![allow(rustdoc::private_intra_doc_links)]
+
+// The parts a reader, a test or a fuzz target uses on their own: parsers and checkers that are
+// pure functions of their input, and the configuration.
 pub mod config;
-pub mod courier;
-pub mod dispatcher;
-pub mod doorbell;
 pub mod eio_session;
 pub mod engineio;
 pub mod handshake;
-pub mod history;
 pub mod http;
-pub mod listener;
-pub mod metrics;
 pub mod names;
-pub mod outlet;
-pub mod pool;
 pub mod protocol;
-pub mod ratelimit;
-pub mod reactor;
 pub mod request;
-pub mod session;
-pub mod sio_door;
-pub mod sio_link;
 pub mod socketio;
-pub mod stack;
+
+// The running server's machinery: reached through `Server` and `Handle` only.
+mod admission;
+mod delivery;
+mod dispatcher;
+mod doorbell;
+mod history;
+mod listener;
+mod metrics;
+mod outlet;
+mod pool;
+mod ratelimit;
+mod reactor;
+mod session;
+mod sio_door;
+mod sio_link;
+mod stack;
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
@@ -90,7 +108,9 @@ use admission::Admission;
 pub use config::Config;
 use dispatcher::{Event, Hub, HubLimits};
 use listener::Front;
-use metrics::Metrics;
+pub use metrics::Metrics;
+/// How a test counts the connection threads parked for the next connection, and their bound.
+pub use pool::{MAX_PARKED_THREADS, PARKED_THREAD_NAME};
 
 /// Events waiting for the dispatcher. When full, sessions wait (and so their clients, through
 /// TCP): the dispatcher itself never waits.
@@ -184,8 +204,8 @@ impl Server {
                 config.max_message_bytes,
             ),
         };
-        let couriers = courier::Couriers::start(&metrics).map_err(StartError::Thread)?;
-        let hub = Hub::new(history, limits, couriers, metrics.clone());
+        let delivery = delivery::Delivery::start(metrics.clone()).map_err(StartError::Thread)?;
+        let hub = Hub::new(history, limits, delivery, metrics.clone());
         let dispatcher_thread = spawn("dispatcher", move || hub.run(inbox))?;
 
         let reactor = reactor::Reactor::new().map_err(StartError::Thread)?;
@@ -344,14 +364,14 @@ fn front(
         reactor,
         Arc::new(Admission::new(admission_limits(config))),
         bytes_per_address,
-        (http, sio_door(config)),
+        (http, socketio_door(config)),
         (config.handshake_timeout, config.http_timeout),
         format!("http://{host}:{port}/"),
     )
 }
 
 /// The socket.io door: Engine.IO sessions within the client caps, as WebSocket clients are.
-fn sio_door(config: &Config) -> sio_door::SioDoor {
+fn socketio_door(config: &Config) -> sio_door::SioDoor {
     let registry = eio_session::RegistryLimits {
         max_sessions: config.max_clients,
         max_per_address: config.max_clients_per_ip,

@@ -394,7 +394,7 @@ fn check_upgrade(
     ticket: &mut Ticket,
 ) -> Option<handshake::Upgrade> {
     let upgrade = handshake::check(request, &front.policy)
-        .and_then(|upgrade| ticket.become_client(upgrade.client_ip).map(|()| upgrade));
+        .and_then(|upgrade| ticket.become_client(upgrade.arrival.ip).map(|()| upgrade));
     match upgrade {
         Ok(upgrade) => {
             let response = handshake::accept_response(&upgrade);

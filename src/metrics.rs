@@ -69,6 +69,8 @@ pub struct Metrics {
     pub backlog_bytes: AtomicU64,
     /// Chat text on its way to the dispatcher (see `session::INBOUND_BUDGET_BYTES`).
     pub inbound_bytes: AtomicU64,
+    /// socket.io sessions alive, on either transport (a polling one holds no connection).
+    pub socketio_sessions: AtomicU64,
     rejected: [AtomicU64; Rejection::ALL.len()],
     /// When each kind of refusal was last logged (seconds since the Unix epoch; 0: never).
     logged_at: [AtomicU64; Rejection::ALL.len()],
@@ -195,6 +197,12 @@ impl Metrics {
             "gauge",
             "Chat text waiting for the dispatcher.",
             get(&self.inbound_bytes),
+        );
+        metric(
+            "wschat_socketio_sessions",
+            "gauge",
+            "socket.io sessions alive (polling or WebSocket).",
+            get(&self.socketio_sessions),
         );
         metric(
             "wschat_dispatcher_queue",

@@ -530,8 +530,59 @@ fn append_frame(out: &mut Vec<u8>, frame: &Frame) {
     out.extend_from_slice(frame.as_bytes());
 }
 
+/// For unit tests of whatever hands frames to outlets (delivery, the dispatcher): an outlet whose
+/// way is a [`Recorder`], which keeps every frame it is given instead of writing to a socket.
+#[cfg(test)]
+pub mod testing {
+    use super::*;
+
+    /// A queue that records frames; `slow` makes every push report the client too slow.
+    #[derive(Default)]
+    pub struct Recorder {
+        pub frames: Mutex<Vec<Frame>>,
+        pub slow: Mutex<bool>,
+        /// How long each push takes: whoever hands this client frames falls behind.
+        pub pause: Mutex<Duration>,
+        /// The reason of the close the outlet was asked for, if any.
+        pub closed: Mutex<Option<&'static str>>,
+    }
+
+    impl Queue for Recorder {
+        fn push(&self, frames: &[Frame]) -> Backlog {
+            std::thread::sleep(*self.pause.lock().unwrap());
+            self.frames.lock().unwrap().extend_from_slice(frames);
+            let too_slow = *self.slow.lock().unwrap();
+            Backlog {
+                too_slow,
+                ..Backlog::default()
+            }
+        }
+        fn close(&self, reason: &'static str) {
+            *self.closed.lock().unwrap() = Some(reason);
+        }
+    }
+
+    impl Recorder {
+        /// The frames recorded since the last call.
+        pub fn take(&self) -> Vec<Frame> {
+            std::mem::take(&mut *self.frames.lock().unwrap())
+        }
+    }
+
+    /// An outlet in wschat's own form that records into the returned [`Recorder`] (which must
+    /// live as long as the outlet is used: the outlet holds it weakly).
+    pub fn recording(metrics: &Arc<Metrics>, bounds: Bounds) -> (Arc<Outlet>, Arc<Recorder>) {
+        let recorder = Arc::new(Recorder::default());
+        let weak: Weak<dyn Queue> = Arc::downgrade(&recorder) as Weak<Recorder>;
+        let outlet = Outlet::queued(weak, metrics.clone(), bounds);
+        outlet.set_form(Form::Raw);
+        (Arc::new(outlet), recorder)
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::testing::Recorder;
     use super::*;
     use std::io::Read;
     use std::net::TcpListener;
@@ -541,18 +592,6 @@ mod tests {
         bytes: 1 << 20,
         total_bytes: 1 << 20,
     };
-
-    /// A polling session's queue, as a list.
-    #[derive(Default)]
-    struct Recorder(Mutex<Vec<Frame>>);
-
-    impl Queue for Recorder {
-        fn push(&self, frames: &[Frame]) -> Backlog {
-            self.0.lock().unwrap().extend_from_slice(frames);
-            Backlog::default()
-        }
-        fn close(&self, _reason: &'static str) {}
-    }
 
     fn chat_frame(text: &str) -> Frame {
         format!(r#"{{"type":"message","id":1,"room":"lobby","from":"ada","text":"{text}"}}"#).into()
@@ -567,6 +606,12 @@ mod tests {
             .set_read_timeout(Some(Duration::from_secs(5)))
             .unwrap();
         (Arc::new(server), client)
+    }
+
+    /// An outlet to the server's end of a pair, as a session makes it.
+    fn socket_outlet(server: Arc<TcpStream>, metrics: &Arc<Metrics>, bounds: Bounds) -> Outlet {
+        let doorbell = Doorbell::for_current_thread();
+        Outlet::new(server, doorbell, metrics.clone(), bounds)
     }
 
     /// Reads one unmasked text frame of under 126 bytes.
@@ -587,7 +632,10 @@ mod tests {
         let mut forms = SocketIoForms::default();
         let frame = chat_frame("hi");
         outlet.send(std::slice::from_ref(&frame), &mut forms);
-        assert_eq!(*queue.0.lock().unwrap(), [r#"42["chat message","hi"]"#]);
+        assert_eq!(
+            *queue.frames.lock().unwrap(),
+            [r#"42["chat message","hi"]"#]
+        );
         // The same bytes again in the batch: the same turned frame, not a new one.
         let first = forms.get(&frame, false).unwrap();
         let again = forms.get(&frame.clone(), false).unwrap();
@@ -600,8 +648,7 @@ mod tests {
     fn an_upgrade_moves_the_client_to_the_socket_in_order() {
         let (server, mut client) = socket_pair();
         let metrics = Arc::new(Metrics::default());
-        let doorbell = Doorbell::for_current_thread();
-        let socket = Outlet::new(server, doorbell, metrics.clone(), BOUNDS);
+        let socket = socket_outlet(server, &metrics, BOUNDS);
         let queue = Arc::new(Recorder::default());
         let weak: Weak<dyn Queue> = Arc::downgrade(&queue) as Weak<Recorder>;
         let polling = Outlet::queued(weak, metrics, BOUNDS);
@@ -614,10 +661,162 @@ mod tests {
         assert_eq!(read_text(&mut client), "4left in the queue");
         assert_eq!(read_text(&mut client), r#"42["chat message","after"]"#);
         assert!(
-            queue.0.lock().unwrap().is_empty(),
+            queue.frames.lock().unwrap().is_empty(),
             "nothing went to the queue"
         );
         // The old outlet is shut: nothing more leaves through it.
         assert_eq!(socket.send_as_is(&["4late".into()]), Backlog::default());
+    }
+
+    /// Kernel buffer asked for on each side of a narrow pair: the kernel's minimum, about
+    /// 4 KiB, so a few dozen KiB fill the connection.
+    const TINY_BUFFER: usize = 1;
+    /// Bounds a narrow pair's tests never reach.
+    const ROOMY: Bounds = Bounds {
+        frames: 1 << 20,
+        bytes: 1 << 30,
+        total_bytes: 1 << 30,
+    };
+
+    /// A connected pair that holds little in flight: the server's end has the smallest send
+    /// buffer. (The client's receive buffer keeps its size: a tiny window makes TCP wait for
+    /// delayed acknowledgements, and the test crawl.)
+    fn narrow_pair() -> (Arc<TcpStream>, TcpStream) {
+        let (server, client) = socket_pair();
+        let server_end = socket2::SockRef::from(&*server);
+        server_end.set_send_buffer_size(TINY_BUFFER).unwrap();
+        (server, client)
+    }
+
+    /// Frame `n`: its number, then filler. Frame 0 is far more than a socket holds, so it is
+    /// always written in part; the others' lengths vary, so frames end at every offset of the
+    /// socket's buffer, and every 100th is over 64 KiB (the 8-byte length form).
+    fn numbered(n: usize) -> Frame {
+        let len = match n {
+            0 => 1 << 20,
+            n if n % 100 == 50 => 70_000,
+            n => 100 + n % 7 * 300,
+        };
+        format!("{n:06}{}", "x".repeat(len)).into()
+    }
+
+    /// Reads one unmasked text frame, whatever its length form.
+    fn read_frame(client: &mut TcpStream) -> String {
+        let mut header = [0u8; 2];
+        client.read_exact(&mut header).unwrap();
+        assert_eq!(header[0], 0x81, "a final text frame");
+        let len = match header[1] {
+            126 => {
+                let mut len = [0u8; 2];
+                client.read_exact(&mut len).unwrap();
+                u64::from(u16::from_be_bytes(len))
+            }
+            127 => {
+                let mut len = [0u8; 8];
+                client.read_exact(&mut len).unwrap();
+                u64::from_be_bytes(len)
+            }
+            short => u64::from(short),
+        };
+        let mut payload = vec![0u8; len as usize];
+        client.read_exact(&mut payload).unwrap();
+        String::from_utf8(payload).unwrap_or_else(|_| panic!("a frame cut or spliced"))
+    }
+
+    #[test]
+    fn what_the_socket_does_not_take_waits_and_leaves_whole_and_in_order() {
+        const FRAMES: usize = 300;
+        let (server, mut client) = narrow_pair();
+        let metrics = Arc::new(Metrics::default());
+        let outlet = socket_outlet(server, &metrics, ROOMY);
+        let frames: Vec<Frame> = (0..FRAMES).map(numbered).collect();
+        let mut forms = SocketIoForms::default();
+        let backlog = outlet.send(&frames[..1], &mut forms);
+        assert!(backlog.bytes > 0, "the socket took 1 MiB at once");
+        assert!(
+            backlog.bytes < frames[0].len(),
+            "the socket took none of it"
+        );
+        let (first, second) = frames[1..].split_at(FRAMES / 2);
+        for batch in first.chunks(10) {
+            outlet.send(batch, &mut forms);
+        }
+        let backlog = outlet.send(&[], &mut forms);
+        assert_eq!(metrics.backlog_bytes.load(Relaxed), backlog.bytes as u64);
+
+        // A reader that takes its time.
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            for n in 0..FRAMES {
+                got.push(read_frame(&mut client));
+                if n % 10 == 0 {
+                    std::thread::sleep(Duration::from_micros(100));
+                }
+            }
+            got
+        });
+        // The session's part, while more batches come behind the backlog.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let mut batches = second.chunks(10);
+        loop {
+            if let Some(batch) = batches.next() {
+                outlet.send(batch, &mut forms);
+            }
+            let drained = outlet.drain().unwrap();
+            if !drained.pending && batches.len() == 0 {
+                break;
+            }
+            let pending = outlet.lock().out.pending();
+            let late = std::time::Instant::now() > deadline;
+            assert!(!late, "{pending} bytes never drained");
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        let got = reader.join().unwrap();
+        let sent: Vec<&str> = frames.iter().map(Frame::as_str).collect();
+        assert!(got == sent, "frames arrived changed or out of order");
+        assert_eq!(metrics.backlog_bytes.load(Relaxed), 0);
+    }
+
+    #[test]
+    fn a_reader_that_never_reads_trips_the_frame_and_byte_bounds() {
+        let metrics = Arc::new(Metrics::default());
+        let mut forms = SocketIoForms::default();
+        let mut first_too_slow = |bounds: Bounds, frame: Frame| {
+            let (server, _client) = narrow_pair();
+            let outlet = socket_outlet(server, &metrics, bounds);
+            (0..100_000)
+                .map(|_| outlet.send(std::slice::from_ref(&frame), &mut forms))
+                .find(|backlog| backlog.too_slow)
+                .expect("never too slow")
+        };
+        let frames = Bounds {
+            frames: 20,
+            ..ROOMY
+        };
+        let backlog = first_too_slow(frames, "tiny".into());
+        assert_eq!(backlog.frames, 21, "one frame past the bound: {backlog:?}");
+        let bytes = Bounds {
+            bytes: 64 << 10,
+            ..ROOMY
+        };
+        let backlog = first_too_slow(bytes, numbered(1));
+        assert!(
+            backlog.bytes > 64 << 10 && backlog.bytes < 66 << 10,
+            "{backlog:?}"
+        );
+    }
+
+    #[test]
+    fn past_the_total_budget_only_a_client_holding_a_fair_share_is_too_slow() {
+        let bounds = Bounds {
+            frames: 1000,
+            bytes: 1 << 20,
+            total_bytes: 256 << 10,
+        };
+        let total = 300 << 10;
+        assert!(bounds.exceeded(total, 10, FAIR_SHARE_BYTES));
+        assert!(!bounds.exceeded(total, 10, FAIR_SHARE_BYTES - 1));
+        assert!(!bounds.exceeded(bounds.total_bytes as u64, 10, 200 << 10));
+        assert!(bounds.exceeded(0, 1001, 0) && bounds.exceeded(0, 0, (1 << 20) + 1));
     }
 }

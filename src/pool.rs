@@ -6,7 +6,7 @@
 //! network make nothing but short connections. Still one thread per connection: a parked thread
 //! serves no one.
 //!
-//! Bounded: at most [`MAX_IDLE_THREADS`] wait at once (a thread that finishes when as many
+//! Bounded: at most [`MAX_PARKED_THREADS`] wait at once (a thread that finishes when as many
 //! wait ends instead), each gives its stack pages back soon after it parks, and each ends after
 //! [`IDLE_LIFETIME`] without work. A job runs on a thread exactly as on a fresh one: the pool
 //! hands over a boxed closure and nothing else, so whatever a connection owns (its socket, its
@@ -24,15 +24,15 @@ use std::time::{Duration, Instant};
 /// page with the thread's control block and the parked frames) and a 16 KiB kernel stack:
 /// 1.5 MiB for all of them. 64 is more than a 2-core server starts in the time one connection
 /// lives through a churn (connect, one message, close: about a millisecond).
-pub const MAX_IDLE_THREADS: usize = 64;
+pub const MAX_PARKED_THREADS: usize = 64;
 /// A parked thread keeps its stack pages this long, then gives them back: under churn the next
 /// connection comes within milliseconds and would only fault the pages in again.
 const TRIM_AFTER: Duration = Duration::from_millis(500);
 /// A parked thread that no connection needed for this long ends: a burst's threads do not stay.
-pub const IDLE_LIFETIME: Duration = Duration::from_secs(30);
+const IDLE_LIFETIME: Duration = Duration::from_secs(30);
 /// What a parked thread is called (in `top -H`, `/proc/<pid>/task/*/comm`): not `conn-*`, which
 /// names a thread serving a connection.
-pub const IDLE_NAME: &str = "pool-idle";
+pub const PARKED_THREAD_NAME: &str = "pool-idle";
 
 /// Work for a thread: a connection's whole life, and the name its thread has meanwhile.
 pub struct Job {
@@ -90,7 +90,8 @@ impl Pool {
     }
 
     /// Threads parked now.
-    pub fn idle(&self) -> usize {
+    #[cfg(test)]
+    fn idle(&self) -> usize {
         self.shared.parked().len()
     }
 }
@@ -148,12 +149,12 @@ fn work(first: Job, shared: &Shared) {
 fn park(shared: &Shared, slot: &Arc<Slot>) -> Option<Job> {
     {
         let mut parked = shared.parked();
-        if parked.len() >= MAX_IDLE_THREADS || shared.closed.load(Acquire) {
+        if parked.len() >= MAX_PARKED_THREADS || shared.closed.load(Acquire) {
             return None;
         }
         parked.push(slot.clone());
     }
-    name_this_thread(IDLE_NAME);
+    name_this_thread(PARKED_THREAD_NAME);
     let parked_at = Instant::now();
     let mut trimmed = false;
     loop {
@@ -246,7 +247,7 @@ mod tests {
     fn busy_threads_do_not_take_jobs_and_parked_ones_are_bounded() {
         let pool = Pool::new(64 * 1024);
         let (release, gate) = crossbeam_channel::unbounded::<()>();
-        let busy = MAX_IDLE_THREADS + 4;
+        let busy = MAX_PARKED_THREADS + 4;
         for i in 0..busy {
             let gate = gate.clone();
             pool.run(job(&format!("busy-{i}"), move || gate.recv().unwrap()))
@@ -255,12 +256,12 @@ mod tests {
         for _ in 0..busy {
             release.send(()).unwrap();
         }
-        // Every thread finishes; only MAX_IDLE_THREADS of them stay.
+        // Every thread finishes; only MAX_PARKED_THREADS of them stay.
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while pool.idle() < MAX_IDLE_THREADS && std::time::Instant::now() < deadline {
+        while pool.idle() < MAX_PARKED_THREADS && std::time::Instant::now() < deadline {
             thread::sleep(Duration::from_millis(5));
         }
         thread::sleep(Duration::from_millis(50));
-        assert_eq!(pool.idle(), MAX_IDLE_THREADS);
+        assert_eq!(pool.idle(), MAX_PARKED_THREADS);
     }
 }

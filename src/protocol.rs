@@ -5,6 +5,8 @@
 //! This module owns parsing and serialising frames and the one place where an error becomes the
 //! text a user reads ([`ChatError`]'s messages). It never touches sockets or server state.
 
+use std::net::IpAddr;
+
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use tungstenite::Utf8Bytes;
@@ -22,6 +24,33 @@ pub type ClientId = u64;
 pub const MAX_ROOM_CHARS: usize = 64;
 /// The room a connection enters when it names none.
 pub const DEFAULT_ROOM: &str = "lobby";
+
+/// One client on its way in: where it comes from, and the room, name and resume point it asks
+/// for. The handshake builds it (or, for socket.io, the CONNECT), the session holds it, and the
+/// dispatcher takes it in [`Event::Connect`](crate::dispatcher::Event::Connect), unchanged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Arrival {
+    /// The client's address: the peer, or `X-Forwarded-For` from a trusted proxy.
+    pub ip: IpAddr,
+    /// Already checked ([`check_room`]).
+    pub room: String,
+    /// As asked: the dispatcher checks it, and names the client `guest-N` if it cannot have it.
+    pub name: Option<String>,
+    /// Replay the room's messages after this id (the newest one the client saw).
+    pub since: Option<u64>,
+}
+
+impl Arrival {
+    /// A client from `ip` that asks for nothing: the default room, a guest name.
+    pub fn new(ip: IpAddr) -> Arrival {
+        Arrival {
+            ip,
+            room: DEFAULT_ROOM.to_owned(),
+            name: None,
+            since: None,
+        }
+    }
+}
 
 /// Everything a client can ask for, already validated for shape (not for server state).
 #[derive(Debug, Clone, PartialEq)]

@@ -224,6 +224,11 @@ pub fn read_body(
     Ok(std::mem::replace(buffered, rest))
 }
 
+/// Bytes of an oversized body read and thrown away before answering 413, so the client reads a
+/// clean response instead of a connection reset. Past this, the answer is sent at once and the
+/// connection closed: draining more would let one request hold its thread for long.
+pub const DRAIN_LIMIT_BYTES: usize = 1 << 20;
+
 /// Reads and throws away up to `length` bytes of a body nobody wants, by `deadline`, so the
 /// answer that follows is not lost in a connection reset. False if they did not all arrive.
 pub fn skip_body(

@@ -40,12 +40,12 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tungstenite::{Error as WsError, Message, WebSocket};
 
-use crate::dispatcher::{ClientId, Connect, Event};
+use crate::dispatcher::{ClientId, Event};
 use crate::doorbell::{Doorbell, READABLE, WAITING, WRITABLE};
 use crate::handshake::{Endpoint, Upgrade};
 use crate::metrics::Metrics;
 use crate::outlet::{self, Outlet};
-use crate::protocol::{self, ChatError, Command, Frame};
+use crate::protocol::{self, Arrival, ChatError, Command, Frame};
 use crate::ratelimit::{AddressBuckets, FloodDetector, TokenBucket};
 use crate::reactor::{Reactor, Registration};
 
@@ -99,10 +99,8 @@ pub struct Settings {
 /// Who is joining, from the handshake.
 pub struct Joining {
     pub id: ClientId,
-    pub ip: IpAddr,
-    pub name: Option<String>,
-    pub room: String,
-    pub since: Option<u64>,
+    /// Its address, and for a chat client the room, name and resume point it asks for.
+    pub arrival: Arrival,
     /// A socket.io client's session (its WebSocket transport): it joins the dispatcher at its
     /// socket.io CONNECT, not here.
     pub link: Option<Arc<dyn Carried>>,
@@ -115,23 +113,17 @@ impl Joining {
     pub fn chat(id: ClientId, upgrade: Upgrade) -> Joining {
         Joining {
             id,
-            ip: upgrade.client_ip,
-            name: upgrade.name,
-            room: upgrade.room,
-            since: upgrade.since,
+            arrival: upgrade.arrival,
             link: None,
             echo: upgrade.endpoint == Endpoint::Echo,
         }
     }
 
-    /// A socket.io session's WebSocket from `ip`.
+    /// A socket.io session's WebSocket from `ip` (its room and name come with its CONNECT).
     pub fn socketio(id: ClientId, ip: IpAddr, link: Arc<dyn Carried>) -> Joining {
         Joining {
             id,
-            ip,
-            name: None,
-            room: String::new(),
-            since: None,
+            arrival: Arrival::new(ip),
             link: Some(link),
             echo: false,
         }
@@ -219,15 +211,12 @@ fn join(joining: &Joining, outlet: &Arc<Outlet>, env: &Env<'_>) -> bool {
         }
         return true;
     }
-    let connect = Connect {
+    let connect = Event::Connect {
         id: joining.id,
-        peer: joining.ip.to_string(),
-        name: joining.name.clone(),
-        room: joining.room.clone(),
-        since: joining.since,
+        arrival: joining.arrival.clone(),
         outlet: outlet.clone(),
     };
-    env.events.send(Event::Connect(Box::new(connect))).is_ok()
+    env.events.send(connect).is_ok()
 }
 
 /// Caps the kernel's send buffer for this socket (see [`SOCKET_SEND_BUFFER_BYTES`]); a failure
@@ -405,8 +394,10 @@ impl Dialect {
     fn of(joining: Joining, settings: &Settings) -> Dialect {
         match joining.link {
             Some(link) => Dialect::SocketIo(link),
-            None if joining.echo => Dialect::Echo(Gate::new(joining.ip, settings, Instant::now())),
-            None => Dialect::Raw(Gate::new(joining.ip, settings, Instant::now())),
+            None if joining.echo => {
+                Dialect::Echo(Gate::new(joining.arrival.ip, settings, Instant::now()))
+            }
+            None => Dialect::Raw(Gate::new(joining.arrival.ip, settings, Instant::now())),
         }
     }
 }

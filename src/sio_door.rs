@@ -246,12 +246,16 @@ fn post(reply: &Reply<'_>, link: &Link, buffered: &mut Vec<u8>) -> Next {
         Ok(length) => length,
         Err(why) => return reply.close_with(400, why),
     };
+    let deadline = Instant::now() + door.http_timeout;
     if length > door.sio.limits.max_payload {
         link.close(CloseReason::BadPacket);
+        if length <= request::DRAIN_LIMIT_BYTES {
+            // Read first, so the client gets the 413 instead of a connection reset.
+            request::skip_body(reply.stream, buffered, length, deadline);
+        }
         let error = EioError::PayloadTooLarge(door.sio.limits.max_payload);
         return reply.close_with(413, &error.json_body());
     }
-    let deadline = Instant::now() + door.http_timeout;
     let Ok(body) = request::read_body(reply.stream, buffered, length, deadline) else {
         return Next::Http { keep_open: false };
     };

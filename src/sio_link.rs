@@ -24,12 +24,12 @@ use crossbeam_channel::Sender;
 use serde_json::Value;
 
 use crate::admission::ClientSlot;
-use crate::dispatcher::{Connect, Event};
+use crate::dispatcher::Event;
 use crate::eio_session::{self, CloseReason, Inbound};
 use crate::engineio::{EioError, Packet, Transport};
 use crate::metrics::Metrics;
 use crate::outlet::{self, Backlog, Bounds, Form, Outlet, Queue};
-use crate::protocol::{ChatError, ClientId, Command, DEFAULT_ROOM, Frame};
+use crate::protocol::{ChatError, ClientId, Command, Frame};
 use crate::ratelimit::{TokenBucket, byte_burst};
 use crate::session::{Carried, Env, Gate, Heard};
 use crate::socketio::{self, ConnectOptions, Incoming};
@@ -112,6 +112,7 @@ impl Link {
             ready: Condvar::new(),
             _slot: new.slot,
         });
+        Metrics::add(&env.metrics.socketio_sessions, 1);
         if transport == Transport::Polling {
             let queue: Weak<dyn Queue> = Arc::downgrade(&link) as Weak<Link>;
             let outlet = Outlet::queued(queue, env.metrics.clone(), env.settings.backlog);
@@ -361,7 +362,8 @@ impl Link {
     /// A CONNECT to `/`: joins the dispatcher, or refuses with CONNECT_ERROR (the client may try
     /// again).
     fn connect(&self, auth: Option<&Value>, env: &Env<'_>) -> Result<(), &'static str> {
-        let options = ConnectOptions::from_query(&self.query).and_then(|o| o.with_auth(auth));
+        let options =
+            ConnectOptions::from_query(&self.query, self.ip).and_then(|o| o.with_auth(auth));
         let options = match options {
             Ok(options) => options,
             Err(e) => {
@@ -375,16 +377,13 @@ impl Link {
         };
         outlet.set_form(Form::SocketIo { full: options.full });
         outlet.send_as_is(&[socketio::connect_frame(&socket_id)]);
-        let connect = Connect {
+        let connect = Event::Connect {
             id: self.id,
-            peer: self.ip.to_string(),
-            name: options.name,
-            room: options.room.unwrap_or_else(|| DEFAULT_ROOM.to_owned()),
-            since: options.since,
+            arrival: options.arrival,
             outlet,
         };
         self.lock().joined = true;
-        if env.events.send(Event::Connect(Box::new(connect))).is_err() {
+        if env.events.send(connect).is_err() {
             self.close(CloseReason::Server);
         }
         Ok(())
@@ -490,8 +489,10 @@ impl Queue for Link {
 }
 
 impl Drop for Link {
-    /// What never went out leaves the all-clients gauge with the link.
+    /// What never went out leaves the all-clients gauge with the link; the link leaves the
+    /// sessions gauge.
     fn drop(&mut self) {
+        self.metrics.socketio_sessions.fetch_sub(1, Relaxed);
         let state = self.state.get_mut().unwrap_or_else(PoisonError::into_inner);
         self.metrics
             .backlog_bytes

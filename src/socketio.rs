@@ -9,11 +9,13 @@
 //! message","hi"]` is an event, `213["nick","ada"]` an event the client wants acknowledged (id 13),
 //! `0/admin,` a connect to the namespace `/admin` (refused with `4/admin,{"message":...}`).
 
+use std::net::IpAddr;
+
 use serde::Deserialize;
 use serde_json::Value;
 
 use crate::engineio::{self, query_param};
-use crate::protocol::{self, ChatError, Command, Frame};
+use crate::protocol::{self, Arrival, ChatError, Command, Frame};
 
 /// The one namespace served.
 pub const MAIN_NAMESPACE: &str = "/";
@@ -176,13 +178,10 @@ fn split_ack(text: &str) -> Result<(Option<u64>, &str), SioError> {
 
 /// What a client asks for at connect: from the `auth` object of its CONNECT packet, or else from
 /// the query string of its Engine.IO requests (`room`, `name`, `since`, `full`).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnectOptions {
-    /// Validated; `None` means the default room.
-    pub room: Option<String>,
-    /// As given: the dispatcher validates it and falls back to `guest-N`, as for raw clients.
-    pub name: Option<String>,
-    pub since: Option<u64>,
+    /// What the dispatcher gets, as for a raw client.
+    pub arrival: Arrival,
     /// Room messages carry a second argument, the whole message object (id, sender, time).
     pub full: bool,
 }
@@ -197,17 +196,20 @@ struct Auth {
 }
 
 impl ConnectOptions {
-    /// From the query string of the Engine.IO requests (without `?`).
-    pub fn from_query(query: &str) -> Result<ConnectOptions, ChatError> {
+    /// From the query string of the Engine.IO requests (without `?`) of a client from `ip`.
+    pub fn from_query(query: &str, ip: IpAddr) -> Result<ConnectOptions, ChatError> {
         let since = match query_param(query, "since") {
             Some(s) => Some(s.parse().map_err(|_| bad("since must be a message id"))?),
             None => None,
         };
-        let room = query_param(query, "room").map(|r| r.into_owned());
+        let mut arrival = Arrival::new(ip);
+        if let Some(room) = query_param(query, "room") {
+            arrival.room = checked_room(room.into_owned())?;
+        }
+        arrival.name = query_param(query, "name").map(|n| n.into_owned());
+        arrival.since = since;
         Ok(ConnectOptions {
-            room: room.map(checked_room).transpose()?,
-            name: query_param(query, "name").map(|n| n.into_owned()),
-            since,
+            arrival,
             full: matches!(query_param(query, "full").as_deref(), Some("1" | "true")),
         })
     }
@@ -218,11 +220,12 @@ impl ConnectOptions {
             return Ok(self);
         };
         let auth = Auth::deserialize(auth).map_err(|e| bad(&format!("invalid auth: {e}")))?;
+        let arrival = &mut self.arrival;
         if let Some(room) = auth.room {
-            self.room = Some(checked_room(room)?);
+            arrival.room = checked_room(room)?;
         }
-        self.name = auth.name.or(self.name);
-        self.since = auth.since.or(self.since);
+        arrival.name = auth.name.or(arrival.name.take());
+        arrival.since = auth.since.or(arrival.since);
         self.full = auth.full.unwrap_or(self.full);
         Ok(self)
     }
@@ -625,39 +628,43 @@ mod tests {
 
     #[test]
     fn connect_options_from_query_and_auth() {
-        let q = ConnectOptions::from_query(
-            "EIO=4&transport=polling&room=dev&name=Zo%C3%AB&since=41&full=1",
-        )
-        .unwrap();
-        let expected = ConnectOptions {
-            room: Some("dev".into()),
+        let ip: IpAddr = [192, 0, 2, 1].into();
+        let from_query = |query| ConnectOptions::from_query(query, ip);
+        let q = from_query("EIO=4&transport=polling&room=dev&name=Zo%C3%AB&since=41&full=1");
+        let arrival = Arrival {
+            ip,
+            room: "dev".into(),
             name: Some("Zoë".into()),
             since: Some(41),
-            full: true,
         };
-        assert_eq!(q, expected);
+        let q = q.unwrap();
         assert_eq!(
-            ConnectOptions::from_query("EIO=4").unwrap(),
-            ConnectOptions::default()
+            q,
+            ConnectOptions {
+                arrival,
+                full: true
+            }
         );
-        assert_eq!(
-            ConnectOptions::from_query("since=x").unwrap_err().code(),
-            "bad_request"
-        );
-        assert_eq!(
-            ConnectOptions::from_query("room=a%20b").unwrap_err().code(),
-            "bad_room"
-        );
+        let plain = ConnectOptions {
+            arrival: Arrival::new(ip),
+            full: false,
+        };
+        assert_eq!(from_query("EIO=4").unwrap(), plain);
+        assert_eq!(from_query("since=x").unwrap_err().code(), "bad_request");
+        assert_eq!(from_query("room=a%20b").unwrap_err().code(), "bad_room");
         // auth wins over the query, field by field; unknown fields are ignored.
         let auth = json!({"room":"ops","since":7,"token":"t","full":false});
         let merged = q.clone().with_auth(Some(&auth)).unwrap();
+        let arrival = Arrival {
+            room: "ops".into(),
+            since: Some(7),
+            ..q.arrival.clone()
+        };
         assert_eq!(
             merged,
             ConnectOptions {
-                room: Some("ops".into()),
-                since: Some(7),
-                full: false,
-                ..q.clone()
+                arrival,
+                full: false
             }
         );
         assert_eq!(q.clone().with_auth(None).unwrap(), q);
@@ -731,12 +738,14 @@ mod tests {
         let Ok(Incoming::Connect(auth)) = decode_incoming(&connect, false) else {
             panic!("{connect}");
         };
-        let options = ConnectOptions::from_query("EIO=4&transport=polling&room=dev")
+        let ip = [192, 0, 2, 1].into();
+        let options = ConnectOptions::from_query("EIO=4&transport=polling&room=dev", ip)
             .and_then(|o| o.with_auth(auth.as_ref()))
             .unwrap();
+        let arrival = options.arrival;
         assert_eq!(
-            (options.room.as_deref(), options.name.as_deref()),
-            (Some("dev"), Some("ada"))
+            (arrival.room.as_str(), arrival.name.as_deref()),
+            ("dev", Some("ada"))
         );
         session.send(connect_frame("s1")).unwrap();
 

@@ -256,7 +256,8 @@ fn forwarded_for_edge_cases() {
     let ip = |xff: &str| {
         invariants::check(head(xff).as_bytes(), peer, &trusted)
             .unwrap()
-            .client_ip
+            .arrival
+            .ip
     };
     assert_eq!(ip("192.0.2.7"), "192.0.2.7".parse::<IpAddr>().unwrap());
     assert_eq!(ip("10.0.0.1, ::1"), "::1".parse::<IpAddr>().unwrap());
@@ -270,7 +271,8 @@ fn forwarded_for_edge_cases() {
     assert_eq!(
         invariants::check(head("192.0.2.7").as_bytes(), peer, &untrusted)
             .unwrap()
-            .client_ip,
+            .arrival
+            .ip,
         peer
     );
 }

@@ -345,7 +345,7 @@ fn parked_threads() -> u64 {
         .flatten()
         .filter(|task| {
             std::fs::read_to_string(task.path().join("comm"))
-                .is_ok_and(|comm| comm.trim() == wschat::pool::IDLE_NAME)
+                .is_ok_and(|comm| comm.trim() == wschat::PARKED_THREAD_NAME)
         });
     parked.count() as u64
 }
@@ -921,7 +921,7 @@ fn a_thousand_connect_disconnect_cycles_leak_no_threads_or_memory() {
         thread::sleep(Duration::from_millis(20));
         threads = working();
     }
-    assert!(parked_threads() <= wschat::pool::MAX_IDLE_THREADS as u64);
+    assert!(parked_threads() <= wschat::MAX_PARKED_THREADS as u64);
     assert!(
         threads <= threads0,
         "threads: {threads0} before 1000 connections, {threads} after"

@@ -264,6 +264,17 @@ fn quiet_empty_rooms_give_back_their_slot_also_after_a_restart() {
     server.shutdown();
     std::thread::sleep(Duration::from_millis(1_200));
     let server = start(cfg);
+    let (_, _, rooms) = http_get(server.http_addr(), "/api/rooms");
+    assert!(
+        !rooms.contains("\"r1\""),
+        "r1 stays forgotten after a restart: {rooms}"
+    );
+    let (_, _, page) = http_get(server.http_addr(), "/api/rooms/r1/messages?since=0");
+    assert_eq!(
+        ids(&json_of(&page)["messages"]),
+        Vec::<u64>::new(),
+        "{page}"
+    );
     let (status, body) = post(server.http_addr(), "r5", "hi");
     assert_eq!(status, 201, "after a restart too: {body}");
     server.shutdown();

@@ -49,6 +49,8 @@ fn the_page_is_served_with_the_right_types_and_headers() {
         "{head}"
     );
     assert!(body.contains("<html") || body.contains("<!doctype") || body.contains("<!DOCTYPE"));
+    assert!(head.contains("\r\nServer: wschat\r\n"), "{head}");
+    assert!(!head.contains("tiny-http"), "{head}");
     let csp = head
         .lines()
         .find(|l| l.starts_with("Content-Security-Policy:"))

@@ -9,7 +9,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{Client, WAIT, config, http_get, start};
-use wschat::pool::{IDLE_NAME, MAX_IDLE_THREADS};
+use wschat::{MAX_PARKED_THREADS, PARKED_THREAD_NAME};
 
 /// The tests count this process's threads by name: one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -40,7 +40,7 @@ fn serving() -> Vec<(String, String)> {
 fn parked() -> usize {
     threads()
         .iter()
-        .filter(|(_, name)| name == IDLE_NAME)
+        .filter(|(_, name)| name == PARKED_THREAD_NAME)
         .count()
 }
 
@@ -100,7 +100,7 @@ fn a_pooled_thread_serves_the_next_client_with_nothing_of_the_last() {
     );
     alice.close();
     wait_for("alice's thread to park", || {
-        threads().contains(&(tid.clone(), IDLE_NAME.to_owned()))
+        threads().contains(&(tid.clone(), PARKED_THREAD_NAME.to_owned()))
     });
 
     let (mut next, welcome) = Client::join(&server, "/chat");
@@ -133,16 +133,16 @@ fn after_a_burst_at_most_the_bound_stay_parked_and_admission_is_exact() {
     let _serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
     let before = parked(); // a failed test's server may have left some
     let server = start(config());
-    let clients: Vec<_> = (0..MAX_IDLE_THREADS + 16)
+    let clients: Vec<_> = (0..MAX_PARKED_THREADS + 16)
         .map(|i| Client::join(&server, &format!("/chat/burst?name=c{i}")).0)
         .collect();
-    assert_eq!(serving().len(), MAX_IDLE_THREADS + 16);
+    assert_eq!(serving().len(), MAX_PARKED_THREADS + 16);
     for client in clients {
         client.close();
     }
     wait_for("every connection to end", || server.live_connections() == 0);
     wait_for("the threads to finish", || serving().is_empty());
-    assert_eq!(parked() - before, MAX_IDLE_THREADS);
+    assert_eq!(parked() - before, MAX_PARKED_THREADS);
     assert_eq!(metric(server.http_addr(), "wschat_connections"), 0);
     // At the door: the request for the metrics alone.
     assert_eq!(metric(server.http_addr(), "wschat_handshakes_pending"), 1);
@@ -150,7 +150,7 @@ fn after_a_burst_at_most_the_bound_stay_parked_and_admission_is_exact() {
     let again: Vec<_> = (0..8)
         .map(|i| Client::join(&server, &format!("/chat/burst?name=d{i}")).0)
         .collect();
-    assert_eq!(parked() - before, MAX_IDLE_THREADS - 8);
+    assert_eq!(parked() - before, MAX_PARKED_THREADS - 8);
     drop(again);
     server.shutdown();
     wait_for("the parked threads to end after shutdown", || {

@@ -38,6 +38,14 @@ fn http(addr: SocketAddr, method: &str, target: &str, headers: &str, body: &str)
     (status, body.to_owned())
 }
 
+/// A gauge or counter of `/metrics`.
+fn metric(addr: SocketAddr, name: &str) -> u64 {
+    let (_, body) = http(addr, "GET", "/metrics", "", "");
+    let line = body.lines().find(|l| l.starts_with(&format!("{name} ")));
+    line.and_then(|l| l[name.len() + 1..].parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {body}"))
+}
+
 /// A polling session: its id, from the `open` packet.
 fn open_polling(addr: SocketAddr, query: &str) -> (String, Value) {
     let (status, body) = http(addr, "GET", &format!("{POLLING}{query}"), "", "");
@@ -296,6 +304,41 @@ fn malformed_packets_get_clear_errors_never_a_crash() {
         post(addr, &sid, "42[\"chat message\",\"still here\"]").0,
         200
     );
+}
+
+#[test]
+fn a_polling_body_over_max_payload_is_read_and_answered_413() {
+    let server = start(config());
+    let addr = server.addr();
+    let (sid, open) = open_polling(addr, "");
+    assert_eq!(metric(addr, "wschat_socketio_sessions"), 1);
+    // 1 MiB from a client with a small send buffer: it is still writing when the server
+    // answers, so a server that did not read the body would reset the connection under it.
+    let big = 1 << 20;
+    assert!(open["maxPayload"].as_u64().unwrap() < big as u64);
+    let stream = TcpStream::connect(addr).unwrap();
+    socket2::SockRef::from(&stream)
+        .set_send_buffer_size(16 * 1024)
+        .unwrap();
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    let head = format!(
+        "POST {POLLING}&sid={sid} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {big}\r\n\r\n"
+    );
+    let request = [head.into_bytes(), vec![b'4'; big]].concat();
+    (&stream)
+        .write_all(&request)
+        .expect("the server reads the body");
+    let mut response = String::new();
+    (&stream).read_to_string(&mut response).expect("the answer");
+    assert!(response.starts_with("HTTP/1.1 413"), "{response}");
+    assert!(response.contains("maxPayload"), "{response}");
+    assert_eq!(get(addr, &sid).0, 400, "the session is closed");
+    let deadline = Instant::now() + WAIT;
+    while metric(addr, "wschat_socketio_sessions") != 0 {
+        assert!(Instant::now() < deadline, "the ended session is forgotten");
+        thread::sleep(Duration::from_millis(20));
+    }
+    server.shutdown();
 }
 
 #[test]

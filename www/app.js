@@ -48,6 +48,9 @@ const NAME_MAX_CHARS = 32; // the server's limit (docs/PROTOCOL.md)
 /** Free variants of a remembered name tried (name-2 ... name-5) before keeping the guest name;
  * within the server's burst of 5 name changes, so none is refused for its rate. */
 const MAX_NAME_VARIANTS = 4;
+/** Pages of older history (at most 1,000 messages or 1 MiB each) fetched when a welcome says
+ * `more`: what one page load may ask of the server. */
+const OLDER_PAGES = 16;
 
 const $ = (id) => document.getElementById(id);
 const ui = {
@@ -75,6 +78,7 @@ const state = {
   privateTo: null,       // name private messages go to, or null
   unread: 0,             // messages received while the tab was hidden
   lastSent: '',          // text of the last message sent (put back if the server refuses it)
+  held: null,            // frames that arrived while older history was fetched (null: not fetching)
 };
 
 const list = new MessageList(ui.messages, $('new-messages'));
@@ -128,6 +132,10 @@ function handleClose(event) {
 // ---- frames from the server ----------------------------------------------------------------
 
 function handleFrame(frame) {
+  if (state.held) {
+    state.held.push(frame); // shown after the older history, so the list stays in id order
+    return;
+  }
   switch (frame.type) {
     case 'welcome': return onWelcome(frame);
     case 'room': return onRoom(frame);
@@ -144,27 +152,75 @@ function handleFrame(frame) {
 
 function onWelcome(frame) {
   const reconnect = state.inRoom && frame.room === state.room;
+  const since = reconnect ? state.lastId : 0; // what connectUrl asked for
   setMe(frame.name);
   if (frame.name === state.wantedName && state.nameTyped) rememberName(frame.name);
   state.serverRoom = frame.room;
   if (frame.room !== state.room) setRoom(frame.room);
   setUsers(frame.users, frame.count);
+  withOlder(frame, since, (history) => {
+    if (reconnect) {
+      const missed = history.filter((m) => !list.has(m.id));
+      list.addDivider(missed.length === 0
+        ? 'reconnected — no missed messages'
+        : `reconnected — ${missed.length} missed message${missed.length === 1 ? '' : 's'}`);
+      if (frame.truncated) list.addNotice('some messages could not be recovered', 'warning');
+      missed.forEach(showMessage);
+    } else {
+      list.clear();
+      if (frame.truncated) list.addNotice('some messages could not be recovered', 'warning');
+      history.forEach(showMessage);
+    }
+    resumeFrom(frame.last_id);
+    state.inRoom = true;
+    refreshRoomsSoon();
+  });
+}
+
+/**
+ * Calls `show` with the history of a welcome or room frame. When the frame says `more` (older
+ * kept messages did not fit in it), fetches those first from the HTTP API and puts them before
+ * it; frames arriving meanwhile wait in `state.held` and are handled after.
+ */
+function withOlder(frame, since, show) {
   const history = Array.isArray(frame.history) ? frame.history : [];
-  if (reconnect) {
-    const missed = history.filter((m) => !list.has(m.id));
-    list.addDivider(missed.length === 0
-      ? 'reconnected — no missed messages'
-      : `reconnected — ${missed.length} missed message${missed.length === 1 ? '' : 's'}`);
-    if (frame.truncated) list.addNotice('some messages could not be recovered', 'warning');
-    missed.forEach(showMessage);
-  } else {
-    list.clear();
-    if (frame.truncated) list.addNotice('some messages could not be recovered', 'warning');
-    history.forEach(showMessage);
+  if (!frame.more) {
+    show(history);
+    return;
   }
-  resumeFrom(frame.last_id);
-  state.inRoom = true;
-  refreshRoomsSoon();
+  state.held = [];
+  const beforeId = history.length > 0 ? history[0].id : Infinity;
+  fetchOlder(frame.room, since, beforeId)
+    .catch((err) => {
+      console.warn('wschat: older messages not loaded:', err);
+      list.addNotice('older messages could not be loaded', 'warning');
+      return [];
+    })
+    .then((older) => {
+      show([...older, ...history]);
+      const held = state.held;
+      state.held = null;
+      held.forEach(handleFrame);
+    });
+}
+
+/** The kept messages of `room` after `since` and before `beforeId`, oldest first, paged
+ * forward through `GET /api/rooms/<room>/messages` (docs/PROTOCOL.md, "Paging history"). */
+async function fetchOlder(room, since, beforeId) {
+  const older = [];
+  let after = since;
+  for (let page = 0; page < OLDER_PAGES; page += 1) {
+    const query = new URLSearchParams({ since: String(after), limit: '1000' });
+    const path = `/api/rooms/${encodeURIComponent(room)}/messages?${query}`;
+    const response = await fetch(path, { cache: 'no-store' });
+    if (!response.ok) throw new Error(`${path}: HTTP ${response.status}`);
+    const { messages = [], more } = await response.json();
+    const wanted = messages.filter((m) => m.id < beforeId);
+    older.push(...wanted);
+    if (!more || wanted.length < messages.length || messages.length === 0) break;
+    after = messages[messages.length - 1].id;
+  }
+  return older;
 }
 
 /** `last_id` of a welcome or room frame: what to pass as `since` (history may be empty). */
@@ -178,11 +234,13 @@ function onRoom(frame) {
   list.clear();
   state.lastId = 0;
   setUsers(frame.users, frame.count);
-  if (frame.truncated) list.addNotice('some messages could not be recovered', 'warning');
-  (Array.isArray(frame.history) ? frame.history : []).forEach(showMessage);
-  resumeFrom(frame.last_id);
-  state.inRoom = true;
-  refreshRoomsSoon();
+  withOlder(frame, 0, (history) => {
+    if (frame.truncated) list.addNotice('some messages could not be recovered', 'warning');
+    history.forEach(showMessage);
+    resumeFrom(frame.last_id);
+    state.inRoom = true;
+    refreshRoomsSoon();
+  });
 }
 
 function onMessage(frame) {

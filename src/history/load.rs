@@ -1,7 +1,8 @@
 //! Reading the history file back at start: checked line by line, never trusted.
 //!
 //! A line becomes history only if it is a room message (never a private one) with a valid room
-//! and an id above every earlier one and at most [`MAX_ID`]. A line longer than the bound is not
+//! and an id above every earlier one and at most [`MAX_ID`]; a `next_id` line moves the id
+//! counter, and a `forget` line drops what came before it of a room given up whole. A line longer than the bound is not
 //! read into memory. Every line that fails is copied, as it was, to `history.jsonl.rejected`
 //! next to the file, with a warning naming its line number; nothing is dropped silently. This
 //! module only reads the file (and appends to the rejected one); it never rewrites it.
@@ -10,7 +11,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 
-use super::store::{self, NextId};
+use super::store::{self, Forgotten, NextId};
 use super::{History, MAX_ID, Stored};
 use crate::protocol::{self, ChatMessage};
 
@@ -63,6 +64,7 @@ pub(super) fn load(history: &mut History, path: &Path, max_line: usize) -> io::R
         match verdict {
             Verdict::Blank => {}
             Verdict::NextId(next) => history.next_id = history.next_id.max(next),
+            Verdict::Forget(room, up_to) => history.forget_loaded(&room, up_to),
             Verdict::Message(msg) => {
                 last_id = msg.id;
                 history.next_id = history.next_id.max(msg.id + 1);
@@ -93,6 +95,7 @@ pub(super) fn load(history: &mut History, path: &Path, max_line: usize) -> io::R
 enum Verdict {
     Blank,
     NextId(u64),
+    Forget(String, u64),
     Message(ChatMessage),
     Reject(String),
 }
@@ -110,6 +113,12 @@ fn check(line: &[u8], last_id: u64) -> Verdict {
         return match next_id {
             0..=MAX_ID => Verdict::NextId(next_id),
             _ => Verdict::Reject(format!("next id {next_id} is above {MAX_ID}")),
+        };
+    }
+    if let Ok(Forgotten { forget, up_to }) = serde_json::from_str(text) {
+        return match protocol::check_room(&forget) {
+            Ok(_) => Verdict::Forget(forget, up_to),
+            Err(_) => Verdict::Reject(format!("invalid room name {forget:?}")),
         };
     }
     let Ok(msg) = serde_json::from_str::<ChatMessage>(text) else {
@@ -261,6 +270,7 @@ mod tests {
         let verdict = |line: &str, last| match check(line.as_bytes(), last) {
             Verdict::Message(m) => format!("message {}", m.id),
             Verdict::NextId(n) => format!("next {n}"),
+            Verdict::Forget(room, up_to) => format!("forget {room} {up_to}"),
             Verdict::Blank => "blank".into(),
             Verdict::Reject(why) => why,
         };
@@ -271,6 +281,8 @@ mod tests {
         assert!(verdict(&msg(5, r#","to":"b""#), 0).contains("private"));
         assert_eq!(verdict(r#"{"next_id":9}"#, 0), "next 9");
         assert!(verdict(&format!(r#"{{"next_id":{}}}"#, u64::MAX), 0).contains("above"));
+        assert_eq!(verdict(r#"{"forget":"r","up_to":5}"#, 5), "forget r 5");
+        assert!(verdict(r#"{"forget":"no room!","up_to":5}"#, 5).contains("invalid room"));
         assert_eq!(verdict("  ", 0), "blank");
         assert!(verdict("{\"type\":\"mess", 0).contains("torn"));
         assert!(matches!(check(b"\xff\xfe", 0), Verdict::Reject(_)));

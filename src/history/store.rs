@@ -54,6 +54,16 @@ pub(super) struct NextId {
     pub next_id: u64,
 }
 
+/// A room given up whole to free its slot (`History::forget_quietest`): at the next start its
+/// older lines are not history again. Compaction, which keeps only live rooms, drops both.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Forgotten {
+    pub forget: String,
+    /// The room's newest message id when it was forgotten.
+    pub up_to: u64,
+}
+
 /// A rewrite in progress in a helper thread.
 struct Compaction {
     tmp: PathBuf,
@@ -126,7 +136,16 @@ impl Store {
     }
 
     pub fn stage_next_id(&mut self, next_id: u64) {
-        if let Ok(line) = serde_json::to_vec(&NextId { next_id }) {
+        self.stage_record(&NextId { next_id });
+    }
+
+    pub fn stage_forgotten(&mut self, room: &str, up_to: u64) {
+        let forget = room.to_owned();
+        self.stage_record(&Forgotten { forget, up_to });
+    }
+
+    fn stage_record(&mut self, record: &impl serde::Serialize) {
+        if let Ok(line) = serde_json::to_vec(record) {
             self.pending.extend_from_slice(&line);
             self.pending.push(b'\n');
         }

@@ -3,9 +3,10 @@
 //! another. Writing to a local socket also wakes the reader, which is most of its cost.
 //!
 //! Every client always goes through the same lane (its id modulo the lane count; lane 0 is the
-//! dispatcher itself), so its frames keep their order. A courier only calls [`Outlet::send`],
-//! which never blocks, and reports a client the outlet finds too slow to the dispatcher, which
-//! alone may drop it. Couriers know nothing of rooms or history.
+//! dispatcher's own thread, see [`super::Delivery`]), so its frames keep their order. A courier
+//! only calls [`Outlet::send`], which never blocks, and reports a client the outlet finds too slow
+//! back to the delivery, whose caller alone may drop it. Couriers know nothing of rooms or
+//! history.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -59,7 +60,7 @@ impl Parcel {
     }
 }
 
-/// The courier threads, and the parcels the dispatcher is filling for them.
+/// The courier threads, and the parcels the dispatcher's thread is filling for them.
 pub struct Couriers {
     lanes: Vec<Lane>,
     reports: Receiver<ClientId>,
@@ -73,13 +74,18 @@ struct Lane {
     thread: JoinHandle<()>,
 }
 
+/// One courier per core beyond the dispatcher's own, at most `MAX_COURIERS`.
+pub fn wanted() -> usize {
+    let cores = thread::available_parallelism().map_or(1, |n| n.get());
+    (cores - 1).min(MAX_COURIERS)
+}
+
 impl Couriers {
-    /// One courier per core beyond the dispatcher's own, at most `MAX_COURIERS`.
-    pub fn start(metrics: &Arc<Metrics>) -> std::io::Result<Couriers> {
-        let cores = thread::available_parallelism().map_or(1, |n| n.get());
+    /// Starts `count` courier threads (none: the dispatcher's thread writes everything).
+    pub fn start(count: usize, metrics: &Arc<Metrics>) -> std::io::Result<Couriers> {
         let (report, reports) = bounded(SLOW_REPORTS);
         let mut lanes = Vec::new();
-        for n in 1..cores.min(MAX_COURIERS + 1) {
+        for n in 1..=count {
             let (parcels, inbox) = bounded::<Parcel>(PARCELS_IN_FLIGHT);
             let (empty, empties) = bounded(PARCELS_IN_FLIGHT);
             let (report, metrics) = (report.clone(), metrics.clone());
