@@ -20,10 +20,11 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::{self, Thread};
 use std::time::{Duration, Instant};
 
-/// Parked threads kept at most. Each costs its trimmed stack (about 8 KiB resident, the top
-/// page with the thread's control block and the parked frames) and a 16 KiB kernel stack:
-/// 1.5 MiB for all of them. 64 is more than a 2-core server starts in the time one connection
-/// lives through a churn (connect, one message, close: about a millisecond).
+/// Parked threads kept at most. Each costs the stack pages its last connection touched (8 KiB
+/// resident once trimmed: the top page with the thread's control block, and the parked frames)
+/// and a 16 KiB kernel stack: at most 2 MiB for all of them, 1.5 MiB once trimmed. Churning
+/// clients need as many as overlap at once (a handful for 4 churning threads); more would only
+/// keep the peak of a burst.
 pub const MAX_PARKED_THREADS: usize = 64;
 /// A parked thread keeps its stack pages this long, then gives them back: under churn the next
 /// connection comes within milliseconds and would only fault the pages in again.
