@@ -23,7 +23,8 @@
 //! ```
 //!
 //! 1. [`listener`] accepts a TCP connection on the one public port, if [`admission`] lets it
-//!    (descriptor budget, per-address shares and rates), and gives it a thread, the front door:
+//!    (descriptor budget, per-address shares and rates), and gives it a thread ([`pool`]: one a
+//!    finished connection left parked, or a new one), the front door:
 //!    it reads a request head ([`request`], bounded in size and time) and either answers plain
 //!    HTTP on the spot ([`http`]: the page, the API, health, metrics) or checks a WebSocket
 //!    upgrade ([`handshake`]: path, origin, client caps).
@@ -98,6 +99,7 @@ mod history;
 mod listener;
 mod metrics;
 mod outlet;
+mod pool;
 mod ratelimit;
 mod reactor;
 #[cfg(feature = "tls")]
@@ -122,6 +124,8 @@ pub use config::Config;
 use dispatcher::{Event, Hub, HubLimits};
 use listener::Front;
 pub use metrics::Metrics;
+/// How a test counts the connection threads parked for the next connection, and their bound.
+pub use pool::{MAX_PARKED_THREADS, PARKED_THREAD_NAME};
 
 /// Events waiting for the dispatcher. When full, sessions wait (and so their clients, through
 /// TCP): the dispatcher itself never waits.

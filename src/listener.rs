@@ -1,5 +1,6 @@
 //! The front door: one blocking `std::net::TcpListener` on the one public port, whose accept loop
-//! gives every connection its own thread. That thread reads the request head (bounded in size
+//! gives every connection its own thread (from the [`Pool`]: one that a finished connection left
+//! parked, or a new one). That thread reads the request head (bounded in size
 //! and time, [`crate::request`]) and then either upgrades it to a WebSocket ([`handshake`], then
 //! the [`session`]), hands it to the socket.io door ([`sio_door`], for `/socket.io/`: polling
 //! requests, or a WebSocket in socket.io's dialect), or answers it as plain HTTP ([`http`]),
@@ -24,6 +25,7 @@ use crate::dispatcher::Event;
 use crate::handshake::{self, Policy};
 use crate::http::{self, HttpShared};
 use crate::metrics::{Metrics, Rejection};
+use crate::pool::{Job, Pool};
 use crate::ratelimit::AddressBuckets;
 use crate::reactor::Reactor;
 use crate::request::{self, HeadError, Request};
@@ -183,7 +185,12 @@ struct Registered<'a> {
 impl Drop for Registered<'_> {
     fn drop(&mut self) {
         self.front.streams().remove(&self.id);
-        self.front.ended.notify_all();
+        // Only shutdown waits for connections to end, once `stopping` is set: before that, a
+        // wake-up (a syscall, even with no one waiting) per connection would be for nobody.
+        // A waiter checks the map under the same lock, so it cannot miss this removal.
+        if self.front.stopping.load(Relaxed) {
+            self.front.ended.notify_all();
+        }
     }
 }
 
@@ -198,14 +205,19 @@ impl Drop for AtDoor<'_> {
 
 /// Accepts until [`Front::stopping`] is set (and the listener is poked with a connection).
 /// An accept error (out of descriptors, most likely) pauses the loop; it never ends it.
+/// Connection threads come from a [`Pool`] that lives as long as the loop: when it ends, the
+/// parked threads end too.
 pub fn accept_loop(listener: TcpListener, front: Arc<Front>) {
+    let pool = Pool::new(SESSION_STACK_BYTES);
     let mut failures = 0u64;
-    for conn in listener.incoming() {
+    loop {
+        // `accept` rather than `incoming`: it gives the peer's address, so no `getpeername`.
+        let accepted = listener.accept();
         if front.stopping.load(Relaxed) {
             break;
         }
-        match conn {
-            Ok(stream) => admit(&front, stream),
+        match accepted {
+            Ok((stream, peer)) => admit(&front, &pool, stream, peer),
             Err(e) => {
                 failures += 1;
                 if failures.is_power_of_two() {
@@ -220,8 +232,7 @@ pub fn accept_loop(listener: TcpListener, front: Arc<Front>) {
 
 /// Gives an accepted connection a thread, or turns it away at once (on this thread, without
 /// blocking: the accept loop never waits on a client).
-fn admit(front: &Arc<Front>, stream: TcpStream) {
-    let Ok(peer) = stream.peer_addr() else { return }; // reset before we looked
+fn admit(front: &Arc<Front>, pool: &Pool, stream: TcpStream, peer: SocketAddr) {
     // Before anything is read: what a client may push into the kernel for this socket.
     let _ = socket2::SockRef::from(&stream).set_recv_buffer_size(RECEIVE_BUFFER_BYTES);
     let ticket = match front.admission.admit(peer.ip(), Instant::now()) {
@@ -230,14 +241,13 @@ fn admit(front: &Arc<Front>, stream: TcpStream) {
     };
     let id = front.next_id();
     let stream = Arc::new(stream);
-    // Register before spawning, so shutdown never misses a socket.
+    // Register before the hand-off, so shutdown never misses a socket.
     front.streams().insert(id, stream.clone());
     front.metrics.handshakes_pending.fetch_add(1, Relaxed);
     let thread_front = front.clone();
-    let spawned = thread::Builder::new()
-        .name(format!("conn-{id}"))
-        .stack_size(SESSION_STACK_BYTES)
-        .spawn(move || {
+    let job = Job {
+        name: format!("conn-{id}"),
+        run: Box::new(move || {
             let front = &*thread_front;
             let registered = Registered { front, id };
             let at_door = AtDoor(&front.metrics);
@@ -249,8 +259,9 @@ fn admit(front: &Arc<Front>, stream: TcpStream) {
                 log::error!("connection {id} from {peer}: its thread panicked; cleaned up");
             }
             drop(registered);
-        });
-    if let Err(e) = spawned {
+        }),
+    };
+    if let Err(e) = pool.run(job) {
         warn!("cannot start a thread for {peer}: {e}");
         front.metrics.handshakes_pending.fetch_sub(1, Relaxed);
         front.streams().remove(&id);

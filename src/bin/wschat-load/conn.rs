@@ -599,10 +599,13 @@ pub fn socketio_connect(ws: &mut Ws) -> Result<(), String> {
     }
 }
 
-/// Whether a frame is wschat's `welcome` event.
+/// Whether a frame is wschat's `welcome` event. wschat writes `type` first, so its welcomes are
+/// known by their first bytes; anything else is parsed. (A welcome carries the room's history,
+/// up to 256 KiB: parsing each whole cost the tool more CPU than the server spent on it.)
 pub fn is_welcome(frame: &str) -> bool {
-    serde_json::from_str::<serde_json::Value>(frame)
-        .is_ok_and(|v| v.get("type").and_then(|t| t.as_str()) == Some("welcome"))
+    frame.starts_with(r#"{"type":"welcome","#)
+        || serde_json::from_str::<serde_json::Value>(frame)
+            .is_ok_and(|v| v.get("type").and_then(|t| t.as_str()) == Some("welcome"))
 }
 
 /// Encodes a masked client text frame (RFC 6455 §5.2) into `out`, for the writer thread that
@@ -729,6 +732,7 @@ mod tests {
             Some("rate_limited")
         );
         assert!(is_welcome(r#"{ "type": "welcome", "client_id": 1 }"#));
+        assert!(is_welcome(r#"{"type":"welcome","client_id":1}"#));
         assert!(!is_welcome(
             r#"{"type":"message","text":"\"type\":\"welcome\""}"#
         ));
