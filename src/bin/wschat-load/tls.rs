@@ -14,9 +14,9 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, RootCertStore};
 
-/// Raw bytes read from the socket per call, decrypted before the next read: one full TLS
-/// record, so a large frame needs no more reads than without TLS.
-const RAW_READ_BYTES: usize = 17 * 1024;
+/// Raw bytes read from the socket per call, decrypted before the next read: no more than rustls
+/// holds of decrypted bytes (16 KiB), which it would otherwise refuse ("plaintext buffer full").
+const RAW_READ_BYTES: usize = 16 * 1024;
 
 /// What a wss target needs: whom to trust, and the name to check the certificate against.
 #[derive(Clone)]
