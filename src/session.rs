@@ -60,6 +60,8 @@ use crate::wire::{TlsSession, Wire};
 /// message only takes more reads (one `recv` per turn of the session's loop, each returning at
 /// once while the client's bytes wait in the socket).
 const READ_BUFFER_BYTES: usize = 512;
+/// Encrypted bytes a TLS session reads from its socket at once: one full TLS record.
+const TLS_READ_BYTES: usize = 16 * 1024 + 256;
 /// Capacity of the buffer for the session's own frames kept between flushes.
 const KEEP_OUT_BUFFER_BYTES: usize = 1024;
 /// At the end: how long each last write may make no progress, and how long to wait for the
@@ -762,6 +764,8 @@ pub struct Conn {
     stream: Arc<TcpStream>,
     /// A TLS client's session: what is read is decrypted through it.
     tls: Option<TlsSession>,
+    /// Encrypted bytes read but not yet taken by rustls (it takes none while plaintext waits).
+    tls_left: Vec<u8>,
     outlet: Arc<Outlet>,
     out: Vec<u8>,
     /// The outlet found the backlog over its bounds when the last frames were handed to it.
@@ -781,6 +785,7 @@ impl Conn {
         Conn {
             stream,
             tls,
+            tls_left: Vec::new(),
             outlet,
             out: Vec::new(),
             too_slow: false,
@@ -852,19 +857,28 @@ impl Conn {
     /// turn's `recv` of encrypted bytes, made without the TLS lock (the outlet may be encrypting
     /// meanwhile) and decrypted under it. The byte rate counts encrypted bytes, as they came.
     fn read_tls(&mut self, tls: &TlsSession, buf: &mut [u8]) -> io::Result<usize> {
-        match tls.read_plain(buf) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            done => return done,
-        }
-        // On the stack only while reading: the session gives the pages back when idle.
-        let mut raw = [0u8; TlsSession::MAX_OPEN_BYTES];
-        let n = self.recv(&mut raw)?;
-        tls.open(&raw[..n])?;
-        match tls.read_plain(buf) {
-            // The end of the stream: rustls says whether it was a clean one.
-            result if n == 0 => result.or(Ok(0)),
-            // Part of a record: the next turn reads the rest.
-            result => result,
+        loop {
+            match tls.read_plain(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                done => return done,
+            }
+            if !self.tls_left.is_empty() {
+                let taken = tls.open(&self.tls_left)?;
+                self.tls_left.drain(..taken);
+                if taken == 0 || self.tls_left.is_empty() {
+                    self.tls_left = Vec::new(); // an idle connection keeps no buffer
+                }
+                continue;
+            }
+            // On the stack only while reading: the session gives the pages back when idle.
+            let mut raw = [0u8; TLS_READ_BYTES];
+            let n = self.recv(&mut raw)?;
+            let taken = tls.open(&raw[..n])?;
+            if n == 0 {
+                // The end of the stream: rustls says whether it was a clean one.
+                return tls.read_plain(buf).or(Ok(0));
+            }
+            self.tls_left.extend_from_slice(&raw[taken..n]);
         }
     }
 

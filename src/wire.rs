@@ -132,12 +132,6 @@ pub struct TlsSession(Arc<Mutex<rustls::ServerConnection>>);
 #[derive(Clone)]
 pub enum TlsSession {}
 
-impl TlsSession {
-    /// rustls holds up to 16 KiB of decrypted bytes not yet read; fed no more than that at
-    /// once, with its plaintext taken in between, it never refuses bytes.
-    pub const MAX_OPEN_BYTES: usize = 16 * 1024;
-}
-
 #[cfg(feature = "tls")]
 impl TlsSession {
     fn lock(&self) -> MutexGuard<'_, rustls::ServerConnection> {
@@ -160,17 +154,18 @@ impl TlsSession {
     }
 
     /// Decrypts bytes the session read from the socket (an empty slice: the end of the
-    /// stream); the plaintext waits for [`TlsSession::read_plain`]. At most
-    /// [`TlsSession::MAX_OPEN_BYTES`] at once, so the plaintext always fits rustls' buffer for
-    /// it; bytes after the peer's `close_notify` are ignored.
-    pub fn open(&self, mut raw: &[u8]) -> io::Result<()> {
-        debug_assert!(raw.len() <= Self::MAX_OPEN_BYTES);
+    /// stream), from the front, until some plaintext is ready for [`TlsSession::read_plain`];
+    /// returns how many it took. rustls takes no more while 16 KiB of plaintext wait, so the
+    /// caller keeps the rest until it has read the plaintext. Nothing is taken after the peer's
+    /// `close_notify`.
+    pub fn open(&self, raw: &[u8]) -> io::Result<usize> {
         let mut conn = self.lock();
+        let mut rest = raw;
         loop {
-            let taken = conn.read_tls(&mut raw)?;
-            conn.process_new_packets().map_err(io::Error::other)?;
-            if taken == 0 || raw.is_empty() {
-                return Ok(());
+            let taken = conn.read_tls(&mut rest)?;
+            let state = conn.process_new_packets().map_err(io::Error::other)?;
+            if taken == 0 || rest.is_empty() || state.plaintext_bytes_to_read() > 0 {
+                return Ok(raw.len() - rest.len());
             }
         }
     }
@@ -212,7 +207,7 @@ impl TlsSession {
         match *self {}
     }
 
-    pub fn open(&self, _: &[u8]) -> io::Result<()> {
+    pub fn open(&self, _: &[u8]) -> io::Result<usize> {
         match *self {}
     }
 

@@ -69,6 +69,9 @@ pub struct Conn {
     /// A `wss://` connection's TLS state (shared with the latency writer).
     #[cfg(feature = "tls")]
     tls: Option<Arc<crate::tls::TlsConn>>,
+    /// Encrypted bytes read but not yet decrypted (wss).
+    #[cfg(feature = "tls")]
+    tls_left: Vec<u8>,
     wbuf: Vec<u8>,
     pub wlock: Arc<Mutex<()>>,
     nonblocking: bool,
@@ -80,6 +83,8 @@ impl Conn {
             tcp,
             #[cfg(feature = "tls")]
             tls: None,
+            #[cfg(feature = "tls")]
+            tls_left: Vec::new(),
             wbuf: Vec::new(),
             wlock: Arc::new(Mutex::new(())),
             nonblocking: false,
@@ -160,7 +165,7 @@ impl Read for Conn {
         }
         #[cfg(feature = "tls")]
         if let Some(tls) = &self.tls {
-            return tls.read(&self.tcp, buf);
+            return tls.read(&self.tcp, &mut self.tls_left, buf);
         }
         self.tcp.read(buf)
     }
@@ -393,6 +398,8 @@ pub fn io_kind(e: &io::Error) -> String {
         }
         io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => "timeout".into(),
         io::ErrorKind::UnexpectedEof => "eof".into(),
+        // TLS errors (wss) come as `Other`: their text says which.
+        io::ErrorKind::Other | io::ErrorKind::InvalidData => format!("{e}"),
         k => format!("{k:?}").to_lowercase(),
     }
 }

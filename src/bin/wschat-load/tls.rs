@@ -14,9 +14,8 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, RootCertStore};
 
-/// Raw bytes read from the socket per call, decrypted before the next read: no more than rustls
-/// holds of decrypted bytes (16 KiB), which it would otherwise refuse ("plaintext buffer full").
-const RAW_READ_BYTES: usize = 16 * 1024;
+/// Raw bytes read from the socket per call: one full TLS record.
+const RAW_READ_BYTES: usize = 16 * 1024 + 256;
 
 /// What a wss target needs: whom to trust, and the name to check the certificate against.
 #[derive(Clone)]
@@ -68,23 +67,38 @@ impl TlsConn {
         self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Plaintext, reading (and decrypting) from `tcp` when none is waiting.
-    pub fn read(&self, tcp: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    /// Plaintext, reading (and decrypting) from `tcp` when none is waiting. rustls takes no
+    /// encrypted bytes while 16 KiB of plaintext wait: what it did not take waits in `left`.
+    pub fn read(&self, tcp: &TcpStream, left: &mut Vec<u8>, buf: &mut [u8]) -> io::Result<usize> {
         loop {
             match self.lock().reader().read(buf) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 done => return done,
             }
-            let mut raw = [0; RAW_READ_BYTES];
-            let n = (&*tcp).read(&mut raw)?;
-            let mut conn = self.lock();
-            let mut rest = &raw[..n];
-            loop {
-                conn.read_tls(&mut rest)?; // at the end of stream: tells rustls so
-                conn.process_new_packets().map_err(io::Error::other)?;
-                if rest.is_empty() {
-                    break;
+            if left.is_empty() {
+                let mut raw = [0; RAW_READ_BYTES];
+                let n = (&*tcp).read(&mut raw)?;
+                left.extend_from_slice(&raw[..n]);
+                if n == 0 {
+                    self.feed(&mut &[][..])?; // tells rustls the stream ended
+                    continue;
                 }
+            }
+            let mut rest = &left[..];
+            self.feed(&mut rest)?;
+            let taken = left.len() - rest.len();
+            left.drain(..taken);
+        }
+    }
+
+    /// Decrypts from the front of `rest` until plaintext is ready or nothing more is taken.
+    fn feed(&self, rest: &mut &[u8]) -> io::Result<()> {
+        let mut conn = self.lock();
+        loop {
+            let taken = conn.read_tls(rest)?;
+            let state = conn.process_new_packets().map_err(io::Error::other)?;
+            if taken == 0 || rest.is_empty() || state.plaintext_bytes_to_read() > 0 {
+                return Ok(());
             }
         }
     }
