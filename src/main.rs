@@ -58,7 +58,8 @@ fn run(config: Config) -> ExitCode {
         handle.ws_url()
     );
     if handle.addr().ip().is_unspecified() {
-        print_lan_urls(handle.addr().port());
+        let scheme = if handle.is_tls() { "https" } else { "http" };
+        print_lan_urls(scheme, handle.addr().port());
     }
     wait_for_stop(&handle, &signals);
     log::info!("signal received: shutting down");
@@ -126,12 +127,12 @@ fn reload(handle: &Handle) {
 fn reload(_: &Handle) {}
 
 /// Bound to every address: say where the machine's neighbours can open the page too.
-fn print_lan_urls(port: u16) {
+fn print_lan_urls(scheme: &str, port: u16) {
     let addresses = if_addrs::get_if_addrs().unwrap_or_default();
     let lan: Vec<String> = addresses
         .iter()
         .filter(|a| !a.is_loopback() && a.ip().is_ipv4())
-        .map(|a| format!("http://{}:{port}/", a.ip()))
+        .map(|a| format!("{scheme}://{}:{port}/", a.ip()))
         .collect();
     if lan.is_empty() {
         println!(
