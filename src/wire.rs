@@ -44,16 +44,6 @@ impl Wire {
         }
     }
 
-    /// Whether this connection speaks TLS.
-    pub fn is_tls(&self) -> bool {
-        self.tls.is_some()
-    }
-
-    /// The socket underneath (for the registry of open sockets, which cuts them at shutdown).
-    pub fn tcp(&self) -> &Arc<TcpStream> {
-        &self.tcp
-    }
-
     /// The socket and the TLS session, for the session and its outlet.
     pub fn into_parts(self) -> (Arc<TcpStream>, Option<TlsSession>) {
         (self.tcp, self.tls)
@@ -73,10 +63,6 @@ impl Wire {
 
     pub fn set_nodelay(&self, nodelay: bool) -> io::Result<()> {
         self.tcp.set_nodelay(nodelay)
-    }
-
-    pub fn set_nonblocking(&self, nonblocking: bool) -> io::Result<()> {
-        self.tcp.set_nonblocking(nonblocking)
     }
 
     /// Shuts the socket down; a TLS wire first tells its peer with a `close_notify` alert when
