@@ -133,14 +133,8 @@ impl Delivery {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::outlet::Bounds;
-    use crate::outlet::testing::{Recorder, recording};
+    use crate::outlet::testing::{ROOMY, Recorder, recording};
 
-    const BOUNDS: Bounds = Bounds {
-        frames: 1 << 20,
-        bytes: 1 << 30,
-        total_bytes: 1 << 30,
-    };
     /// Couriers in these tests: lanes 0 to 3, so clients 1 to 8 use every lane twice.
     const COURIERS: usize = 3;
     const CLIENTS: u64 = 8;
@@ -151,7 +145,7 @@ mod tests {
         let mut delivery = Delivery::with_couriers(COURIERS, metrics.clone()).unwrap();
         let recorders = (1..=CLIENTS)
             .map(|id| {
-                let (outlet, recorder) = recording(&metrics, BOUNDS);
+                let (outlet, recorder) = recording(&metrics, ROOMY);
                 delivery.add(id, outlet);
                 recorder
             })

@@ -902,15 +902,8 @@ mod tests {
     use super::*;
     use crate::config::Fsync;
     use crate::history::Settings;
-    use crate::outlet::Bounds;
-    use crate::outlet::testing::{Recorder, recording};
+    use crate::outlet::testing::{ROOMY, Recorder, recording};
 
-    /// Bounds no test reaches: a client is slow only when its recorder says so.
-    const BOUNDS: Bounds = Bounds {
-        frames: 1 << 20,
-        bytes: 1 << 30,
-        total_bytes: 1 << 30,
-    };
     const PRESENCE_LIMIT: usize = 3;
 
     /// A hub with in-memory history and inline delivery, and its clients' recorders.
@@ -952,7 +945,7 @@ mod tests {
 
         /// Connects client `id` (`?name=...&since=...` in `room`) and ends the batch.
         fn connect(&mut self, id: ClientId, name: Option<&str>, room: &str, since: Option<u64>) {
-            let (outlet, recorder) = recording(&self.metrics, BOUNDS);
+            let (outlet, recorder) = recording(&self.metrics, ROOMY);
             self.recorders.insert(id, recorder);
             let arrival = Arrival {
                 ip: [192, 0, 2, 1].into(),

@@ -719,6 +719,13 @@ fn seal_own(tls: &TlsSession, bytes: &[u8]) -> Vec<u8> {
 pub mod testing {
     use super::*;
 
+    /// Bounds no test reaches: a client is too slow only when a test makes it so.
+    pub const ROOMY: Bounds = Bounds {
+        frames: 1 << 20,
+        bytes: 1 << 30,
+        total_bytes: 1 << 30,
+    };
+
     /// A queue that records frames; `slow` makes every push report the client too slow.
     #[derive(Default)]
     pub struct Recorder {
@@ -765,7 +772,7 @@ pub mod testing {
 
 #[cfg(test)]
 mod tests {
-    use super::testing::Recorder;
+    use super::testing::{ROOMY, Recorder};
     use super::*;
     use crate::reactor::Reactor;
     use std::io::Read;
@@ -865,12 +872,6 @@ mod tests {
     /// Kernel buffer asked for on each side of a narrow pair: the kernel's minimum, about
     /// 4 KiB, so a few dozen KiB fill the connection.
     const TINY_BUFFER: usize = 1;
-    /// Bounds a narrow pair's tests never reach.
-    const ROOMY: Bounds = Bounds {
-        frames: 1 << 20,
-        bytes: 1 << 30,
-        total_bytes: 1 << 30,
-    };
 
     /// A connected pair that holds little in flight: the server's end has the smallest send
     /// buffer. (The client's receive buffer keeps its size: a tiny window makes TCP wait for

@@ -86,24 +86,9 @@ fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) -> Du
     start.elapsed()
 }
 
-/// A value from `GET /metrics` (Prometheus text), e.g. `wschat_connections`.
-fn metric(server: &Handle, series: &str) -> u64 {
-    let (status, _, body) = http_get(server.http_addr(), "/metrics");
-    assert_eq!(status, 200, "GET /metrics");
-    body.lines()
-        .find_map(|l| {
-            l.strip_prefix(series)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or_else(|| panic!("no {series} in /metrics:\n{body}"))
-}
-
 fn rejected(server: &Handle, reason: &str) -> u64 {
     metric(
-        server,
+        server.http_addr(),
         &format!("wschat_handshakes_rejected_total{{reason=\"{reason}\"}}"),
     )
 }
@@ -864,7 +849,7 @@ fn a_silent_client_is_dropped_after_two_ping_intervals() {
         at += used;
     }
     assert!(pings >= 1, "no ping before the drop");
-    assert_eq!(metric(&server, "wschat_connections"), 0);
+    assert_eq!(metric(server.http_addr(), "wschat_connections"), 0);
     server.shutdown();
 }
 
@@ -932,7 +917,7 @@ fn a_thousand_connect_disconnect_cycles_leak_no_threads_or_memory() {
         rss <= rss0 + 8 * 1024,
         "VmRSS grew from {rss0} kB to {rss} kB over 1000 connections"
     );
-    assert_eq!(metric(&server, "wschat_connections"), 0);
+    assert_eq!(metric(server.http_addr(), "wschat_connections"), 0);
     let (mut c, _) = Client::join(&server, "/chat");
     c.send("fine");
     assert_eq!(c.expect_text(), "fine");
@@ -966,7 +951,7 @@ fn a_burst_of_forty_gets_thirty_through_and_ten_rate_limited() {
     assert_eq!(echoed, first_thirty, "the first 30 are echoed, in order");
     assert_eq!(limited, 10);
     c.expect_none("message", Duration::from_millis(200));
-    assert_eq!(metric(&server, "wschat_rate_limited_total"), 10);
+    assert_eq!(metric(server.http_addr(), "wschat_rate_limited_total"), 10);
     // Tokens come back at 10 per second.
     thread::sleep(Duration::from_millis(300));
     c.send("later");
@@ -1412,7 +1397,10 @@ fn a_stalled_reader_does_not_slow_its_room_and_is_dropped_as_too_slow() {
             .unwrap()
             .unwrap_or_else(|e| panic!("member {i}: {e}"));
     }
-    assert_eq!(metric(&server, "wschat_slow_clients_dropped_total"), 1);
+    assert_eq!(
+        metric(server.http_addr(), "wschat_slow_clients_dropped_total"),
+        1
+    );
     server.shutdown();
 }
 

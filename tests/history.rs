@@ -61,14 +61,6 @@ fn post(addr: SocketAddr, room: &str, text: &str) -> (u16, Value) {
     (status, json_of(&body))
 }
 
-fn metric(addr: SocketAddr, name: &str) -> u64 {
-    let (_, _, body) = http_get(addr, "/metrics");
-    body.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no metric {name}"))
-}
-
 #[test]
 fn the_byte_budget_bounds_all_rooms_together_and_evicts_the_oldest() {
     let budget = 64 << 10;

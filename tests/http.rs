@@ -31,13 +31,6 @@ fn post(
     )
 }
 
-fn metric(addr: SocketAddr, name: &str) -> u64 {
-    let (_, _, body) = http_get(addr, "/metrics");
-    body.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("{name} missing in:\n{body}"))
-}
-
 #[test]
 fn the_page_is_served_with_the_right_types_and_headers() {
     let server = start(config());

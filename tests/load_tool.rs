@@ -498,6 +498,41 @@ fn a_load_test_server_takes_a_default_fanout_and_latency_run() {
     server.shutdown();
 }
 
+/// Receivers spread over every `--url`, senders stay on the first. Two servers that are not
+/// one chat show it: the probe, sent on the first, reaches exactly the connections placed there
+/// (the sender and receivers 1 and 3 of 4; receivers 2 and 4 are on the second server).
+#[test]
+fn several_urls_spread_the_receivers_and_keep_the_sender_on_the_first() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let (a, b) = (server(), server());
+    let (url_a, url_b) = (a.ws_url(), b.ws_url());
+    let r = run(&[
+        "latency",
+        "--url",
+        &url_a,
+        "--url",
+        &url_b,
+        "--clients",
+        "5",
+        "--setup-timeout",
+        "3",
+        "--timeout",
+        "30",
+    ]);
+    assert_eq!(r.code, 1, "{}\n{}", r.stdout, r.stderr);
+    let error = r.json["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("only 3 of 5 connections received the probe"),
+        "{}",
+        r.json
+    );
+    assert_eq!(n(&r.json["connections"]["registered"]), 5, "{}", r.json);
+    let nodes = r.json["node_urls"].as_array().expect("node_urls");
+    assert!(nodes[1].as_str().unwrap().starts_with(&url_b), "{}", r.json);
+    a.shutdown();
+    b.shutdown();
+}
+
 #[test]
 fn nothing_listening_is_a_setup_failure() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());

@@ -8,7 +8,7 @@ use std::sync::{Mutex, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{Client, WAIT, config, http_get, start};
+use common::{Client, WAIT, config, metric, start};
 use wschat::{MAX_PARKED_THREADS, PARKED_THREAD_NAME};
 
 /// The tests count this process's threads by name: one at a time.
@@ -50,21 +50,6 @@ fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
         assert!(Instant::now() < deadline, "{what}: not within {WAIT:?}");
         thread::sleep(Duration::from_millis(10));
     }
-}
-
-/// A value from `GET /metrics`.
-fn metric(addr: std::net::SocketAddr, series: &str) -> u64 {
-    let (status, _, body) = http_get(addr, "/metrics");
-    assert_eq!(status, 200);
-    body.lines()
-        .find_map(|l| {
-            l.strip_prefix(series)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or_else(|| panic!("no {series} in /metrics"))
 }
 
 /// Sends `text` and returns the type of what comes back for it: `message` or `error`.

@@ -10,7 +10,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{Client, WAIT, config, start};
+use common::{Client, WAIT, config, metric, start};
 use serde_json::Value;
 use tungstenite::{Message, WebSocket};
 
@@ -36,14 +36,6 @@ fn http(addr: SocketAddr, method: &str, target: &str, headers: &str, body: &str)
     let (head, body) = response.split_once("\r\n\r\n").expect("a head");
     let status = head[9..12].parse().expect("a status");
     (status, body.to_owned())
-}
-
-/// A gauge or counter of `/metrics`.
-fn metric(addr: SocketAddr, name: &str) -> u64 {
-    let (_, body) = http(addr, "GET", "/metrics", "", "");
-    let line = body.lines().find(|l| l.starts_with(&format!("{name} ")));
-    line.and_then(|l| l[name.len() + 1..].parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in {body}"))
 }
 
 /// A polling session: its id, from the `open` packet.

@@ -191,16 +191,12 @@ fn expect(ws: &mut WebSocket<TlsStream>, kind: &str) -> Value {
     panic!("no {kind} within {WAIT:?}");
 }
 
-/// One label's count in the server's metrics.
+/// One label's count of refused handshakes.
 fn rejected(handle: &wschat::Handle, reason: &str) -> u64 {
-    let metrics = handle.metrics().render(0);
-    let line = format!("wschat_handshakes_rejected_total{{reason=\"{reason}\"}} ");
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(&line))
-        .unwrap()
-        .parse()
-        .unwrap()
+    metric(
+        handle,
+        &format!("wschat_handshakes_rejected_total{{reason=\"{reason}\"}}"),
+    )
 }
 
 #[test]
@@ -572,14 +568,15 @@ fn a_tls_client_that_stops_reading_is_dropped_as_too_slow() {
     handle.shutdown();
 }
 
-/// A metric without labels.
-fn metric(handle: &wschat::Handle, name: &str) -> u64 {
+/// A series' value, read from the server's own counters (`common::metric` asks over plain
+/// HTTP, which this port does not speak).
+fn metric(handle: &wschat::Handle, series: &str) -> u64 {
     let metrics = handle.metrics().render(0);
-    let prefix = format!("{name} ");
+    let prefix = format!("{series} ");
     metrics
         .lines()
         .find_map(|l| l.strip_prefix(&prefix))
-        .unwrap_or_else(|| panic!("no {name} in {metrics}"))
+        .unwrap_or_else(|| panic!("no {series} in {metrics}"))
         .parse()
         .unwrap()
 }

@@ -175,6 +175,21 @@ pub fn raw_request(addr: SocketAddr, request: &[u8]) -> String {
 }
 
 /// A plain HTTP/1.0 GET against the HTTP port: (status, headers, body).
+/// A counter or gauge of `GET /metrics` (unlabelled series).
+pub fn metric(addr: SocketAddr, series: &str) -> u64 {
+    let (status, _, body) = http_get(addr, "/metrics");
+    assert_eq!(status, 200, "GET /metrics");
+    body.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no {series} in /metrics:\n{body}"))
+}
+
 pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String, String) {
     http_request(
         addr,

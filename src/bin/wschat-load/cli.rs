@@ -27,7 +27,11 @@ impl Mode {
 #[derive(Clone, Debug)]
 pub struct Opts {
     pub mode: Mode,
+    /// The first `--url`: every sender connects here.
     pub url: String,
+    /// Further `--url`s (fanout and latency): receivers are spread over all the URLs in turn,
+    /// so one run can cover several nodes of one chat.
+    pub more_urls: Vec<String>,
     pub raw: bool,
     /// The server speaks socket.io 4 (Engine.IO's WebSocket transport).
     pub socketio: bool,
@@ -142,6 +146,9 @@ TARGET:
                            or its CA). The tool is built with TLS unless cargo's `tls` is off.
                            The tool connects to this address and no other. Non-loopback
                            addresses are refused unless --allow-remote is given.
+                           fanout and latency take --url more than once (several nodes of one
+                           chat, e.g. wschat --redis): the senders connect to the first URL,
+                           the receivers to each URL in turn.
     --raw                  the server is a plain broadcast server: send bare text frames, expect
                            no welcome, count any frame that contains the run's token. Without
                            --raw the tool speaks wschat: sends {\"type\":\"message\",\"text\":...},
@@ -250,6 +257,7 @@ impl Opts {
         let mut p = lexopt::Parser::from_args(args);
         let mut mode = None;
         let mut o = Opts::defaults();
+        let mut urls = Vec::new();
         fn secs(p: &mut lexopt::Parser) -> Result<f64, lexopt::Error> {
             let v: f64 = p.value()?.parse()?;
             if !(0.0..=86_400.0).contains(&v) {
@@ -263,7 +271,7 @@ impl Opts {
                     print!("{HELP}");
                     std::process::exit(0);
                 }
-                Long("url") => o.url = p.value()?.string()?,
+                Long("url") => urls.push(p.value()?.string()?),
                 Long("raw") => o.raw = true,
                 Long("socketio") => o.socketio = true,
                 Long("room") => o.room = Some(p.value()?.string()?),
@@ -296,6 +304,10 @@ impl Opts {
         }
         o.mode =
             mode.ok_or("a mode is needed: fanout, latency, idle, churn or storm (see --help)")?;
+        if let Some((first, more)) = urls.split_first() {
+            o.url = first.clone();
+            o.more_urls = more.to_vec();
+        }
         o.check()?;
         o.fill_derived();
         Ok(o)
@@ -305,6 +317,7 @@ impl Opts {
         Opts {
             mode: Mode::Fanout,
             url: DEFAULT_URL.into(),
+            more_urls: Vec::new(),
             raw: false,
             socketio: false,
             room: None,
@@ -339,6 +352,9 @@ impl Opts {
         let bad = |m: &str| -> Result<(), lexopt::Error> { Err(m.to_string().into()) };
         if self.socketio && (self.raw || !matches!(self.mode, Mode::Fanout | Mode::Latency)) {
             return bad("--socketio is for fanout and latency, without --raw");
+        }
+        if !self.more_urls.is_empty() && !matches!(self.mode, Mode::Fanout | Mode::Latency) {
+            return bad("--url more than once is for fanout and latency");
         }
         if self.clients == 0 || self.senders == 0 || self.senders > self.clients {
             return bad("need 1 <= --senders <= --clients");
@@ -439,5 +455,15 @@ mod tests {
         assert!(parse(&["bogus"]).is_err());
         assert!(parse(&[]).is_err());
         assert!(parse(&["idle", "--room", "a b"]).is_err());
+    }
+
+    #[test]
+    fn several_urls_are_for_fanout_and_latency() {
+        let o = parse(&["latency", "--url", "ws://a/chat", "--url", "ws://b/chat"]).unwrap();
+        assert_eq!((o.url.as_str(), o.more_urls.len()), ("ws://a/chat", 1));
+        assert!(o.more_urls[0] == "ws://b/chat");
+        let o = parse(&["fanout", "--url", "ws://a/chat"]).unwrap();
+        assert!(o.more_urls.is_empty());
+        assert!(parse(&["idle", "--url", "ws://a/chat", "--url", "ws://b/chat"]).is_err());
     }
 }

@@ -71,14 +71,15 @@ fn header(o: &Opts, url: &str) -> Value {
 
 fn main() {
     conn::init_clock();
-    let (o, target) = parse_or_exit();
+    let (o, targets) = parse_or_exit();
+    let target = &targets[0];
     start_watchdog(&o);
     let started = conn::now_ns();
     let outcome = match o.mode {
-        Mode::Fanout | Mode::Latency => room::run(&o, &target),
-        Mode::Idle => idle::run(&o, &target),
-        Mode::Churn => churn::run(&o, &target),
-        Mode::Storm => storm::run(&o, &target),
+        Mode::Fanout | Mode::Latency => room::run(&o, &targets),
+        Mode::Idle => idle::run(&o, target),
+        Mode::Churn => churn::run(&o, target),
+        Mode::Storm => storm::run(&o, target),
     };
     let wall = (conn::now_ns() - started) as f64 / 1e9;
     let ok = outcome.ok && outcome.fatal.is_none();
@@ -107,16 +108,21 @@ fn main() {
     });
 }
 
-fn parse_or_exit() -> (Opts, conn::Target) {
+/// The options, and the target of every `--url` (never empty: the first is `o.url`).
+fn parse_or_exit() -> (Opts, Vec<conn::Target>) {
     let o = Opts::parse().unwrap_or_else(|e| {
         eprintln!("wschat-load: {e}\n(see wschat-load --help)");
         std::process::exit(2);
     });
-    let target = conn::Target::parse(&o.url, o.allow_remote, o.ca.as_deref()).unwrap_or_else(|e| {
-        eprintln!("wschat-load: {e}");
-        std::process::exit(2);
-    });
-    (o, target)
+    let urls = std::iter::once(&o.url).chain(&o.more_urls);
+    let targets = urls
+        .map(|url| conn::Target::parse(url, o.allow_remote, o.ca.as_deref()))
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap_or_else(|e| {
+            eprintln!("wschat-load: {e}");
+            std::process::exit(2);
+        });
+    (o, targets)
 }
 
 /// "ok", or "NOT OK: " and why, in one line: what failed, and the server limit behind it.

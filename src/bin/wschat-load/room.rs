@@ -78,8 +78,8 @@ struct SenderSlot {
 struct Ctx {
     o: Opts,
     wire: Wire,
-    url: String,
-    target: Target,
+    /// One per `--url`: the room's URL on that node, and its address.
+    nodes: Vec<(String, Target)>,
     phase: AtomicU32,
     probe_round: AtomicU32,
     registered: AtomicUsize,
@@ -96,19 +96,21 @@ struct Ctx {
 }
 
 impl Ctx {
-    fn new(o: &Opts, target: &Target) -> Ctx {
+    fn new(o: &Opts, targets: &[Target]) -> Ctx {
         let token = conn::run_token();
         let room = o.room.clone().unwrap_or_else(|| format!("wsload-{token}"));
-        let url = if o.raw {
-            target.base.clone()
-        } else {
-            target.url_for_room(Some(&room))
+        let node = |target: &Target| {
+            let url = if o.raw {
+                target.base.clone()
+            } else {
+                target.url_for_room(Some(&room))
+            };
+            (url, target.clone())
         };
         Ctx {
             o: o.clone(),
             wire: Wire::new(&token, o.envelope(), o.size),
-            url,
-            target: target.clone(),
+            nodes: targets.iter().map(node).collect(),
             phase: AtomicU32::new(SETUP),
             probe_round: AtomicU32::new(0),
             registered: AtomicUsize::new(0),
@@ -122,6 +124,17 @@ impl Ctx {
             senders: (0..o.senders).map(|_| SenderSlot::default()).collect(),
             gate: Gate::new(o.concurrency),
         }
+    }
+
+    /// Where connection `i` goes: senders to the first node, receivers to each node in turn.
+    fn node(&self, i: usize) -> &(String, Target) {
+        let receiver = i.saturating_sub(self.o.senders);
+        let k = if i < self.o.senders {
+            0
+        } else {
+            receiver % self.nodes.len()
+        };
+        &self.nodes[k]
     }
 
     fn progress(&self) -> bool {
@@ -233,8 +246,9 @@ struct Finished {
     mem_before: MemMark,
 }
 
-pub fn run(o: &Opts, target: &Target) -> Outcome {
-    let ctx = Arc::new(Ctx::new(o, target));
+/// Runs the mode against `targets` (one per `--url`, at least one).
+pub fn run(o: &Opts, targets: &[Target]) -> Outcome {
+    let ctx = Arc::new(Ctx::new(o, targets));
     let mem_before = MemMark::now(o.server_pid);
     let t_setup = now_ns();
     let (handles, errors) = spawn_conns(&ctx);
@@ -574,7 +588,13 @@ fn report_json(ctx: &Ctx, f: &Finished, t: &Totals) -> serde_json::Map<String, V
     put("size", json!(o.size));
     put("warmup_s", json!(o.warmup));
     put("duration_s", json!(o.duration));
-    put("room_url", json!(ctx.url));
+    put("room_url", json!(ctx.nodes[0].0));
+    if ctx.nodes.len() > 1 {
+        put(
+            "node_urls",
+            json!(ctx.nodes.iter().map(|n| &n.0).collect::<Vec<_>>()),
+        );
+    }
     put(
         "connections",
         json!({"wanted": o.clients, "registered": t.registered, "failed": ctx.failed.load(SeqCst),
@@ -778,7 +798,8 @@ fn connect(ctx: &Ctx, i: usize, st: &mut ConnStats) -> Option<Ws> {
             timeout: ctx.o.connect_timeout(),
             read_buf: 8 * 1024,
         };
-        let opened = conn::open(&ctx.url, &ctx.target, opts).and_then(|mut ws| {
+        let (url, target) = ctx.node(i);
+        let opened = conn::open(url, target, opts).and_then(|mut ws| {
             match ctx.o.envelope() {
                 Envelope::Bare => {}
                 Envelope::Json => wait_welcome(&mut ws)?,
