@@ -410,9 +410,9 @@ fn over_post_rate(shared: &HttpShared, request: &Request) -> Option<Reply> {
 }
 
 /// The body, or `None` when it is over `max` bytes (or does not arrive in time). A client that
-/// asked `Expect: 100-continue` is answered without being asked for the body; from others, up to
-/// [`request::DRAIN_LIMIT_BYTES`] are read and dropped first, so the answer is not lost in a connection
-/// reset.
+/// asked `Expect: 100-continue` is answered without being asked for the body; from others, up
+/// to [`request::DRAIN_LIMIT_BYTES`] are read and dropped first, so the answer is not lost in a
+/// connection reset.
 fn read_body(exchange: &mut Exchange<'_>, max: usize) -> Option<Vec<u8>> {
     let length = exchange.request.content_length().ok()?;
     let (stream, deadline) = (exchange.stream, exchange.deadline);

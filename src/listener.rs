@@ -358,9 +358,9 @@ fn tls_failed(front: &Front, plain: Wire, peer: SocketAddr, refused: Refused, de
 }
 
 /// Serves requests until one asks for a WebSocket (checked, answered `101`, and returned with the
-/// bytes read past it: a chat client, or a socket.io session's) or the connection ends. Never inlined: the requests, their buffers and the
-/// HTTP answers' frames are gone before the session starts (an idle connection's memory is
-/// mostly what its thread keeps).
+/// bytes read past it: a chat client, or a socket.io session's) or the connection ends. Never
+/// inlined: the requests, their buffers and the HTTP answers' frames are gone before the session
+/// starts (an idle connection's memory is mostly what its thread keeps).
 #[inline(never)]
 fn at_the_door(
     front: &Front,

@@ -32,8 +32,8 @@ const PROGRESS_CHECK: Duration = Duration::from_secs(1);
 pub trait Backlogged: Send + Sync {
     /// The socket has room: write what it takes, and ask again if anything is left.
     fn write_some(self: Arc<Self>);
-    /// Called about once a second (`PROGRESS_CHECK`) while the backlog waits: give up on a client whose
-    /// socket took nothing for too long.
+    /// Called about once a second (`PROGRESS_CHECK`) while the backlog waits: give up on a
+    /// client whose socket took nothing for too long.
     fn check_progress(&self, now: Instant);
 }
 

@@ -758,8 +758,8 @@ fn stop_for(error: WsError) -> Stop {
 
 /// The stream tungstenite sees: one `recv` per turn of the session's loop, once
 /// [`Conn::wait_readable`] found bytes (a second read in the same turn says `WouldBlock`, so
-/// the session hands over what it parsed before it waits again), and writes (the session's own frames) that collect in a buffer `flush` hands to
-/// the outlet, behind the dispatcher's frames.
+/// the session hands over what it parsed before it waits again), and writes (the session's own
+/// frames) that collect in a buffer `flush` hands to the outlet, behind the dispatcher's frames.
 pub struct Conn {
     stream: Arc<TcpStream>,
     /// A TLS client's session: what is read is decrypted through it.
