@@ -402,34 +402,30 @@ impl Outlet {
         let mut done = 0;
         while done < frames.len() {
             let chunk = &frames[done..frames.len().min(done + FRAMES_PER_WRITE)];
-            let mut headers = [[0u8; MAX_HEADER_BYTES]; FRAMES_PER_WRITE];
-            let mut header_lens = [0; FRAMES_PER_WRITE];
-            for (i, frame) in chunk.iter().enumerate() {
-                header_lens[i] = text_header(&mut headers[i], frame.len());
-            }
-            let mut slices = [IoSlice::new(&[]); 2 * FRAMES_PER_WRITE];
-            for (i, frame) in chunk.iter().enumerate() {
-                slices[2 * i] = IoSlice::new(&headers[i][..header_lens[i]]);
-                slices[2 * i + 1] = IoSlice::new(frame.as_bytes());
-            }
-            let slices = &slices[..2 * chunk.len()];
-            let Ok(mut written) = self.send_without_blocking(stream, slices) else {
-                return &[]; // the connection is broken: the session learns it from its read
-            };
-            for pair in slices.chunks(2) {
-                let (header, payload) = (&pair[0][..], &pair[1][..]);
-                if written >= header.len() + payload.len() {
+            let partly = with_framed(chunk, |slices| {
+                let Ok(mut written) = self.send_without_blocking(stream, slices) else {
+                    return Err(()); // the connection is broken: the session learns it from its read
+                };
+                for pair in slices.chunks(2) {
+                    let (header, payload) = (&pair[0][..], &pair[1][..]);
+                    if written < header.len() + payload.len() {
+                        // Partly written (or not at all): its rest waits, before the others.
+                        let from_payload = written.saturating_sub(header.len());
+                        out.waiting
+                            .extend_from_slice(&header[written.min(header.len())..]);
+                        out.waiting.extend_from_slice(&payload[from_payload..]);
+                        out.frames += 1;
+                        return Ok(true);
+                    }
                     written -= header.len() + payload.len();
                     done += 1;
-                    continue;
                 }
-                // Partly written (or not at all): its rest waits, before the others.
-                let from_payload = written.saturating_sub(header.len());
-                out.waiting
-                    .extend_from_slice(&header[written.min(header.len())..]);
-                out.waiting.extend_from_slice(&payload[from_payload..]);
-                out.frames += 1;
-                return &frames[done + 1..];
+                Ok(false)
+            });
+            match partly {
+                Err(()) => return &[],
+                Ok(true) => return &frames[done + 1..],
+                Ok(false) => {}
             }
         }
         &[]
@@ -687,21 +683,27 @@ fn append_frames(tls: Option<&TlsSession>, out: &mut Vec<u8>, frames: &[Frame]) 
         return;
     };
     for chunk in frames.chunks(FRAMES_PER_WRITE) {
-        let mut headers = [[0u8; MAX_HEADER_BYTES]; FRAMES_PER_WRITE];
-        let mut header_lens = [0; FRAMES_PER_WRITE];
-        for (i, frame) in chunk.iter().enumerate() {
-            header_lens[i] = text_header(&mut headers[i], frame.len());
-        }
-        let mut slices = [IoSlice::new(&[]); 2 * FRAMES_PER_WRITE];
-        for (i, frame) in chunk.iter().enumerate() {
-            slices[2 * i] = IoSlice::new(&headers[i][..header_lens[i]]);
-            slices[2 * i + 1] = IoSlice::new(frame.as_bytes());
-        }
-        if let Err(e) = tls.seal(&slices[..2 * chunk.len()], out) {
+        if let Err(e) = with_framed(chunk, |slices| tls.seal(slices, out)) {
             // rustls refuses only once the connection failed; its session sees that too.
             return log::debug!("a TLS client's frames were dropped: {e}");
         }
     }
+}
+
+/// Calls `f` with `chunk` (at most [`FRAMES_PER_WRITE`] frames) as WebSocket text frames: for
+/// each frame its header, then its bytes, as slices for one vectored write; nothing is copied.
+fn with_framed<R>(chunk: &[Frame], f: impl FnOnce(&[IoSlice<'_>]) -> R) -> R {
+    let mut headers = [[0u8; MAX_HEADER_BYTES]; FRAMES_PER_WRITE];
+    let mut header_lens = [0; FRAMES_PER_WRITE];
+    for (i, frame) in chunk.iter().enumerate() {
+        header_lens[i] = text_header(&mut headers[i], frame.len());
+    }
+    let mut slices = [IoSlice::new(&[]); 2 * FRAMES_PER_WRITE];
+    for (i, frame) in chunk.iter().enumerate() {
+        slices[2 * i] = IoSlice::new(&headers[i][..header_lens[i]]);
+        slices[2 * i + 1] = IoSlice::new(frame.as_bytes());
+    }
+    f(&slices[..2 * chunk.len()])
 }
 
 /// The session's own bytes (already framed), encrypted.
