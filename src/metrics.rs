@@ -170,7 +170,7 @@ impl Metrics {
         metric(
             "wschat_slow_clients_dropped_total",
             "counter",
-            "Clients dropped because their queue overflowed.",
+            "Clients dropped for not keeping up: a queue over its bound, or nothing written for 10 s.",
             get(&self.slow_clients_dropped),
         );
         metric(

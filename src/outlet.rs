@@ -340,7 +340,9 @@ impl Outlet {
             append_frames(None, &mut out.waiting, rest);
             out.frames += rest.len();
         }
-        let backlog = self.account(out, before);
+        let mut backlog = self.account(out, before);
+        // A client already asked to close (it took nothing for too long) is not dropped twice.
+        backlog.too_slow &= state.close.is_none();
         self.wait_for_room(state, before);
         backlog
     }
@@ -580,7 +582,9 @@ impl Backlogged for Outlet {
         let stalled = state
             .stalled_since
             .is_some_and(|since| now.saturating_duration_since(since) >= WRITE_TIMEOUT);
-        if stalled {
+        if stalled && state.close.is_none() {
+            // A client that takes nothing is as slow as one whose queue overflowed.
+            Metrics::add(&self.metrics.slow_clients_dropped, 1);
             request_close(&mut state, NOT_READING);
         }
     }
@@ -1112,5 +1116,8 @@ mod tests {
         assert_eq!(outlet.close_request(), None, "not yet");
         outlet.check_progress(since + WRITE_TIMEOUT);
         assert_eq!(outlet.close_request(), Some(NOT_READING));
+        outlet.check_progress(since + WRITE_TIMEOUT * 2);
+        let dropped = outlet.metrics.slow_clients_dropped.load(Relaxed);
+        assert_eq!(dropped, 1, "counted as a slow client, once");
     }
 }
