@@ -66,6 +66,9 @@ pub struct Config {
     /// Largest room with per-member presence (`joined`/`left` for everyone, full member list);
     /// a bigger room gets its member count once a second instead.
     pub presence_limit: usize,
+    /// Membership changes a room hears one by one per second; past them, the rest of that
+    /// second comes as one `presence` frame with the whole list (a reconnect storm).
+    pub presence_burst: u32,
     /// Outgoing messages queued per client before it counts as too slow.
     pub client_queue: usize,
     /// Outgoing bytes queued per client before it counts as too slow.
@@ -134,6 +137,7 @@ impl Default for Config {
             allow_origins: Vec::new(),
             max_rooms: 1_000,
             presence_limit: 200,
+            presence_burst: 16,
             client_queue: 1_024,
             client_queue_bytes: 4 << 20,
             ping_interval: Duration::from_secs(30),
@@ -195,6 +199,8 @@ USAGE: wschat [FLAGS]
   --max-rooms N          most rooms held (default 1000)
   --presence-limit N     largest room that gets joined/left for every member; bigger
                          rooms get their count once a second (default 200)
+  --presence-burst N     joins, leaves and renames a room hears one by one per second;
+                         the rest of that second come as one list (default 16)
   --client-queue N       messages queued per client before it is dropped (default 1024)
   --client-queue-bytes N bytes queued per client before it is dropped (default 4194304)
   --ping-interval SECS   keepalive ping interval (default 30)
@@ -305,6 +311,7 @@ fn apply(cfg: &mut Config, flag: &str, parser: &mut lexopt::Parser) -> Result<()
         "--allow-origin" => cfg.allow_origins.push(parse_origin(&value()?)?),
         "--max-rooms" => cfg.max_rooms = parse_count(flag, &value()?)?,
         "--presence-limit" => cfg.presence_limit = parse_count(flag, &value()?)?,
+        "--presence-burst" => cfg.presence_burst = parse_count(flag, &value()?)?,
         "--client-queue" => cfg.client_queue = parse_count(flag, &value()?)?,
         "--client-queue-bytes" => cfg.client_queue_bytes = parse_count(flag, &value()?)?,
         "--ping-interval" => cfg.ping_interval = parse_secs(flag, &value()?)?,
@@ -580,6 +587,7 @@ mod tests {
             "--max-clients-per-ip",
             "--max-rooms",
             "--presence-limit",
+            "--presence-burst",
             "--client-queue",
             "--client-queue-bytes",
             "--backlog-bytes",

@@ -15,6 +15,7 @@
 //! With `--redis` ([`crate::cluster`]) a chat message is handed to Redis instead, and shown when
 //! it comes back with its id, in the order all nodes share; `remote` holds that side.
 
+mod bursts;
 mod remote;
 
 use std::cmp::Reverse;
@@ -126,6 +127,8 @@ pub struct HubLimits {
     pub max_rooms: usize,
     /// Largest room with per-member presence; bigger ones are crowds.
     pub presence_limit: usize,
+    /// Membership changes a room is told one by one per [`PRESENCE_TICK`] (see [`bursts`]).
+    pub presence_burst: u32,
     /// An empty room whose newest message is older than this gives its slot to a new room
     /// when every slot is taken.
     pub room_quiet: Duration,
@@ -160,6 +163,8 @@ pub struct Hub {
     /// Rooms whose membership changed without per-member events, and when to tell them.
     presence_changed: Vec<String>,
     presence_due: Option<Instant>,
+    /// How many changes each room was told member by member lately (see [`bursts`]).
+    bursts: bursts::Bursts,
     /// Each busy room's byte budget (see [`HubLimits::room_rate_bytes`]).
     room_rates: HashMap<String, TokenBucket>,
     /// With `--redis`: the link to the other nodes, and what is known of their members.
@@ -188,6 +193,7 @@ impl Hub {
             typing_deadlines: BinaryHeap::new(),
             presence_changed: Vec::new(),
             presence_due: None,
+            bursts: bursts::Bursts::default(),
             room_rates: HashMap::new(),
             cluster: None,
             remote: remote::Remote::default(),
@@ -406,10 +412,10 @@ impl Hub {
             name: &name,
             count,
         });
-        if count <= self.limits.presence_limit {
+        if self.one_by_one(&room, count) {
             self.broadcast(&room, None, frame);
         } else {
-            self.send_to(id, frame); // a crowd hears no names; the renamed client must
+            self.send_to(id, frame); // the others hear a list at the tick; the renamed must know
         }
         Ok(())
     }
@@ -508,7 +514,7 @@ impl Hub {
         } else {
             protocol::encode(&ServerEvent::Room { room: state })
         };
-        let joined = (is_new && count <= self.limits.presence_limit).then(|| {
+        let joined = is_new.then(|| {
             protocol::encode(&ServerEvent::Joined {
                 room,
                 name: &me.name,
@@ -516,10 +522,10 @@ impl Hub {
             })
         });
         self.send_to(id, frame);
-        if let Some(joined) = joined {
+        if let Some(joined) = joined
+            && self.one_by_one(room, count)
+        {
             self.broadcast(room, Some(id), joined);
-        } else if is_new {
-            self.presence_changed(room);
         }
     }
 
@@ -533,12 +539,28 @@ impl Hub {
         let count = members.len() + elsewhere;
         if members.is_empty() {
             self.rooms.remove(room);
-        } else if before <= self.limits.presence_limit {
+            self.bursts.forget(room);
+        } else if self.one_by_one(room, before) {
             let frame = protocol::encode(&ServerEvent::Left { room, name, count });
             self.broadcast(room, None, frame);
-        } else {
+        }
+    }
+
+    /// Whether a membership change in `room` (of `count` members, counted before a leave) is told
+    /// member by member. Not in a crowd (the room hears its count once a tick), nor past a burst of
+    /// changes (it hears its whole list at the next tick, and every change until then goes into
+    /// that list, so no one is told a `left` for a `joined` still on its way): those are noted
+    /// for [`Hub::announce_presence`] instead.
+    fn one_by_one(&mut self, room: &str, count: usize) -> bool {
+        let told = count <= self.limits.presence_limit
+            && !self.presence_changed.iter().any(|r| r == room)
+            && self
+                .bursts
+                .allow(room, Instant::now(), self.limits.presence_burst);
+        if !told {
             self.presence_changed(room);
         }
+        told
     }
 
     /// Names in `room`, sorted case-insensitively: all of them, or in a crowd the
@@ -905,6 +927,7 @@ mod tests {
     use crate::outlet::testing::{ROOMY, Recorder, recording};
 
     const PRESENCE_LIMIT: usize = 3;
+    const PRESENCE_BURST: u32 = 16;
 
     /// A hub with in-memory history and inline delivery, and its clients' recorders.
     struct Chat {
@@ -928,6 +951,7 @@ mod tests {
                 history: 100,
                 max_rooms: 10,
                 presence_limit: PRESENCE_LIMIT,
+                presence_burst: PRESENCE_BURST,
                 room_quiet: Duration::from_secs(600),
                 room_rate_bytes: 1e9,
                 room_burst_bytes: 1e9,
@@ -1230,6 +1254,30 @@ mod tests {
         assert!(chat.got(1).is_empty(), "the typist is not told");
         chat.hub.end_batch(Instant::now() + TYPING_TIMEOUT);
         assert_eq!(chat.got(2)[0]["active"], false);
+    }
+
+    #[test]
+    fn a_burst_of_joins_and_leaves_is_told_as_one_list_at_the_tick() {
+        let mut chat = Chat::new();
+        chat.connect(1, Some("ada"), "lobby", None);
+        chat.forget(&[1]);
+        // Comers who join and leave at once: two changes each, past the burst.
+        for id in 2..=PRESENCE_BURST as u64 {
+            chat.connect(id, None, "lobby", None);
+            let reason = "gone".to_owned();
+            chat.batch([Event::Disconnect { id, reason }]);
+        }
+        let told = chat.types(1);
+        // Ada's own arrival was the window's first change.
+        assert_eq!(told.len(), PRESENCE_BURST as usize - 1);
+        assert!(told.iter().all(|t| t == "joined" || t == "left"));
+        chat.connect(99, Some("bob"), "lobby", None);
+        assert!(chat.got(1).is_empty(), "past the burst: nothing one by one");
+        chat.hub.end_batch(Instant::now() + PRESENCE_TICK);
+        assert_eq!(
+            chat.got(1),
+            [json!({"type":"presence","room":"lobby","count":2,"users":["ada","bob"]})]
+        );
     }
 
     #[test]

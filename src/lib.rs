@@ -229,6 +229,7 @@ impl Server {
             history: config.history,
             max_rooms: config.max_rooms,
             presence_limit: config.presence_limit,
+            presence_burst: config.presence_burst,
             room_quiet: config.room_quiet,
             room_rate_bytes: config.room_rate_bytes,
             room_burst_bytes: ratelimit::byte_burst(

@@ -1734,7 +1734,12 @@ fn join_addr(addr: SocketAddr, path: &str) -> (Client, Value) {
 #[test]
 fn abrupt_disconnects_mid_handshake_and_mid_frame_leave_presence_exact() {
     let _serial = serial();
-    let server = start(config());
+    // Every join and leave told one by one (no burst turns them into a list): the watcher
+    // replays them all.
+    let server = start(wschat::Config {
+        presence_burst: u32::MAX,
+        ..config()
+    });
     let ws = server.ws_addr();
     let (mut watcher, _) = Client::join(&server, "/chat?name=watcher");
 

@@ -386,16 +386,11 @@ impl Hub {
         self.tell_room(room, count + 1, frame);
     }
 
-    /// A presence frame for a room of `count` members (counted before a leave): by name, or in
-    /// a crowd as a count once a tick, as for local members.
+    /// A presence frame for a room of `count` members (counted before a leave): by name, or as
+    /// one `presence` frame at the next tick, as for local members (see `one_by_one`).
     fn tell_room(&mut self, room: &str, count: usize, frame: protocol::Frame) {
-        if self.members(room).is_empty() {
-            return;
-        }
-        if count <= self.limits.presence_limit {
+        if !self.members(room).is_empty() && self.one_by_one(room, count) {
             self.broadcast(room, None, frame);
-        } else {
-            self.presence_changed(room);
         }
     }
 
