@@ -232,8 +232,8 @@ pub struct ChatMessage {
     pub private: bool,
 }
 
-/// Every other event the server sends. `history` entries are stored message frames, spliced in
-/// as raw JSON so they are not parsed and re-serialised.
+/// Every other event the server sends. `welcome` and `room` go through [`encode_entering`],
+/// which splices their history in.
 #[derive(Serialize, Debug)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ServerEvent<'a> {
@@ -291,17 +291,43 @@ pub struct RoomState<'a> {
     /// The message id to resume from: pass it as `since` to get exactly what came after this
     /// frame (the newest message of `history`, or the `since` asked for when nothing is newer).
     pub last_id: u64,
-    pub history: Vec<&'a RawValue>,
     /// Messages after `since` are gone for good: the client missed some.
     pub truncated: bool,
     /// Older messages after `since` are kept but did not fit: the HTTP API has them.
     pub more: bool,
+    /// The room's recent messages, as stored (each [`encode`]'s output, a JSON object): spliced
+    /// into the frame as they are by [`encode_entering`] (which alone may serialise this).
+    #[serde(skip)]
+    pub history: Vec<&'a Frame>,
 }
 
 /// Serialises an event once; the result is shared by all its recipients.
 pub fn encode<T: Serialize>(event: &T) -> Frame {
     // Serialising these types cannot fail: no maps with non-string keys, no failing impls.
     serde_json::to_string(event).unwrap_or_default().into()
+}
+
+/// Serialises a `welcome` or `room` event with the room's history as its last field,
+/// `"history": [...]`: the stored frames joined by commas. A welcome carries up to 100 of them,
+/// and reading each again to check what [`encode`] itself wrote was most of a join's cost.
+/// Other events are serialised as [`encode`] does.
+pub fn encode_entering(event: &ServerEvent<'_>) -> Frame {
+    let (ServerEvent::Welcome { room, .. } | ServerEvent::Room { room }) = event else {
+        return encode(event);
+    };
+    let mut json = serde_json::to_string(event).unwrap_or_default();
+    // An object with fields: it ends with its closing brace, which the history goes before.
+    debug_assert!(json.ends_with('}') && json.len() > 2);
+    json.pop();
+    json.push_str(r#","history":["#);
+    for (n, frame) in room.history.iter().enumerate() {
+        if n > 0 {
+            json.push(',');
+        }
+        json.push_str(frame.as_str());
+    }
+    json.push_str("]}");
+    json.into()
 }
 
 /// A stored frame as a raw JSON value, for `history` lists. Stored frames were produced by
@@ -427,5 +453,47 @@ mod tests {
             serde_json::from_str::<ChatMessage>(frame.as_str()).unwrap(),
             m
         );
+    }
+
+    #[test]
+    fn a_room_frame_carries_its_history_as_stored() {
+        let message = |id, text: &str| ChatMessage {
+            id,
+            room: "lobby".into(),
+            from: "a \"b\"".into(),
+            to: None,
+            text: text.into(),
+            ts: 1,
+            private: false,
+        };
+        let stored = [encode(&message(1, "x}")), encode(&message(2, "]y"))];
+        let room = |history| RoomState {
+            room: "lobby",
+            users: vec!["a \"b\""],
+            count: 1,
+            last_id: 2,
+            truncated: false,
+            more: true,
+            history,
+        };
+        let welcome = encode_entering(&ServerEvent::Welcome {
+            client_id: 3,
+            name: "c",
+            room: room(stored.iter().collect()),
+        });
+        let got: serde_json::Value = serde_json::from_str(welcome.as_str()).expect("JSON");
+        let expected = serde_json::json!({
+            "type": "welcome", "client_id": 3, "name": "c", "room": "lobby",
+            "users": ["a \"b\""], "count": 1, "last_id": 2, "truncated": false, "more": true,
+            "history": [
+                serde_json::to_value(message(1, "x}")).unwrap(),
+                serde_json::to_value(message(2, "]y")).unwrap(),
+            ],
+        });
+        assert_eq!(got, expected);
+        let empty = encode_entering(&ServerEvent::Room { room: room(vec![]) });
+        let got: serde_json::Value = serde_json::from_str(empty.as_str()).expect("JSON");
+        assert_eq!(got["type"], "room");
+        assert_eq!(got["history"], serde_json::json!([]));
     }
 }
