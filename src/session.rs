@@ -92,10 +92,6 @@ pub const INBOUND_BUDGET_BYTES: u64 = 8 << 20;
 /// What a chat message costs against the byte rates beyond its text: the JSON frame around it
 /// (type, id, room, sender, time), which every recipient reads too.
 pub const MESSAGE_OVERHEAD_BYTES: usize = 160;
-/// Kernel send buffer of a client socket: without a cap, Linux grows it to megabytes for a slow
-/// reader, and thousands of them reach the machine's TCP memory limit (the kernel doubles it
-/// for its bookkeeping). The receive side is capped at accept (`listener`).
-const SOCKET_SEND_BUFFER_BYTES: usize = 128 * 1024;
 /// Stack of a connection thread: the handshake, parsing, tungstenite and logging fit well within
 /// it (tests send the deepest and largest inputs through real connections). Only the pages
 /// touched count towards memory, and a parked session gives back the deeper ones (`stack`).
@@ -174,7 +170,6 @@ pub struct Env<'a> {
 pub fn serve(wire: Wire, leftover: Vec<u8>, joining: Joining, env: Env<'_>) -> String {
     let (stream, tls) = wire.into_parts();
     let id = joining.id;
-    cap_socket_buffers(&stream);
     let watch = env.reactor.watch(id, stream.clone());
     let outlet = Arc::new(Outlet::new(
         (stream.clone(), tls.clone()),
@@ -224,12 +219,6 @@ fn join(joining: &Joining, outlet: &Arc<Outlet>, env: &Env<'_>) -> bool {
         outlet: outlet.clone(),
     };
     env.events.send(connect).is_ok()
-}
-
-/// Caps the kernel's send buffer for this socket (see [`SOCKET_SEND_BUFFER_BYTES`]); a failure
-/// only leaves the kernel's default.
-fn cap_socket_buffers(stream: &TcpStream) {
-    let _ = socket2::SockRef::from(stream).set_send_buffer_size(SOCKET_SEND_BUFFER_BYTES);
 }
 
 /// Tells the dispatcher the client left, however the session ends (a panic included), so no
