@@ -111,7 +111,11 @@ impl Delivery {
     /// for a small batch while the couriers hold nothing.
     fn fill_parcels(&mut self) {
         let small = self.touched.len() <= SMALL_BATCH_CLIENTS && self.couriers.all_delivered();
-        let lanes = if small { 1 } else { self.couriers.lanes() as u64 };
+        let lanes = if small {
+            1
+        } else {
+            self.couriers.lanes() as u64
+        };
         for id in self.touched.drain(..) {
             let Some(recipient) = self.recipients.get_mut(&id) else {
                 continue; // gone since: its frames went with it
@@ -196,7 +200,11 @@ mod tests {
         let small = 1..=SMALL_BATCH_CLIENTS as u64; // clients 1 and 2 among them
         let mut expected = vec![Vec::new(); CLIENTS as usize];
         for batch in 0..BATCHES {
-            let to = if batch % 2 == 0 { 1..=CLIENTS } else { small.clone() };
+            let to = if batch % 2 == 0 {
+                1..=CLIENTS
+            } else {
+                small.clone()
+            };
             for id in to {
                 let text = format!("{id}: {batch}");
                 delivery.post(id, text.as_str().into());
@@ -207,7 +215,10 @@ mod tests {
         delivery.close_all(1001, "done");
         for (id, recorder) in (1..=CLIENTS).zip(&recorders) {
             let got: Vec<String> = recorder.take().iter().map(|f| f.to_string()).collect();
-            assert!(got == expected[id as usize - 1], "client {id}: out of order");
+            assert!(
+                got == expected[id as usize - 1],
+                "client {id}: out of order"
+            );
         }
     }
 

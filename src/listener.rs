@@ -213,9 +213,6 @@ impl Drop for AtDoor<'_> {
 /// parked threads end too.
 pub fn accept_loop(listener: TcpListener, front: Arc<Front>) {
     let pool = Pool::new(SESSION_STACK_BYTES);
-    let inherited = set_socket_options(socket2::SockRef::from(&listener))
-        .inspect_err(|e| warn!("cannot set the listening socket's options, set per socket: {e}"))
-        .is_ok();
     let mut failures = 0u64;
     loop {
         // `accept` rather than `incoming`: it gives the peer's address, so no `getpeername`.
@@ -224,12 +221,7 @@ pub fn accept_loop(listener: TcpListener, front: Arc<Front>) {
             break;
         }
         match accepted {
-            Ok((stream, peer)) => {
-                if !inherited {
-                    let _ = set_socket_options(socket2::SockRef::from(&stream));
-                }
-                admit(&front, &pool, stream, peer)
-            }
+            Ok((stream, peer)) => admit(&front, &pool, stream, peer),
             Err(e) => {
                 failures += 1;
                 if failures.is_power_of_two() {
@@ -244,9 +236,10 @@ pub fn accept_loop(listener: TcpListener, front: Arc<Front>) {
 
 /// What every connection's socket gets before anything is read: its kernel buffers capped (what
 /// a client may push into the kernel, and what a slow reader leaves there), and no Nagle delay
-/// (whole frames are written at once). Set once on the listening socket: Linux copies these
-/// into every socket it accepts (a test below checks it), three system calls a connection less.
-fn set_socket_options(socket: socket2::SockRef<'_>) -> std::io::Result<()> {
+/// (whole frames are written at once). Set once on the listening socket, before it listens
+/// (`bind` in lib.rs): Linux copies these into every socket it accepts (a test below checks
+/// it), which saves three system calls a connection.
+pub(crate) fn set_socket_options(socket: socket2::SockRef<'_>) -> std::io::Result<()> {
     socket.set_recv_buffer_size(RECEIVE_BUFFER_BYTES)?;
     socket.set_send_buffer_size(SEND_BUFFER_BYTES)?;
     socket.set_tcp_nodelay(true)

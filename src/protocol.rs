@@ -291,14 +291,17 @@ pub struct RoomState<'a> {
     /// The message id to resume from: pass it as `since` to get exactly what came after this
     /// frame (the newest message of `history`, or the `since` asked for when nothing is newer).
     pub last_id: u64,
-    /// Messages after `since` are gone for good: the client missed some.
-    pub truncated: bool,
-    /// Older messages after `since` are kept but did not fit: the HTTP API has them.
-    pub more: bool,
-    /// The room's recent messages, as stored (each [`encode`]'s output, a JSON object): spliced
-    /// into the frame as they are by [`encode_entering`] (which alone may serialise this).
+    /// The fields below are written by [`encode_entering`] (which alone may serialise this),
+    /// after the others and in this order. The room's recent messages, as stored (each
+    /// [`encode`]'s output, a JSON object): spliced into the frame as they are.
     #[serde(skip)]
     pub history: Vec<&'a Frame>,
+    /// Messages after `since` are gone for good: the client missed some.
+    #[serde(skip)]
+    pub truncated: bool,
+    /// Older messages after `since` are kept but did not fit: the HTTP API has them.
+    #[serde(skip)]
+    pub more: bool,
 }
 
 /// Serialises an event once; the result is shared by all its recipients.
@@ -307,10 +310,10 @@ pub fn encode<T: Serialize>(event: &T) -> Frame {
     serde_json::to_string(event).unwrap_or_default().into()
 }
 
-/// Serialises a `welcome` or `room` event with the room's history as its last field,
-/// `"history": [...]`: the stored frames joined by commas. A welcome carries up to 100 of them,
-/// and reading each again to check what [`encode`] itself wrote was most of a join's cost.
-/// Other events are serialised as [`encode`] does.
+/// Serialises a `welcome` or `room` event, its last fields written here: `history`, the stored
+/// frames joined by commas, then `truncated` and `more`. A welcome carries up to 100 stored
+/// frames, and reading each again to check what [`encode`] itself wrote was most of a join's
+/// cost. Other events are serialised as [`encode`] does.
 pub fn encode_entering(event: &ServerEvent<'_>) -> Frame {
     let (ServerEvent::Welcome { room, .. } | ServerEvent::Room { room }) = event else {
         return encode(event);
@@ -326,7 +329,8 @@ pub fn encode_entering(event: &ServerEvent<'_>) -> Frame {
         }
         json.push_str(frame.as_str());
     }
-    json.push_str("]}");
+    let (truncated, more) = (room.truncated, room.more);
+    json.push_str(&format!(r#"],"truncated":{truncated},"more":{more}}}"#));
     json.into()
 }
 
@@ -492,8 +496,9 @@ mod tests {
         });
         assert_eq!(got, expected);
         let empty = encode_entering(&ServerEvent::Room { room: room(vec![]) });
-        let got: serde_json::Value = serde_json::from_str(empty.as_str()).expect("JSON");
-        assert_eq!(got["type"], "room");
-        assert_eq!(got["history"], serde_json::json!([]));
+        assert_eq!(
+            empty.as_str(),
+            r#"{"type":"room","room":"lobby","users":["a \"b\""],"count":1,"last_id":2,"history":[],"truncated":false,"more":true}"#
+        );
     }
 }

@@ -508,7 +508,9 @@ impl<'a> Session<'a> {
             Some(until) if Instant::now() < until => self.pause(until.min(self.next_ping)),
             _ => {
                 self.read_paused_until = None;
-                let wake = self.trim_at.map_or(self.next_ping, |at| at.min(self.next_ping));
+                let wake = self
+                    .trim_at
+                    .map_or(self.next_ping, |at| at.min(self.next_ping));
                 let readable = self.ws.get_mut().wait_readable(wake);
                 let readable = readable
                     .map_err(|e| Stop::Gone(format!("cannot set the receive timeout: {e}")))?;
