@@ -5,10 +5,11 @@
 //! A batch's frames for one client wait in its mailbox, and leave together, in order, in one
 //! write to its outlet: by the dispatcher's own thread (lane 0) or by a courier, always the same
 //! lane for the same client, except that a small batch is written by the dispatcher's thread
-//! alone while no courier holds anything (so nothing of a client's can be overtaken). A frame is serialised once by the dispatcher and shared (reference
-//! counted) by every mailbox it is posted to. Delivery never blocks on a client: an outlet whose
-//! backlog passes its bound makes the client *slow*, and [`Delivery::send`] returns it so the
-//! dispatcher can drop it. This module knows nothing of rooms, names or history.
+//! alone while no courier holds anything (so nothing of a client's can be overtaken). A frame
+//! is serialised once by the dispatcher and shared (reference counted) by every mailbox it is
+//! posted to. Delivery never blocks on a client: an outlet whose backlog passes its bound makes
+//! the client *slow*, and [`Delivery::send`] returns it so the dispatcher can drop it. This
+//! module knows nothing of rooms, names or history.
 
 mod courier;
 

@@ -312,8 +312,8 @@ pub fn encode<T: Serialize>(event: &T) -> Frame {
 
 /// Serialises a `welcome` or `room` event, its last fields written here: `history`, the stored
 /// frames joined by commas, then `truncated` and `more`. A welcome carries up to 100 stored
-/// frames, and reading each again to check what [`encode`] itself wrote was most of a join's
-/// cost. Other events are serialised as [`encode`] does.
+/// frames, and reading each again to check what [`encode`] itself wrote took a sixth of the
+/// dispatcher's time under connection churn. Other events are serialised as [`encode`] does.
 pub fn encode_entering(event: &ServerEvent<'_>) -> Frame {
     let (ServerEvent::Welcome { room, .. } | ServerEvent::Room { room }) = event else {
         return encode(event);

@@ -148,9 +148,10 @@ impl Couriers {
             }
             let next = lane.empties.try_recv().unwrap_or_default();
             let parcel = std::mem::replace(&mut lane.filling, next);
+            // Fails only once the courier is gone (after `stop`): then nothing is in flight.
             if lane.parcels.send(parcel).is_ok() {
                 lane.sent += 1;
-            } // else the courier is gone (only after `stop`)
+            }
         }
     }
 
