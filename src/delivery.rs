@@ -4,10 +4,12 @@
 //!
 //! A batch's frames for one client wait in its mailbox, and leave together, in order, in one
 //! write to its outlet: by the dispatcher's own thread (lane 0) or by a courier, always the same
-//! lane for the same client. A frame is serialised once by the dispatcher and shared (reference
-//! counted) by every mailbox it is posted to. Delivery never blocks on a client: an outlet whose
-//! backlog passes its bound makes the client *slow*, and [`Delivery::send`] returns it so the
-//! dispatcher can drop it. This module knows nothing of rooms, names or history.
+//! lane for the same client, except that a small batch is written by the dispatcher's thread
+//! alone while no courier holds anything (so nothing of a client's can be overtaken). A frame
+//! is serialised once by the dispatcher and shared (reference counted) by every mailbox it is
+//! posted to. Delivery never blocks on a client: an outlet whose backlog passes its bound makes
+//! the client *slow*, and [`Delivery::send`] returns it so the dispatcher can drop it. This
+//! module knows nothing of rooms, names or history.
 
 mod courier;
 
@@ -22,6 +24,11 @@ use crate::protocol::{ClientId, Frame};
 
 /// Mailbox capacity a client keeps between batches; a bigger one (after a burst) is released.
 const KEEP_MAILBOX_FRAMES: usize = 16;
+/// A batch for at most this many clients is written by the dispatcher's own thread, whatever
+/// their lanes, when no courier holds anything: waking a courier (a futex and a context switch)
+/// costs more than the few writes it would take over. A join's welcome and presence, one chat
+/// message to a small room. A broadcast to a crowd still goes to every lane.
+const SMALL_BATCH_CLIENTS: usize = 4;
 
 /// The way out to every connected client.
 pub struct Delivery {
@@ -101,9 +108,15 @@ impl Delivery {
         slow
     }
 
-    /// Moves each touched client's mailbox into its lane's parcel.
+    /// Moves each touched client's mailbox into its lane's parcel, or all into this thread's
+    /// for a small batch while the couriers hold nothing.
     fn fill_parcels(&mut self) {
-        let lanes = self.couriers.lanes() as u64;
+        let small = self.touched.len() <= SMALL_BATCH_CLIENTS && self.couriers.all_delivered();
+        let lanes = if small {
+            1
+        } else {
+            self.couriers.lanes() as u64
+        };
         for id in self.touched.drain(..) {
             let Some(recipient) = self.recipients.get_mut(&id) else {
                 continue; // gone since: its frames went with it
@@ -176,6 +189,37 @@ mod tests {
                 .collect();
             assert!(recorder.take() == expected, "client {id}: out of order");
             assert_eq!(*recorder.closed.lock().unwrap(), Some("done"));
+        }
+    }
+
+    #[test]
+    fn a_small_batch_never_overtakes_what_a_courier_still_holds() {
+        const BATCHES: usize = 200;
+        let (mut delivery, recorders) = with_clients();
+        // Client 2's courier is slow: a small batch right after a big one finds it busy.
+        *recorders[1].pause.lock().unwrap() = std::time::Duration::from_micros(500);
+        let small = 1..=SMALL_BATCH_CLIENTS as u64; // clients 1 and 2 among them
+        let mut expected = vec![Vec::new(); CLIENTS as usize];
+        for batch in 0..BATCHES {
+            let to = if batch % 2 == 0 {
+                1..=CLIENTS
+            } else {
+                small.clone()
+            };
+            for id in to {
+                let text = format!("{id}: {batch}");
+                delivery.post(id, text.as_str().into());
+                expected[id as usize - 1].push(text);
+            }
+            assert_eq!(delivery.send(), Vec::<ClientId>::new());
+        }
+        delivery.close_all(1001, "done");
+        for (id, recorder) in (1..=CLIENTS).zip(&recorders) {
+            let got: Vec<String> = recorder.take().iter().map(|f| f.to_string()).collect();
+            assert!(
+                got == expected[id as usize - 1],
+                "client {id}: out of order"
+            );
         }
     }
 

@@ -490,11 +490,7 @@ impl Hub {
         let slice = self
             .history
             .newest(room, since, self.limits.history, WELCOME_HISTORY_BYTES);
-        let history = slice
-            .messages
-            .iter()
-            .filter_map(|m| protocol::raw_json(&m.frame))
-            .collect();
+        let history = slice.messages.iter().map(|m| &m.frame).collect();
         let last_id = slice.messages.last().map_or(since.unwrap_or(0), |m| m.id);
         let state = RoomState {
             room,
@@ -505,15 +501,15 @@ impl Hub {
             truncated: slice.truncated,
             more: slice.more,
         };
-        let frame = if welcome {
-            protocol::encode(&ServerEvent::Welcome {
+        let frame = protocol::encode_entering(&if welcome {
+            ServerEvent::Welcome {
                 client_id: id,
                 name: &me.name,
                 room: state,
-            })
+            }
         } else {
-            protocol::encode(&ServerEvent::Room { room: state })
-        };
+            ServerEvent::Room { room: state }
+        });
         let joined = is_new.then(|| {
             protocol::encode(&ServerEvent::Joined {
                 room,

@@ -287,8 +287,10 @@ pub(crate) fn refuse(
     let _ = stream.shutdown(Shutdown::Write);
 }
 
-/// Answers `101` (within `timeout`) and readies the socket for its session: no more timeouts
-/// (the session never blocks on it), no Nagle. False if the connection was lost.
+/// Answers `101` (within `timeout`). The socket's timeouts stay as they are: the session sets
+/// its receive timeout before it first waits, writes without blocking, and its last writes set
+/// their own (clearing them here would be two system calls a connection for nothing); its
+/// buffers and `TCP_NODELAY` were set at accept (`listener`). False if the connection was lost.
 pub(crate) fn switch_protocols(
     stream: &Wire,
     request: &Request,
@@ -298,10 +300,7 @@ pub(crate) fn switch_protocols(
     log::debug!("handshake response to {}:\n{response}", request.peer);
     let setup = stream
         .set_write_timeout(Some(timeout))
-        .and_then(|()| send(stream, response))
-        .and_then(|()| stream.set_read_timeout(None))
-        .and_then(|()| stream.set_write_timeout(None))
-        .and_then(|()| stream.set_nodelay(true));
+        .and_then(|()| send(stream, response));
     if let Err(e) = &setup {
         log::debug!(
             "connection from {} lost during the handshake: {e}",

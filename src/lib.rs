@@ -575,6 +575,8 @@ fn bind(ip: IpAddr, port: u16) -> Result<TcpListener, StartError> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None).map_err(fail)?;
     socket.set_reuse_address(true).map_err(fail)?;
     socket.bind(&addr.into()).map_err(fail)?;
+    // Before `listen`: every connection, from the first, inherits them.
+    listener::set_socket_options((&socket).into()).map_err(fail)?;
     socket.listen(LISTEN_BACKLOG).map_err(fail)?;
     Ok(socket.into())
 }

@@ -41,6 +41,10 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 /// it to megabytes for a client that sends faster than we read, which costs memory the process
 /// does not even see.
 const RECEIVE_BUFFER_BYTES: usize = 64 * 1024;
+/// Kernel send buffer of every connection: without a cap, Linux grows it to megabytes for a slow
+/// reader, and thousands of them reach the machine's TCP memory limit (the kernel doubles it for
+/// its bookkeeping). What a WebSocket client does not take waits in its outlet instead, bounded.
+const SEND_BUFFER_BYTES: usize = 128 * 1024;
 /// Requests served on one keep-alive connection before it is closed: a page load needs a
 /// dozen; a client looping on one connection cannot keep its thread forever.
 const MAX_REQUESTS_PER_CONNECTION: usize = 1000;
@@ -230,11 +234,20 @@ pub fn accept_loop(listener: TcpListener, front: Arc<Front>) {
     debug!("listener stopped");
 }
 
+/// What every connection's socket gets before anything is read: its kernel buffers capped (what
+/// a client may push into the kernel, and what a slow reader leaves there), and no Nagle delay
+/// (whole frames are written at once). Set once on the listening socket, before it listens
+/// (`bind` in lib.rs): Linux copies these into every socket it accepts (a test below checks
+/// it), which saves three system calls a connection.
+pub(crate) fn set_socket_options(socket: socket2::SockRef<'_>) -> std::io::Result<()> {
+    socket.set_recv_buffer_size(RECEIVE_BUFFER_BYTES)?;
+    socket.set_send_buffer_size(SEND_BUFFER_BYTES)?;
+    socket.set_tcp_nodelay(true)
+}
+
 /// Gives an accepted connection a thread, or turns it away at once (on this thread, without
 /// blocking: the accept loop never waits on a client).
 fn admit(front: &Arc<Front>, pool: &Pool, stream: TcpStream, peer: SocketAddr) {
-    // Before anything is read: what a client may push into the kernel for this socket.
-    let _ = socket2::SockRef::from(&stream).set_recv_buffer_size(RECEIVE_BUFFER_BYTES);
     let ticket = match front.admission.admit(peer.ip(), Instant::now()) {
         Ok(ticket) => ticket,
         Err(turned) => return turn_away(front, &stream, peer, turned),
@@ -348,7 +361,7 @@ fn tls_failed(front: &Front, plain: Wire, peer: SocketAddr, refused: Refused, de
         info!("dropped a connection from {peer}: {refused} ({count} of this kind so far)");
     }
     if matches!(refused, Refused::PlainHttp) {
-        let _ = request::read_head(&plain, &mut Vec::new(), deadline);
+        let _ = request::read_head(&plain, peer, &mut Vec::new(), deadline);
         let body = format!("this port speaks TLS: use {}\n", front.page_url);
         let response = handshake::status_response("400 Bad Request", "", &body);
         let _ = plain.set_write_timeout(Some(front.head_timeout));
@@ -372,7 +385,7 @@ fn at_the_door(
 ) -> Option<(Joining, Vec<u8>)> {
     let mut buffered = Vec::new();
     for served in 0..MAX_REQUESTS_PER_CONNECTION {
-        let request = match request::read_head(stream, &mut buffered, deadline) {
+        let request = match request::read_head(stream, peer, &mut buffered, deadline) {
             Ok(request) => request,
             Err(e) => {
                 head_failed(front, stream, peer, e, served);
@@ -500,4 +513,23 @@ fn request_log(request: &Request) -> String {
         text.push_str(&format!("\n{name}: {value}"));
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What [`set_socket_options`] relies on: an accepted socket has the listening socket's.
+    #[test]
+    fn accepted_sockets_inherit_the_listening_sockets_options() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        set_socket_options(socket2::SockRef::from(&listener)).unwrap();
+        let _client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        let socket = socket2::SockRef::from(&accepted);
+        // The kernel doubles what it is given, for its bookkeeping.
+        assert_eq!(socket.recv_buffer_size().unwrap(), 2 * RECEIVE_BUFFER_BYTES);
+        assert_eq!(socket.send_buffer_size().unwrap(), 2 * SEND_BUFFER_BYTES);
+        assert!(socket.tcp_nodelay().unwrap());
+    }
 }

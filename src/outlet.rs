@@ -539,6 +539,9 @@ impl Outlet {
         let Way::Socket(wire) = way else {
             return Ok(());
         };
+        if sent == bytes.len() {
+            return Ok(()); // all written already: no timeout to set (a system call)
+        }
         wire.stream.set_write_timeout(Some(timeout))?;
         (&*wire.stream).write_all(&bytes[sent..])?;
         Metrics::add(&self.metrics.bytes_out, (bytes.len() - sent) as u64);

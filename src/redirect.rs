@@ -75,9 +75,12 @@ impl Redirect {
 
     /// Reads one request head and answers `308` to its https twin (or `400` if it is no request).
     fn answer(&self, stream: TcpStream) {
+        let Ok(peer) = stream.peer_addr() else {
+            return; // gone already
+        };
         let wire = Wire::plain(Arc::new(stream));
         let deadline = Instant::now() + self.head_timeout;
-        let response = match request::read_head(&wire, &mut Vec::new(), deadline) {
+        let response = match request::read_head(&wire, peer, &mut Vec::new(), deadline) {
             Ok(request) => {
                 let host = request.header("Host").unwrap_or_default();
                 let location = self.location(host, &request.target);

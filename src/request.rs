@@ -145,13 +145,14 @@ pub fn decode(s: &str) -> String {
 
 /// Reads one request head. `buffered` holds bytes already read from this connection (a
 /// pipelined request, or nothing); on success the head is taken out of it and what follows
-/// stays. The whole head must arrive by `deadline`.
+/// stays. The whole head must arrive by `deadline`. `peer` is the connection's address, as
+/// `accept` gave it (asking the socket again would be a system call a request).
 pub(crate) fn read_head(
     stream: &Wire,
+    peer: SocketAddr,
     buffered: &mut Vec<u8>,
     deadline: Instant,
 ) -> Result<Request, HeadError> {
-    let peer = stream.peer_addr()?;
     let mut searched = 0;
     loop {
         if let Some(end) = find_head_end(buffered, searched) {

@@ -74,6 +74,12 @@ const CLOSE_POLL: Duration = Duration::from_millis(10);
 /// again only once it is this much out of date, not before every wait (a system call; at 200
 /// messages a second, a slack of 10 ms still cost one every other message).
 const TIMER_SLACK: Duration = Duration::from_millis(50);
+/// A new session gives back the stack pages its thread touched before it (the handshake, and
+/// the connection this pooled thread served last) once it is this old, at its first wait that
+/// ends after that: an idle connection is trimmed within about a second, while a short one
+/// (most of a reconnect storm, a load test's churn) ends before and leaves the pages warm for
+/// the next connection on its thread, instead of faulting them in again (3 page faults a cycle).
+const TRIM_AFTER: Duration = Duration::from_secs(1);
 /// Typing events accepted per second (and at once); the excess is dropped silently.
 const TYPING_RATE: f64 = 2.0;
 /// Nick and join commands per second, and at once.
@@ -86,10 +92,6 @@ pub const INBOUND_BUDGET_BYTES: u64 = 8 << 20;
 /// What a chat message costs against the byte rates beyond its text: the JSON frame around it
 /// (type, id, room, sender, time), which every recipient reads too.
 pub const MESSAGE_OVERHEAD_BYTES: usize = 160;
-/// Kernel send buffer of a client socket: without a cap, Linux grows it to megabytes for a slow
-/// reader, and thousands of them reach the machine's TCP memory limit (the kernel doubles it
-/// for its bookkeeping). The receive side is capped at accept (`listener`).
-const SOCKET_SEND_BUFFER_BYTES: usize = 128 * 1024;
 /// Stack of a connection thread: the handshake, parsing, tungstenite and logging fit well within
 /// it (tests send the deepest and largest inputs through real connections). Only the pages
 /// touched count towards memory, and a parked session gives back the deeper ones (`stack`).
@@ -168,7 +170,6 @@ pub struct Env<'a> {
 pub fn serve(wire: Wire, leftover: Vec<u8>, joining: Joining, env: Env<'_>) -> String {
     let (stream, tls) = wire.into_parts();
     let id = joining.id;
-    cap_socket_buffers(&stream);
     let watch = env.reactor.watch(id, stream.clone());
     let outlet = Arc::new(Outlet::new(
         (stream.clone(), tls.clone()),
@@ -218,12 +219,6 @@ fn join(joining: &Joining, outlet: &Arc<Outlet>, env: &Env<'_>) -> bool {
         outlet: outlet.clone(),
     };
     env.events.send(connect).is_ok()
-}
-
-/// Caps the kernel's send buffer for this socket (see [`SOCKET_SEND_BUFFER_BYTES`]); a failure
-/// only leaves the kernel's default.
-fn cap_socket_buffers(stream: &TcpStream) {
-    let _ = socket2::SockRef::from(stream).set_send_buffer_size(SOCKET_SEND_BUFFER_BYTES);
 }
 
 /// Tells the dispatcher the client left, however the session ends (a panic included), so no
@@ -421,6 +416,9 @@ struct Session<'a> {
     read_paused_until: Option<Instant>,
     /// Commands parsed from the current read, not yet sent to the dispatcher.
     commands: Vec<Command>,
+    /// When the stack pages the session did not touch go back (see [`TRIM_AFTER`]); none once
+    /// they did.
+    trim_at: Option<Instant>,
 }
 
 impl<'a> Session<'a> {
@@ -458,6 +456,7 @@ impl<'a> Session<'a> {
             ),
             read_paused_until: None,
             commands: Vec::new(),
+            trim_at: Some(now + TRIM_AFTER),
         })
     }
 
@@ -495,7 +494,6 @@ impl<'a> Session<'a> {
         if let Err(stop) = self.read_frames() {
             return stop;
         }
-        crate::stack::release_unused(); // the handshake's pages: an idle connection needs none
         loop {
             if let Err(stop) = self.turn() {
                 return stop;
@@ -510,19 +508,30 @@ impl<'a> Session<'a> {
             Some(until) if Instant::now() < until => self.pause(until.min(self.next_ping)),
             _ => {
                 self.read_paused_until = None;
-                let conn = self.ws.get_mut();
-                let readable = conn
-                    .wait_readable(self.next_ping)
+                let wake = self
+                    .trim_at
+                    .map_or(self.next_ping, |at| at.min(self.next_ping));
+                let readable = self.ws.get_mut().wait_readable(wake);
+                let readable = readable
                     .map_err(|e| Stop::Gone(format!("cannot set the receive timeout: {e}")))?;
                 if readable {
                     self.read_frames()?;
                 }
+                self.trim_when_due();
             }
         }
         if let Some((code, reason)) = self.outlet().close_request() {
             return Err(Stop::Close(code.into(), reason));
         }
         self.keepalive()
+    }
+
+    /// Gives back the stack pages below this frame once the session is [`TRIM_AFTER`] old.
+    fn trim_when_due(&mut self) {
+        if self.trim_at.is_some_and(|at| Instant::now() >= at) {
+            crate::stack::release_unused(); // the handshake's pages: an idle connection needs none
+            self.trim_at = None;
+        }
     }
 
     /// Reads nothing until `until`; a close request wakes the thread (the outlet unparks it).

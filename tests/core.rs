@@ -57,6 +57,21 @@ fn welcome_last_id_is_the_since_that_resumes_right_after_it() {
 }
 
 #[test]
+fn a_client_quiet_past_the_door_timeouts_and_the_stack_trim_still_chats() {
+    // The door's socket timeouts stay set after the 101 (the session sets its own), and the
+    // session gives back its stack pages once it is a second old: neither may end it.
+    let server = start(wschat::Config {
+        handshake_timeout: Duration::from_millis(300),
+        ..config()
+    });
+    let (mut client, _) = Client::join(&server, "/chat");
+    std::thread::sleep(Duration::from_millis(1500));
+    client.send("still here");
+    assert_eq!(client.expect_text(), "still here");
+    server.shutdown();
+}
+
+#[test]
 fn three_clients_each_receive_a_message_exactly_once() {
     let server = start(config());
     let mut clients: Vec<_> = (0..3).map(|_| Client::join(&server, "/chat").0).collect();

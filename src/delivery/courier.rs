@@ -10,6 +10,7 @@
 
 use std::ops::Range;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Acquire, Ordering::Release};
 use std::thread::{self, JoinHandle};
 
 use crossbeam_channel::{Receiver, Sender, bounded};
@@ -68,6 +69,10 @@ pub struct Couriers {
 
 struct Lane {
     filling: Parcel,
+    /// Parcels sent to this courier, and (counted by the courier) delivered: when the two are
+    /// equal it holds nothing, and the dispatcher's thread may write to its clients itself.
+    sent: u64,
+    delivered: Arc<AtomicU64>,
     parcels: Sender<Parcel>,
     /// Delivered parcels come back, so their buffers are reused.
     empties: Receiver<Parcel>,
@@ -89,6 +94,8 @@ impl Couriers {
             let (parcels, inbox) = bounded::<Parcel>(PARCELS_IN_FLIGHT);
             let (empty, empties) = bounded(PARCELS_IN_FLIGHT);
             let (report, metrics) = (report.clone(), metrics.clone());
+            let delivered = Arc::new(AtomicU64::new(0));
+            let done = delivered.clone();
             let thread = thread::Builder::new()
                 .name(format!("courier-{n}"))
                 .spawn(move || {
@@ -97,11 +104,16 @@ impl Couriers {
                             let _ = report.try_send(id);
                         });
                         Metrics::add(&metrics.messages_sent, handed);
+                        // Release: the writes above happen before the dispatcher's thread
+                        // sees this count and writes to the same clients itself.
+                        done.fetch_add(1, Release);
                         let _ = empty.try_send(parcel);
                     }
                 })?;
             lanes.push(Lane {
                 filling: Parcel::default(),
+                sent: 0,
+                delivered,
                 parcels,
                 empties,
                 thread,
@@ -113,6 +125,14 @@ impl Couriers {
     /// Lanes, the dispatcher's own (lane 0) included.
     pub fn lanes(&self) -> usize {
         self.lanes.len() + 1
+    }
+
+    /// Whether every parcel sent has been delivered: then no client has frames waiting with a
+    /// courier, and frames the caller writes itself cannot overtake any.
+    pub fn all_delivered(&self) -> bool {
+        self.lanes
+            .iter()
+            .all(|lane| lane.delivered.load(Acquire) == lane.sent)
     }
 
     /// The parcel being filled for courier lane `lane` (1 or more).
@@ -128,7 +148,10 @@ impl Couriers {
             }
             let next = lane.empties.try_recv().unwrap_or_default();
             let parcel = std::mem::replace(&mut lane.filling, next);
-            let _ = lane.parcels.send(parcel); // fails only once the courier is gone
+            // Fails only once the courier is gone (after `stop`): then nothing is in flight.
+            if lane.parcels.send(parcel).is_ok() {
+                lane.sent += 1;
+            }
         }
     }
 
