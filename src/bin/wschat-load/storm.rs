@@ -376,11 +376,11 @@ impl Worker<'_> {
             self.connect_due();
             self.post();
             events.clear();
-            if let Err(e) = self.poller.wait(&mut events, Some(self.timeout())) {
-                if e.kind() != io::ErrorKind::Interrupted {
-                    self.errors.add(format!("poll: {}", conn::io_kind(&e)));
-                    thread::sleep(TURN);
-                }
+            if let Err(e) = self.poller.wait(&mut events, Some(self.timeout()))
+                && e.kind() != io::ErrorKind::Interrupted
+            {
+                self.errors.add(format!("poll: {}", conn::io_kind(&e)));
+                thread::sleep(TURN);
             }
             for event in events.iter() {
                 self.drain(event.key);
