@@ -185,8 +185,8 @@ IDLE:
 
 STORM:
     -n, --connections N    clients [default: 1000]; --per-room M as in idle [default: 100]
-        --concurrency K    worker threads holding the clients, each making one handshake
-                           at a time (so K at once, first and again) [default: 32]
+        --concurrency K    worker threads holding the clients; K handshakes at once while
+                           first connecting, every due reconnect at once after [default: 32]
         --messages P       messages each room's first client posts before the restart, and
                            again after [default: 5]
         --restart-cmd CMD  run `sh -c CMD` once every client has the first round: it must take

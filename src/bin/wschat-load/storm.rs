@@ -4,8 +4,9 @@
 //! worker threads. A worker owns its share of the sockets (non-blocking) and sleeps in an epoll
 //! wait (the `polling` crate) until some of them have data, then drains each: one wake-up serves
 //! every frame that arrived meanwhile, where a thread per client would wake once per frame. It
-//! opens and reopens its clients itself, one blocking handshake at a time, so at most
-//! --concurrency handshakes are under way at once.
+//! opens and reopens its clients itself on non-blocking sockets (connect, upgrade, welcome, each
+//! step when the socket is ready): at first one at a time per worker (so --concurrency at once),
+//! after the restart every client whose backoff is up at once, as independent clients would.
 //!
 //! Once all are in, the first client of each room posts --messages P through its WebSocket, and
 //! everyone waits until every client has them all. Then the server goes down (the tool runs
@@ -39,7 +40,7 @@ use tungstenite::protocol::CloseFrame;
 use tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::cli::Opts;
-use crate::conn::{self, ConnOpts, Target, Ws, XorShift, now_ns};
+use crate::conn::{self, ConnOpts, Opened, Opening, Target, Ws, XorShift, now_ns};
 use crate::stats::{Hist, Seen, SeqTrack, Tally, fmt_ns, group};
 use crate::{Outcome, limits};
 
@@ -58,9 +59,6 @@ const POSTER_RETRY_NS: u64 = 10_000_000;
 /// Longest sleep of a worker in its poll: it looks at the phase (to post, or to stop) and at
 /// the held reconnects at least this often.
 const TURN: Duration = Duration::from_millis(10);
-/// Handshakes a worker makes in a row before it drains its sockets again: connected clients'
-/// frames must not wait behind a run of reconnects.
-const CONNECTS_PER_TURN: usize = 4;
 /// A worker's stack: it holds no buffers of its own there.
 const WORKER_STACK: usize = 256 * 1024;
 /// How long the clients' closing handshakes may take at the end of the run.
@@ -315,7 +313,7 @@ fn restart(sh: &Shared) -> Result<(), String> {
 
 /// What a client without a connection does next.
 enum Next {
-    /// It is connected: watch its socket.
+    /// Its opening is under way: watch its socket.
     Watch,
     /// Try again at this time (on the [`now_ns`] clock).
     Retry(u64),
@@ -337,6 +335,9 @@ struct Worker<'a> {
     due: BinaryHeap<Reverse<(u64, usize)>>,
     /// Odd-numbered clients waiting for every room's second round before they reconnect.
     held: Vec<usize>,
+    /// Clients opening (connect, upgrade, welcome) now.
+    opening: usize,
+    next_expiry_check: u64,
     errors: Tally,
 }
 
@@ -359,6 +360,8 @@ fn worker(sh: &Shared, k: usize, workers: usize) -> Stats {
         due: (0..clients.len()).map(|i| Reverse((0, i))).collect(),
         clients,
         held: Vec::new(),
+        opening: 0,
+        next_expiry_check: 0,
         errors: Tally::default(),
     };
     w.run();
@@ -367,13 +370,14 @@ fn worker(sh: &Shared, k: usize, workers: usize) -> Stats {
 }
 
 impl Worker<'_> {
-    /// Until the run ends: (re)connects the clients that are due, posts, and sleeps until some
-    /// socket has data (or the next client is due, or a turn has passed), then drains those.
+    /// Until the run ends: starts the attempts that are due, posts, and sleeps until some socket
+    /// is ready (or the next client is due, or a turn has passed), then serves those.
     fn run(&mut self) {
         let mut events = Events::new();
         while self.sh.phase.load(SeqCst) != CLOSE {
             self.release_held();
-            self.connect_due();
+            self.start_due();
+            self.expire();
             self.post();
             events.clear();
             if let Err(e) = self.poller.wait(&mut events, Some(self.timeout()))
@@ -383,16 +387,28 @@ impl Worker<'_> {
                 thread::sleep(TURN);
             }
             for event in events.iter() {
-                self.drain(event.key);
+                self.on_ready(event.key);
             }
         }
     }
 
-    /// How long the poll may sleep: until the next client is due, a turn at most.
+    /// How long the poll may sleep: until the next client is due (if it may start), a turn at
+    /// most.
     fn timeout(&self) -> Duration {
         match self.due.peek() {
-            Some(Reverse((at, _))) => Duration::from_nanos(at.saturating_sub(now_ns())).min(TURN),
-            None => TURN,
+            Some(Reverse((at, _))) if self.opening < self.at_once() => {
+                Duration::from_nanos(at.saturating_sub(now_ns())).min(TURN)
+            }
+            _ => TURN,
+        }
+    }
+
+    /// Openings a worker has under way at once: after the restart all that are due, as
+    /// independent clients would; while first opening, one (--concurrency at once in all).
+    fn at_once(&self) -> usize {
+        match self.sh.phase.load(SeqCst) {
+            OPEN => 1,
+            _ => usize::MAX,
         }
     }
 
@@ -404,19 +420,37 @@ impl Worker<'_> {
         }
     }
 
-    /// Makes the attempts that are due, a few at most before the sockets are drained again.
-    fn connect_due(&mut self) {
-        for _ in 0..CONNECTS_PER_TURN {
+    /// Starts the attempts that are due, as many as [`Worker::at_once`] allows.
+    fn start_due(&mut self) {
+        let at_once = self.at_once();
+        while self.opening < at_once {
             let i = match self.due.peek() {
                 Some(&Reverse((at, i))) if at <= now_ns() => i,
                 _ => return,
             };
             self.due.pop();
             match self.clients[i].attempt() {
-                Next::Watch => self.watch(i),
+                Next::Watch => {
+                    self.opening += 1;
+                    self.watch(i);
+                }
                 Next::Retry(at) => self.due.push(Reverse((at, i))),
                 Next::Hold => self.held.push(i),
                 Next::GiveUp => {}
+            }
+        }
+    }
+
+    /// Ends the openings that ran past --connect-timeout (looked at every `TURN`).
+    fn expire(&mut self) {
+        let now = now_ns();
+        if self.opening == 0 || now < self.next_expiry_check {
+            return;
+        }
+        self.next_expiry_check = now + TURN.as_nanos() as u64;
+        for i in 0..self.clients.len() {
+            if let Some(kind) = self.clients[i].expired(now) {
+                self.failed(i, kind.to_string());
             }
         }
     }
@@ -427,44 +461,93 @@ impl Worker<'_> {
         }
     }
 
-    /// Puts a client's new socket in the poller, and takes in what came with its welcome.
-    fn watch(&mut self, i: usize) {
-        let Some(ws) = self.clients[i].ws.as_ref() else {
-            return;
-        };
-        let interest = Event::readable(i);
-        // SAFETY: a socket leaves the poller (`unwatch`) before its connection is dropped: a
-        // client's `ws` is only taken out or replaced by `unwatch`, or while it is not watched.
-        let added = unsafe {
-            self.poller
-                .add_with_mode(&ws.get_ref().tcp, interest, PollMode::Level)
-        };
-        match added {
-            Ok(()) => self.drain(i), // frames read along with the welcome wait in tungstenite
-            Err(e) => {
-                self.clients[i].ws = None; // never in the poller
-                self.dropped(i, format!("poll: {}", conn::io_kind(&e)));
-            }
+    /// A client's socket is ready: the next step of its opening, or what it holds to read.
+    fn on_ready(&mut self, i: usize) {
+        if self.clients[i].opening.is_some() {
+            self.advance(i);
+        } else {
+            self.drain(i);
         }
     }
 
-    fn unwatch(&mut self, i: usize) {
-        if let Some(ws) = self.clients[i].ws.take() {
-            let _ = self.poller.delete(&ws.get_ref().tcp);
+    /// Puts a client's socket in the poller, for what it waits for next.
+    fn watch(&mut self, i: usize) {
+        let Some((tcp, write)) = self.clients[i].socket() else {
+            return;
+        };
+        let interest = match write {
+            true => Event::writable(i),
+            false => Event::readable(i),
+        };
+        // SAFETY: a socket leaves the poller (`unwatch`) before it can be dropped: a client's
+        // opening or connection is only taken out or replaced by `disconnect` and `advance`,
+        // which unwatch it first.
+        let added = unsafe { self.poller.add_with_mode(tcp, interest, PollMode::Level) };
+        if let Err(e) = added {
+            self.failed(i, format!("poll: {}", conn::io_kind(&e)));
+        }
+    }
+
+    fn unwatch(&self, i: usize) {
+        if let Some((tcp, _)) = self.clients[i].socket() {
+            let _ = self.poller.delete(tcp);
+        }
+    }
+
+    fn disconnect(&mut self, i: usize) {
+        self.unwatch(i);
+        let c = &mut self.clients[i];
+        if c.opening.take().is_some() || c.ws.as_ref().is_some_and(|_| !c.welcomed) {
+            self.opening -= 1;
+        }
+        c.ws = None;
+        c.welcomed = false;
+    }
+
+    /// The next step of an opening (out of the poller meanwhile: a failed step drops it).
+    fn advance(&mut self, i: usize) {
+        self.unwatch(i);
+        let Some(opening) = self.clients[i].opening.take() else {
+            return;
+        };
+        match opening.advance() {
+            Ok(Opened::Waiting(next)) => {
+                self.clients[i].opening = Some(next);
+                self.watch(i);
+            }
+            Ok(Opened::Open(ws)) => {
+                self.clients[i].ws = Some(*ws);
+                self.watch(i);
+                self.drain(i); // the welcome may have come with the response
+            }
+            Err(kind) => {
+                self.opening -= 1; // taken out above: `failed` finds nothing to count
+                self.failed(i, kind);
+            }
         }
     }
 
     /// Reads what a client's socket holds; a connection that is gone is tried again later.
     fn drain(&mut self, i: usize) {
-        if let Err(kind) = self.clients[i].drain() {
-            self.unwatch(i);
-            self.dropped(i, kind);
+        let was_welcomed = self.clients[i].welcomed;
+        match self.clients[i].drain() {
+            Ok(()) if !was_welcomed && self.clients[i].welcomed => self.opening -= 1,
+            Ok(()) => {}
+            Err(kind) if self.clients[i].welcomed => {
+                self.disconnect(i);
+                let at = self.clients[i].on_drop(kind);
+                self.due.push(Reverse((at, i)));
+            }
+            Err(kind) => self.failed(i, format!("welcome: {kind}")),
         }
     }
 
-    fn dropped(&mut self, i: usize, kind: String) {
-        let at = self.clients[i].on_drop(kind);
-        self.due.push(Reverse((at, i)));
+    /// An attempt that did not get as far as the welcome.
+    fn failed(&mut self, i: usize, kind: String) {
+        self.disconnect(i);
+        if let Some(at) = self.clients[i].failed(kind) {
+            self.due.push(Reverse((at, i)));
+        }
     }
 
     /// Sends every connected client's close frame, then drains until the server has answered
@@ -482,8 +565,9 @@ impl Worker<'_> {
             events.clear();
             let _ = self.poller.wait(&mut events, Some(TURN));
             for event in events.iter() {
-                if self.clients[event.key].drain().is_err() {
-                    self.unwatch(event.key);
+                let c = &mut self.clients[event.key];
+                if c.opening.is_none() && c.welcomed && c.drain().is_err() {
+                    self.disconnect(event.key);
                     open -= 1;
                 }
             }
@@ -495,7 +579,7 @@ impl Worker<'_> {
         let mut st = Stats::default();
         st.errors.merge(&self.errors);
         for i in 0..self.clients.len() {
-            self.unwatch(i);
+            self.disconnect(i);
         }
         for c in self.clients {
             st.merge(&c.finish());
@@ -518,8 +602,13 @@ struct Client<'a> {
     posted: u64,
     /// Distinct messages of the tool's received (at most 2P).
     got: u64,
-    /// It has tried its first connection.
-    started: bool,
+    /// Its socket while it opens (connect, upgrade), and until when it may take.
+    opening: Option<Opening>,
+    open_by: u64,
+    /// The welcome of its connection came (the connection is open).
+    welcomed: bool,
+    /// It had a welcome once: what follows are reconnects.
+    has_opened: bool,
     /// Connected again after the restart.
     back: bool,
     /// When its connection dropped, and how many attempts it has made since.
@@ -541,7 +630,10 @@ impl<'a> Client<'a> {
             poster: j.is_multiple_of(sh.room_size()),
             posted: 0,
             got: 0,
-            started: false,
+            opening: None,
+            open_by: 0,
+            welcomed: false,
+            has_opened: false,
             back: false,
             drop_ns: 0,
             tries: 0,
@@ -556,39 +648,67 @@ impl<'a> Client<'a> {
 impl Client<'_> {
     /// The next step for a client without a connection: its first, or one more try after a drop.
     fn attempt(&mut self) -> Next {
-        if !self.started {
-            return self.open_first();
+        if self.has_opened {
+            if self.held_back() {
+                return Next::Hold;
+            }
+            self.tries += 1;
+            self.st.attempts += 1;
         }
-        if self.held_back() {
-            return Next::Hold;
-        }
-        self.tries += 1;
-        self.st.attempts += 1;
-        match self.connect(Some(self.since)) {
-            Ok(()) => {
-                self.on_back();
-                Next::Watch
+        let sh = self.sh;
+        let opts = ConnOpts {
+            timeout: sh.o.connect_timeout(),
+            read_buf: 4096,
+        };
+        self.open_by = now_ns() + opts.timeout.as_nanos() as u64;
+        let url = sh.url(self.j, self.has_opened.then_some(self.since));
+        match Opening::start(&url, &sh.target, opts) {
+            Ok(Opened::Waiting(opening)) => self.opening = Some(opening),
+            Ok(Opened::Open(mut ws)) => {
+                // wss: opened blocking; from here on the poller waits for it.
+                if let Err(e) = ws.get_mut().set_nonblocking() {
+                    let kind = format!("socket: {}", conn::io_kind(&e));
+                    return self.failed(kind).map_or(Next::GiveUp, Next::Retry);
+                }
+                self.ws = Some(*ws);
             }
             Err(kind) => {
-                self.st.failures.add(kind);
-                Next::Retry(self.next_try())
+                return self.failed(kind).map_or(Next::GiveUp, Next::Retry);
             }
+        }
+        Next::Watch
+    }
+
+    /// Counts an attempt that did not get as far as the welcome; says when to try again (never,
+    /// for the first).
+    fn failed(&mut self, kind: String) -> Option<u64> {
+        self.st.failures.add(kind);
+        if !self.has_opened {
+            self.sh.open_failed.fetch_add(1, SeqCst);
+            return None;
+        }
+        Some(self.next_try())
+    }
+
+    /// An opening past its time: what it was waiting for.
+    fn expired(&self, now: u64) -> Option<&'static str> {
+        if now < self.open_by {
+            return None;
+        }
+        match (&self.opening, &self.ws) {
+            (Some(opening), _) if opening.wants_write() => Some("connect: timeout"),
+            (Some(_), _) => Some("handshake: timeout"),
+            (None, Some(_)) if !self.welcomed => Some("welcome: timeout"),
+            _ => None,
         }
     }
 
-    /// The first connection (and its welcome).
-    fn open_first(&mut self) -> Next {
-        self.started = true;
-        match self.connect(None) {
-            Ok(()) => {
-                self.sh.opened.fetch_add(1, SeqCst);
-                Next::Watch
-            }
-            Err(kind) => {
-                self.st.failures.add(kind);
-                self.sh.open_failed.fetch_add(1, SeqCst);
-                Next::GiveUp
-            }
+    /// The socket of its opening or connection, and whether it waits to write (the connect).
+    fn socket(&self) -> Option<(&std::net::TcpStream, bool)> {
+        match (&self.opening, &self.ws) {
+            (Some(opening), _) => Some((opening.tcp(), opening.wants_write())),
+            (None, Some(ws)) => Some((&ws.get_ref().tcp, false)),
+            (None, None) => None,
         }
     }
 
@@ -612,30 +732,15 @@ impl Client<'_> {
         now_ns() + self.rng.next() % bound.max(1)
     }
 
-    /// Opens a connection (resuming from `since`), takes in its welcome, and makes the socket
-    /// non-blocking for the worker's poller.
-    fn connect(&mut self, since: Option<u64>) -> Result<(), String> {
-        let opts = ConnOpts {
-            timeout: self.sh.o.connect_timeout(),
-            read_buf: 4096,
-        };
-        let mut ws = conn::open(&self.sh.url(self.j, since), &self.sh.target, opts)?;
-        let welcome = loop {
-            match ws.read() {
-                Ok(Message::Text(t)) if conn::is_welcome(t.as_str()) => break t,
-                Ok(Message::Close(f)) => {
-                    return Err(format!("welcome: closed {}", conn::close_kind(&f)));
-                }
-                Ok(_) => {}
-                Err(e) => return Err(format!("welcome: {}", conn::ws_kind(&e))),
-            }
-        };
-        ws.get_mut()
-            .set_nonblocking()
-            .map_err(|e| format!("socket: {}", conn::io_kind(&e)))?;
-        self.ws = Some(ws);
-        self.on_welcome(welcome.as_str());
-        Ok(())
+    /// The welcome came: the connection is open (first, or back after a drop).
+    fn on_open(&mut self, welcome: &str) {
+        self.welcomed = true;
+        self.on_welcome(welcome);
+        if self.has_opened {
+            return self.on_back();
+        }
+        self.has_opened = true;
+        self.sh.opened.fetch_add(1, SeqCst);
     }
 
     fn on_welcome(&mut self, frame: &str) {
@@ -656,7 +761,11 @@ impl Client<'_> {
     /// Reads every frame the connection holds; an error says it is gone.
     fn drain(&mut self) -> Result<(), String> {
         while let Some(frame) = self.next_frame()? {
-            self.on_frame(frame.as_str());
+            match self.welcomed {
+                true => self.on_frame(frame.as_str()),
+                false if conn::is_welcome(frame.as_str()) => self.on_open(frame.as_str()),
+                false => {} // nothing comes before the welcome but control frames
+            }
         }
         let Some(ws) = self.ws.as_mut() else {
             return Ok(());
@@ -749,7 +858,9 @@ impl Client<'_> {
             RESTART if self.back => 2 * p,
             _ => return,
         };
-        let Some(ws) = self.ws.as_mut() else { return };
+        let Some(ws) = self.ws.as_mut().filter(|_| self.welcomed) else {
+            return;
+        };
         while self.posted < due {
             let text = sh.text(self.room, self.posted);
             if let Err(e) = ws.send(Message::text(text)) {
@@ -796,7 +907,7 @@ impl Client<'_> {
 
     /// Starts the closing handshake; says whether there was a connection to close.
     fn send_close(&mut self) -> bool {
-        let Some(ws) = self.ws.as_mut() else {
+        let Some(ws) = self.ws.as_mut().filter(|_| self.welcomed) else {
             return false;
         };
         let frame = CloseFrame {
