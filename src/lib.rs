@@ -115,7 +115,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
 
@@ -353,6 +353,7 @@ impl Handle {
     /// Stops accepting, commits history, sends close 1001 to every client, and returns when every
     /// thread the server started has ended.
     pub fn shutdown(self) {
+        let start = Instant::now();
         #[cfg(feature = "tls")]
         if let Some((redirect, addr, thread)) = self.redirect {
             redirect.stopping.store(true, Relaxed);
@@ -364,11 +365,13 @@ impl Handle {
         let _ = self.accept_thread.join();
         self.sweep_thread.thread().unpark();
         let _ = self.sweep_thread.join();
+        let closed = start.elapsed();
 
         let _ = self
             .events
             .send_timeout(Event::Shutdown, Duration::from_secs(1));
         let _ = self.dispatcher_thread.join();
+        let told = start.elapsed();
         self.front.sio.close_all(); // polls waiting are answered, probes end
         if !self.front.wait_all_ended(SHUTDOWN_GRACE) {
             self.front.cut_all();
@@ -376,7 +379,11 @@ impl Handle {
         }
         self.front.reactor.stop();
         let _ = self.reactor_thread.join();
-        log::info!("wschat stopped");
+        let (closed, told) = (closed.as_millis(), told.as_millis());
+        log::info!(
+            "wschat stopped in {} ms (listener closed at {closed} ms, dispatcher done at {told} ms)",
+            start.elapsed().as_millis()
+        );
     }
 }
 

@@ -116,7 +116,8 @@ MODES:
               (with --server-pid) server RSS/threads and the machine's KernelStack per connection.
     churn     --threads T loops: connect, wait for welcome, send one message, receive its echo,
               close (every 10th cycle drops the TCP socket without a close frame instead).
-    storm     a server restart under load: --connections N clients (a thread each) in rooms of
+    storm     a server restart under load: --connections N clients (held by --concurrency
+              threads that sleep in epoll until their sockets have data) in rooms of
               --per-room M; the first of each room posts --messages P; then the server restarts
               (--restart-cmd, or someone else within --hold seconds), every client reconnects
               with jittered, capped backoff and `since`; the first of each room posts P more
@@ -184,7 +185,8 @@ IDLE:
 
 STORM:
     -n, --connections N    clients [default: 1000]; --per-room M as in idle [default: 100]
-        --concurrency K    handshakes at once while first connecting [default: 32]
+        --concurrency K    worker threads holding the clients; K handshakes at once while
+                           first connecting, every due reconnect at once after [default: 32]
         --messages P       messages each room's first client posts before the restart, and
                            again after [default: 5]
         --restart-cmd CMD  run `sh -c CMD` once every client has the first round: it must take
@@ -229,7 +231,9 @@ COST OF THE TOOL:
     idle holds its sockets in --concurrency threads instead, sweeping them with non-blocking
     reads every 500 ms: that answers the server's pings (every 30 s; silent peers are dropped
     after 60 s) and drains presence events, while adding no thread, and so no kernel stack,
-    per connection; KernelStack growth during idle is then the server's.
+    per connection; KernelStack growth during idle is then the server's. storm holds its
+    clients in --concurrency threads too, each asleep in epoll until some of its sockets have
+    data: a burst of presence frames costs one wake-up per worker, not one per frame.
 ";
 
 fn parse_mode(name: &str) -> Result<Mode, lexopt::Error> {
@@ -379,7 +383,7 @@ impl Opts {
             return bad("--duration, --connect-timeout and --setup-timeout must be > 0");
         }
         if self.mode == Mode::Storm && self.connections > 50_000 {
-            return bad("storm: --connections <= 50000 (a thread each)");
+            return bad("storm: --connections <= 50000 (a local port each)");
         }
         if self.messages == 0 || self.messages > 1000 {
             return bad("--messages must be 1..=1000");

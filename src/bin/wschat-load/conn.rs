@@ -6,8 +6,10 @@ use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use socket2::{Domain, Socket, Type};
 use tungstenite::error::{Error as WsError, ProtocolError};
-use tungstenite::handshake::HandshakeError;
+use tungstenite::handshake::client::ClientHandshake;
+use tungstenite::handshake::{HandshakeError, MidHandshake};
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tungstenite::{Message, WebSocket};
@@ -351,6 +353,93 @@ pub fn open(url: &str, target: &Target, opts: ConnOpts) -> Result<Ws, String> {
         Ok((ws, _response)) => Ok(ws),
         Err(HandshakeError::Interrupted(_)) => Err("handshake: timeout".into()),
         Err(HandshakeError::Failure(e)) => Err(format!("handshake: {}", ws_kind(&e))),
+    }
+}
+
+/// A WebSocket being opened on a non-blocking socket: the TCP connect, then the upgrade. Each
+/// step is taken by [`Opening::advance`] once the socket is ready ([`Opening::wants_write`]
+/// says for what), so one thread can have thousands under way, as many independent clients
+/// would. A `wss://` target is opened blocking instead ([`Opening::start`] returns it open).
+pub enum Opening {
+    /// The TCP connect is under way: the socket turns writable when it is done, or failed.
+    Connecting {
+        tcp: TcpStream,
+        url: String,
+        read_buf: usize,
+    },
+    /// The upgrade request is out; the response has not all come.
+    Upgrading(Box<MidHandshake<ClientHandshake<Conn>>>),
+}
+
+/// Where an opening stands.
+pub enum Opened {
+    Open(Box<Ws>),
+    Waiting(Opening),
+}
+
+impl Opening {
+    /// Starts the TCP connect to `target` without waiting for it (`wss://`: opens it whole).
+    pub fn start(url: &str, target: &Target, opts: ConnOpts) -> Result<Opened, String> {
+        #[cfg(feature = "tls")]
+        if target.tls.is_some() {
+            return open(url, target, opts).map(|ws| Opened::Open(Box::new(ws)));
+        }
+        let sock = |e: io::Error| format!("socket: {}", io_kind(&e));
+        let socket =
+            Socket::new(Domain::for_address(target.addr), Type::STREAM, None).map_err(sock)?;
+        socket.set_nonblocking(true).map_err(sock)?;
+        match socket.connect(&target.addr.into()) {
+            Err(e) if e.raw_os_error() != Some(libc::EINPROGRESS) => {
+                return Err(format!("connect: {}", io_kind(&e)));
+            }
+            _ => {}
+        }
+        Ok(Opened::Waiting(Opening::Connecting {
+            tcp: socket.into(),
+            url: url.to_string(),
+            read_buf: opts.read_buf,
+        }))
+    }
+
+    /// The socket, for a poller.
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            Opening::Connecting { tcp, .. } => tcp,
+            Opening::Upgrading(mid) => &mid.get_ref().get_ref().tcp,
+        }
+    }
+
+    /// The next step waits for the socket to be writable (the connect), else readable.
+    pub fn wants_write(&self) -> bool {
+        matches!(self, Opening::Connecting { .. })
+    }
+
+    /// Takes the next step, the socket being ready. The request (a few hundred bytes) goes
+    /// out whole into a new socket's empty buffer; what follows only waits to read.
+    pub fn advance(self) -> Result<Opened, String> {
+        let stepped = match self {
+            Opening::Connecting { tcp, url, read_buf } => {
+                if let Some(e) = tcp
+                    .take_error()
+                    .map_err(|e| format!("connect: {}", io_kind(&e)))?
+                {
+                    return Err(format!("connect: {}", io_kind(&e)));
+                }
+                tcp.set_nodelay(true)
+                    .map_err(|e| format!("socket: {}", io_kind(&e)))?;
+                let mut conn = Conn::new(tcp);
+                conn.nonblocking = true;
+                tungstenite::client::client_with_config(url, conn, Some(ws_config(read_buf)))
+            }
+            Opening::Upgrading(mid) => (*mid).handshake(),
+        };
+        match stepped {
+            Ok((ws, _response)) => Ok(Opened::Open(Box::new(ws))),
+            Err(HandshakeError::Interrupted(mid)) => {
+                Ok(Opened::Waiting(Opening::Upgrading(Box::new(mid))))
+            }
+            Err(HandshakeError::Failure(e)) => Err(format!("handshake: {}", ws_kind(&e))),
+        }
     }
 }
 
