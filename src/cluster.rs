@@ -1,12 +1,13 @@
 //! Several wschat nodes as one chat, through Redis (`--redis URL`).
 //!
 //! Two threads per node talk to Redis; the dispatcher never does. The *link* ([`link`]) takes
-//! work from the dispatcher over a bounded channel and runs it against Redis: a chat message
-//! becomes one Lua script that takes the next id from a global counter, appends the message to
-//! its room's stream and publishes it on the one channel, atomically, so the channel's order is
-//! the id order. The link also keeps this node's members in Redis, beats its heartbeat and
+//! work from the dispatcher over a bounded channel and runs it against Redis: a chat message,
+//! or a burst of them, becomes one Lua script that takes the next ids from a global counter,
+//! appends each message to its room's stream and publishes them on the one channel, atomically,
+//! so the channel's order is the id order. The link also keeps this node's members in Redis, beats its heartbeat and
 //! sweeps nodes whose heartbeat stopped. The *feed* ([`feed`]) subscribes to the channel and
-//! hands every entry to the dispatcher as an [`Event::FromCluster`], in channel order; after a
+//! hands every entry to the dispatcher as an [`Event::FromCluster`], in channel order (the
+//! messages of one script together, so the dispatcher shows them in one batch); after a
 //! (re)connection it first reads the room streams for what it missed, so nothing is shown twice
 //! or out of order. Every node, the sender's included, shows a chat message only when the feed
 //! brings it: the same messages, in the same order, with the same ids, everywhere.
@@ -76,11 +77,9 @@ pub enum ClusterError {
 
 /// What the link and the feed hand the dispatcher.
 pub enum Inbound {
-    /// A chat message in the one order; `sender` is its sender's client if it is on this node.
-    Message {
-        message: ChatMessage,
-        sender: Option<ClientId>,
-    },
+    /// Chat messages in the one order: all that one channel entry (one post script, on
+    /// whichever node) brought, to be shown in one dispatcher batch.
+    Messages(Vec<Arrived>),
     /// A chat message of this node's client that Redis did not take.
     Refused { client: ClientId, error: ChatError },
     /// A member of this node whose name another node holds: it must be renamed.
@@ -100,6 +99,12 @@ pub enum Inbound {
         name: String,
         active: bool,
     },
+}
+
+/// A chat message in the one order; `sender` is its sender's client if it is on this node.
+pub struct Arrived {
+    pub message: ChatMessage,
+    pub sender: Option<ClientId>,
 }
 
 /// Who hears whether Redis took a chat message.

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use super::{Audience, Hub, Origin, Unsaved};
 use crate::cluster::wire::{Body, Member};
-use crate::cluster::{Inbound, ReplyTo, UNREACHABLE};
+use crate::cluster::{Arrived, Inbound, ReplyTo, UNREACHABLE};
 use crate::history::Stored;
 use crate::metrics::Metrics;
 use crate::names;
@@ -156,11 +156,13 @@ pub(super) fn body(room: &str, from: &str, to: Option<String>, text: &str) -> Bo
 impl Hub {
     pub(super) fn heard_from_cluster(&mut self, inbound: Inbound) {
         match inbound {
-            Inbound::Message { message, sender } => {
+            Inbound::Messages(arrived) => {
                 if let Some(cluster) = &self.cluster {
-                    cluster.handled(message.text.len());
+                    cluster.handled(arrived.iter().map(|a| a.message.text.len()).sum());
                 }
-                self.arrived(message, sender);
+                for Arrived { message, sender } in arrived {
+                    self.arrived(message, sender);
+                }
             }
             Inbound::Refused { client, error } => self.send_to(client, error.to_frame()),
             Inbound::NameLost { client, name } => self.name_lost(client, name),
