@@ -221,11 +221,13 @@ impl Hub {
         self.close_everyone();
     }
 
-    /// What follows a batch of events: typing states and crowd counts due by `now`, then the
-    /// commit, which shows the batch to its audience.
+    /// What follows a batch of events: typing states and crowd counts due by `now`, the
+    /// batch's chat messages to Redis (`--redis`), then the commit, which shows the batch to
+    /// its audience.
     fn end_batch(&mut self, now: Instant) {
         self.expire_typing(now);
         self.announce_presence(now);
+        self.hand_posts_to_cluster();
         self.commit();
     }
 
@@ -359,7 +361,7 @@ impl Hub {
         let client = self.clients.remove(&id)?;
         self.names.remove(&names::key(&client.name));
         self.leave_room(id, &client.room, &client.name);
-        if let Some(cluster) = &self.cluster {
+        if let Some(cluster) = &mut self.cluster {
             cluster.gone(id);
             self.remote.forget_resume(id);
         }
@@ -396,7 +398,7 @@ impl Hub {
         let room = client.room.clone();
         self.names.remove(&names::key(&old));
         self.names.insert(names::key(&name), id);
-        if let Some(cluster) = &self.cluster {
+        if let Some(cluster) = &mut self.cluster {
             cluster.here(id, &name, &room);
         }
         let count = self.headcount(&room);
@@ -473,7 +475,7 @@ impl Hub {
         let Some(me) = self.clients.get(&id) else {
             return;
         };
-        if let Some(cluster) = &self.cluster {
+        if let Some(cluster) = &mut self.cluster {
             if is_new {
                 cluster.here(id, &me.name, room);
             }
@@ -737,7 +739,7 @@ impl Hub {
             client.typing_until = None;
         }
         let (room, name) = (client.room.clone(), client.name.clone());
-        if let Some(cluster) = &self.cluster {
+        if let Some(cluster) = &mut self.cluster {
             cluster.typing(&room, &name, active);
         }
         let frame = protocol::encode(&ServerEvent::Typing {

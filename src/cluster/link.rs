@@ -55,7 +55,7 @@ return answers
 /// Most chat messages sent to Redis in one script: a burst costs one round trip, one publish
 /// and one dispatcher batch on every node, not one each; the first of it waits only for the
 /// others to be written.
-const BATCH: usize = 64;
+pub(super) const BATCH: usize = 64;
 /// Most chat text in one script: bounds the one channel entry that carries the batch (about
 /// twice this as JSON at worst) well under Redis's pub/sub output limit (8 MiB by default).
 const BATCH_BYTES: usize = 1 << 20;
@@ -148,11 +148,13 @@ impl Link<'_> {
         }
     }
 
-    /// Work taken off the queue: its chat text no longer counts against [`super::OUTBOX_BYTES`].
+    /// Work taken off the queue: its chat messages no longer count against [`super::OUTBOX`]
+    /// and [`super::OUTBOX_BYTES`].
     fn took(&self, work: Outbound) -> Outbound {
-        if let Outbound::Post { body, .. } = &work {
-            let bytes = body.text.len() as u64;
-            self.shared.outbox_bytes.fetch_sub(bytes, Relaxed);
+        if let Outbound::Posts(posts) = &work {
+            let bytes: usize = posts.iter().map(|(body, _)| body.text.len()).sum();
+            self.shared.outbox_bytes.fetch_sub(bytes as u64, Relaxed);
+            (self.shared.outbox_messages).fetch_sub(posts.len() as u64, Relaxed);
         }
         work
     }
@@ -162,25 +164,26 @@ impl Link<'_> {
         self.shared.metrics.redis_outbox.store(queued, Relaxed);
     }
 
-    /// Runs `work`; a chat message with the ones queued right behind it (at most [`BATCH`] and
-    /// about [`BATCH_BYTES`] of text).
+    /// Runs `work`; chat messages with the ones queued right behind them (until [`BATCH`] or
+    /// [`BATCH_BYTES`] of text is reached).
     fn run_with_batch(
         &mut self,
         con: &mut Connection,
         work: Outbound,
         outbox: &Receiver<Outbound>,
     ) -> RedisResult<()> {
-        let Outbound::Post { body, reply } = work else {
+        let Outbound::Posts(mut batch) = work else {
             return self.run(con, work);
         };
-        let mut bytes = body.text.len();
-        let mut batch = vec![(body, reply)];
+        let text =
+            |posts: &[(Body, ReplyTo)]| -> usize { posts.iter().map(|p| p.0.text.len()).sum() };
+        let mut bytes = text(&batch);
         let mut next = None;
         while batch.len() < BATCH && bytes < BATCH_BYTES && next.is_none() {
             match outbox.try_recv().map(|work| self.took(work)) {
-                Ok(Outbound::Post { body, reply }) => {
-                    bytes += body.text.len();
-                    batch.push((body, reply));
+                Ok(Outbound::Posts(more)) => {
+                    bytes += text(&more);
+                    batch.extend(more);
                 }
                 Ok(other) => next = Some(other),
                 Err(_) => break,
@@ -195,7 +198,7 @@ impl Link<'_> {
 
     fn run(&mut self, con: &mut Connection, work: Outbound) -> RedisResult<()> {
         match work {
-            Outbound::Post { body, reply } => self.post(con, vec![(body, reply)]),
+            Outbound::Posts(batch) => self.post(con, batch),
             Outbound::Here(client) => {
                 if let Some(lost) = self.presence.here(self.shared, con, client)? {
                     self.tell(lost);
@@ -304,9 +307,11 @@ impl Link<'_> {
     /// (presence changes wait in the roster, republished on reconnection).
     fn refuse_until(&self, deadline: Instant, outbox: &Receiver<Outbound>) {
         while let Ok(work) = outbox.recv_deadline(deadline) {
-            if let Outbound::Post { reply, .. } = self.took(work) {
-                let error = ChatError::NotSaved(super::UNREACHABLE.to_owned());
-                self.refuse(reply, error);
+            if let Outbound::Posts(batch) = self.took(work) {
+                for (_, reply) in batch {
+                    let error = ChatError::NotSaved(super::UNREACHABLE.to_owned());
+                    self.refuse(reply, error);
+                }
             }
         }
         self.note_queue(outbox);
