@@ -1,16 +1,17 @@
 //! Several wschat nodes as one chat, through Redis (`--redis URL`).
 //!
 //! Two threads per node talk to Redis; the dispatcher never does. The *link* ([`link`]) takes
-//! work from the dispatcher over a bounded channel and runs it against Redis: a chat message,
-//! or a burst of them, becomes one Lua script that takes the next ids from a global counter,
-//! appends each message to its room's stream and publishes them on the one channel, atomically,
-//! so the channel's order is the id order. The link also keeps this node's members in Redis, beats its heartbeat and
-//! sweeps nodes whose heartbeat stopped. The *feed* ([`feed`]) subscribes to the channel and
-//! hands every entry to the dispatcher as an [`Event::FromCluster`], in channel order (the
-//! messages of one script together, so the dispatcher shows them in one batch); after a
-//! (re)connection it first reads the room streams for what it missed, so nothing is shown twice
-//! or out of order. Every node, the sender's included, shows a chat message only when the feed
-//! brings it: the same messages, in the same order, with the same ids, everywhere.
+//! work from the dispatcher over a bounded channel and runs it against Redis: the chat messages
+//! of a dispatcher batch (and any queued behind them) become one Lua script that takes their ids
+//! from a global counter, appends each to its room's stream and publishes them together on the
+//! one channel, atomically, so the channel's order is the id order. The link also keeps this
+//! node's members in Redis, beats its heartbeat and sweeps nodes whose heartbeat stopped. The
+//! *feed* ([`feed`]) subscribes to the channel and hands every entry to the dispatcher as an
+//! [`Event::FromCluster`], in channel order (the messages of one script together, so the
+//! dispatcher shows them in one batch); after a (re)connection it first reads the room streams
+//! for what it missed, so nothing is shown twice or out of order. Every node, the sender's
+//! included, shows a chat message only when the feed brings it: the same messages, in the same
+//! order, with the same ids, everywhere.
 //!
 //! This module owns the Redis connections, their timeouts and reconnection, and the health
 //! that `/healthz` and `/metrics` report. It never holds chat state: membership, names and
@@ -36,9 +37,10 @@ use crate::metrics::Metrics;
 use crate::protocol::{ChatError, ChatMessage, ClientId};
 use wire::{Body, Member};
 
-/// Chat messages waiting for the link (with presence and typing work), and the chat text in
-/// them. Past either the dispatcher refuses new chat messages with `busy` instead of waiting
-/// (presence waits in the roster): a stuck Redis holds at most this much of this node's memory.
+/// Chat messages waiting for the link, and the chat text in them (its queue holds as many
+/// items: batches of messages, presence and typing). Past either the dispatcher refuses new
+/// chat messages with `busy` instead of waiting (presence waits in the roster): a stuck Redis
+/// holds at most this much of this node's memory.
 pub const OUTBOX: usize = 1024;
 pub const OUTBOX_BYTES: u64 = 8 << 20;
 /// Chat text the feed has handed the dispatcher that it has not handled yet. Past it the feed
@@ -339,7 +341,8 @@ impl Cluster {
         if let Err(Outbound::Posts(posts)) = self.send(Outbound::Posts(posts)) {
             for (body, reply) in posts {
                 self.shared.outbox_messages.fetch_sub(1, Relaxed);
-                (self.shared.outbox_bytes).fetch_sub(body.text.len() as u64, Relaxed);
+                let bytes = body.text.len() as u64;
+                self.shared.outbox_bytes.fetch_sub(bytes, Relaxed);
                 self.refused.push(reply);
             }
         }

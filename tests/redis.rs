@@ -618,7 +618,10 @@ fn foreign_and_malformed_entries_in_redis_are_logged_and_skipped() {
 
     // A batch on the channel with one bad entry: only that one is skipped.
     assert_eq!(redis.command(&["INCR", "wschat:id"]).unwrap(), ":3");
-    let good = r#"{"k":"m","id":3,"m":{"room":"dev","from":"cy","text":"third","ts":1,"node":1,"client":1}}"#;
+    let good = concat!(
+        r#"{"k":"m","id":3,"#,
+        r#""m":{"room":"dev","from":"cy","text":"third","ts":1,"node":1,"client":1}}"#
+    );
     let batch = format!(r#"[{good},{{"k":"m","id":4}}]"#);
     assert_eq!(
         redis.command(&["PUBLISH", "wschat:bus", &batch]).unwrap(),

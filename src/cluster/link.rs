@@ -56,8 +56,9 @@ return answers
 /// and one dispatcher batch on every node, not one each; the first of it waits only for the
 /// others to be written.
 pub(super) const BATCH: usize = 64;
-/// Most chat text in one script: bounds the one channel entry that carries the batch (about
-/// twice this as JSON at worst) well under Redis's pub/sub output limit (8 MiB by default).
+/// Most chat text in one script (about: the last batch added may pass it): bounds the one
+/// channel entry that carries the batch (about twice this as JSON at worst) well under what
+/// Redis lets a subscriber's output buffer hold (by default 32 MiB, or 8 MiB for a minute).
 const BATCH_BYTES: usize = 1 << 20;
 
 /// Raises the id counter to at least ARGV[1]: a Redis that lost its data (restarted without
@@ -154,7 +155,8 @@ impl Link<'_> {
         if let Outbound::Posts(posts) = &work {
             let bytes: usize = posts.iter().map(|(body, _)| body.text.len()).sum();
             self.shared.outbox_bytes.fetch_sub(bytes as u64, Relaxed);
-            (self.shared.outbox_messages).fetch_sub(posts.len() as u64, Relaxed);
+            let messages = posts.len() as u64;
+            self.shared.outbox_messages.fetch_sub(messages, Relaxed);
         }
         work
     }
@@ -175,14 +177,12 @@ impl Link<'_> {
         let Outbound::Posts(mut batch) = work else {
             return self.run(con, work);
         };
-        let text =
-            |posts: &[(Body, ReplyTo)]| -> usize { posts.iter().map(|p| p.0.text.len()).sum() };
-        let mut bytes = text(&batch);
+        let mut bytes = text_bytes(&batch);
         let mut next = None;
         while batch.len() < BATCH && bytes < BATCH_BYTES && next.is_none() {
             match outbox.try_recv().map(|work| self.took(work)) {
                 Ok(Outbound::Posts(more)) => {
-                    bytes += text(&more);
+                    bytes += text_bytes(&more);
                     batch.extend(more);
                 }
                 Ok(other) => next = Some(other),
@@ -345,4 +345,8 @@ fn answer_id(answer: redis::Value) -> Result<u64, String> {
         redis::Value::BulkString(why) => Err(String::from_utf8_lossy(&why).into_owned()),
         other => Err(format!("an unexpected answer: {other:?}")),
     }
+}
+
+fn text_bytes(posts: &[(Body, ReplyTo)]) -> usize {
+    posts.iter().map(|(body, _)| body.text.len()).sum()
 }
