@@ -1,15 +1,17 @@
 //! Several wschat nodes as one chat, through Redis (`--redis URL`).
 //!
 //! Two threads per node talk to Redis; the dispatcher never does. The *link* ([`link`]) takes
-//! work from the dispatcher over a bounded channel and runs it against Redis: a chat message
-//! becomes one Lua script that takes the next id from a global counter, appends the message to
-//! its room's stream and publishes it on the one channel, atomically, so the channel's order is
-//! the id order. The link also keeps this node's members in Redis, beats its heartbeat and
-//! sweeps nodes whose heartbeat stopped. The *feed* ([`feed`]) subscribes to the channel and
-//! hands every entry to the dispatcher as an [`Event::FromCluster`], in channel order; after a
-//! (re)connection it first reads the room streams for what it missed, so nothing is shown twice
-//! or out of order. Every node, the sender's included, shows a chat message only when the feed
-//! brings it: the same messages, in the same order, with the same ids, everywhere.
+//! work from the dispatcher over a bounded channel and runs it against Redis: the chat messages
+//! of a dispatcher batch (and any queued behind them) become one Lua script that takes their ids
+//! from a global counter, appends each to its room's stream and publishes them together on the
+//! one channel, atomically, so the channel's order is the id order. The link also keeps this
+//! node's members in Redis, beats its heartbeat and sweeps nodes whose heartbeat stopped. The
+//! *feed* ([`feed`]) subscribes to the channel and hands every entry to the dispatcher as an
+//! [`Event::FromCluster`], in channel order (the messages of one script together, so the
+//! dispatcher shows them in one batch); after a (re)connection it first reads the room streams
+//! for what it missed, so nothing is shown twice or out of order. Every node, the sender's
+//! included, shows a chat message only when the feed brings it: the same messages, in the same
+//! order, with the same ids, everywhere.
 //!
 //! This module owns the Redis connections, their timeouts and reconnection, and the health
 //! that `/healthz` and `/metrics` report. It never holds chat state: membership, names and
@@ -35,7 +37,8 @@ use crate::metrics::Metrics;
 use crate::protocol::{ChatError, ChatMessage, ClientId};
 use wire::{Body, Member};
 
-/// Work waiting for the link, and the chat text in it. Past either the dispatcher refuses new
+/// Chat messages waiting for the link, and the chat text in them (its queue holds as many
+/// items: batches of messages, presence and typing). Past either the dispatcher refuses new
 /// chat messages with `busy` instead of waiting (presence waits in the roster): a stuck Redis
 /// holds at most this much of this node's memory.
 pub const OUTBOX: usize = 1024;
@@ -76,11 +79,9 @@ pub enum ClusterError {
 
 /// What the link and the feed hand the dispatcher.
 pub enum Inbound {
-    /// A chat message in the one order; `sender` is its sender's client if it is on this node.
-    Message {
-        message: ChatMessage,
-        sender: Option<ClientId>,
-    },
+    /// Chat messages in the one order: all that one channel entry (one post script, on
+    /// whichever node) brought, to be shown in one dispatcher batch.
+    Messages(Vec<Arrived>),
     /// A chat message of this node's client that Redis did not take.
     Refused { client: ClientId, error: ChatError },
     /// A member of this node whose name another node holds: it must be renamed.
@@ -102,6 +103,12 @@ pub enum Inbound {
     },
 }
 
+/// A chat message in the one order; `sender` is its sender's client if it is on this node.
+pub struct Arrived {
+    pub message: ChatMessage,
+    pub sender: Option<ClientId>,
+}
+
 /// Who hears whether Redis took a chat message.
 pub enum ReplyTo {
     /// A client of this node: it sees its message arrive, or an `error`.
@@ -114,10 +121,8 @@ pub enum ReplyTo {
 
 /// Work for the link thread.
 enum Outbound {
-    Post {
-        body: Body,
-        reply: ReplyTo,
-    },
+    /// Chat messages of one dispatcher batch (at most [`link::BATCH`]), in order.
+    Posts(Vec<(Body, ReplyTo)>),
     /// This member (as the roster has it now) joined, moved or was renamed.
     Here(ClientId),
     Gone(ClientId),
@@ -138,7 +143,9 @@ struct Shared {
     feed_up: AtomicBool,
     /// Whether the last reported state was up: outage and recovery are logged once each.
     reported_up: AtomicBool,
-    /// Chat text waiting for the link ([`OUTBOX_BYTES`]) and for the dispatcher ([`FEED_BYTES`]).
+    /// Chat messages and text waiting for the link ([`OUTBOX`], [`OUTBOX_BYTES`]) and chat
+    /// text waiting for the dispatcher ([`FEED_BYTES`]).
+    outbox_messages: AtomicU64,
     outbox_bytes: AtomicU64,
     feed_bytes: AtomicU64,
     /// Counts the link's reconnections: the feed starts over when it changes.
@@ -226,6 +233,12 @@ pub struct Cluster {
     shared: Arc<Shared>,
     outbox: Sender<Outbound>,
     threads: Vec<JoinHandle<()>>,
+    /// Chat messages posted in the dispatcher's current batch: handed to the link together
+    /// ([`Cluster::hand_over`]), so they travel as one script and one channel entry, and every
+    /// node shows them in one batch, as one node shows what one read from a client brought.
+    pending: Vec<(Body, ReplyTo)>,
+    /// Those whose messages the link's queue had no room for: they are told `busy`.
+    refused: Vec<ReplyTo>,
 }
 
 impl Cluster {
@@ -250,6 +263,7 @@ impl Cluster {
             link_up: AtomicBool::new(false),
             feed_up: AtomicBool::new(false),
             reported_up: AtomicBool::new(false),
+            outbox_messages: AtomicU64::new(0),
             outbox_bytes: AtomicU64::new(0),
             feed_bytes: AtomicU64::new(0),
             link_generation: AtomicU64::new(0),
@@ -270,6 +284,8 @@ impl Cluster {
             shared,
             outbox,
             threads: vec![link, feed],
+            pending: Vec::new(),
+            refused: Vec::new(),
         })
     }
 
@@ -284,26 +300,52 @@ impl Cluster {
         self.shared.up()
     }
 
-    /// Hands a chat message to Redis. It is shown (to everyone, its sender included) when the
-    /// feed brings it back with its id; refused at once if Redis is away or the link is full.
-    pub fn post(&self, mut body: Body, reply: ReplyTo) -> Result<(), ChatError> {
+    /// Hands a chat message to Redis (with the rest of this batch's, at its end). It is shown
+    /// (to everyone, its sender included) when the feed brings it back with its id; refused at
+    /// once if Redis is away or the link is full.
+    pub fn post(&mut self, mut body: Body, reply: ReplyTo) -> Result<(), ChatError> {
         if !self.shared.up() {
             return Err(ChatError::NotSaved(UNREACHABLE.to_owned()));
         }
         let bytes = body.text.len() as u64;
-        let queued = &self.shared.outbox_bytes;
-        if queued.load(Relaxed) + bytes > OUTBOX_BYTES {
+        let (messages, queued) = (&self.shared.outbox_messages, &self.shared.outbox_bytes);
+        if messages.load(Relaxed) >= OUTBOX as u64 || queued.load(Relaxed) + bytes > OUTBOX_BYTES {
             Metrics::add(&self.shared.metrics.redis_dropped, 1);
             return Err(ChatError::Busy);
         }
+        messages.fetch_add(1, Relaxed);
+        queued.fetch_add(bytes, Relaxed);
         body.node = self.shared.node;
         if let ReplyTo::Client(client) = &reply {
             body.client = *client; // so this node can show the sender its private message
         }
-        self.send(Outbound::Post { body, reply })
-            .map_err(|_| ChatError::Busy)?;
-        queued.fetch_add(bytes, Relaxed);
+        self.pending.push((body, reply));
+        if self.pending.len() >= link::BATCH {
+            self.send_pending();
+        }
         Ok(())
+    }
+
+    /// The end of a dispatcher batch: hands its chat messages to the link; returns those whose
+    /// messages the link had no room for (they are to hear `busy`).
+    pub fn hand_over(&mut self) -> Vec<ReplyTo> {
+        self.send_pending();
+        std::mem::take(&mut self.refused)
+    }
+
+    fn send_pending(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let posts = std::mem::take(&mut self.pending);
+        if let Err(Outbound::Posts(posts)) = self.send(Outbound::Posts(posts)) {
+            for (body, reply) in posts {
+                self.shared.outbox_messages.fetch_sub(1, Relaxed);
+                let bytes = body.text.len() as u64;
+                self.shared.outbox_bytes.fetch_sub(bytes, Relaxed);
+                self.refused.push(reply);
+            }
+        }
     }
 
     /// The dispatcher handled a chat message the feed brought: its text no longer waits.
@@ -312,7 +354,7 @@ impl Cluster {
     }
 
     /// Tells the other nodes that this member joined, moved or was renamed.
-    pub fn here(&self, client: ClientId, name: &str, room: &str) {
+    pub fn here(&mut self, client: ClientId, name: &str, room: &str) {
         let member = Member {
             node: self.shared.node,
             client,
@@ -324,32 +366,41 @@ impl Cluster {
     }
 
     /// Tells the other nodes that this member left.
-    pub fn gone(&self, client: ClientId) {
+    pub fn gone(&mut self, client: ClientId) {
         self.shared.roster().remove(&client);
         self.send_presence(Outbound::Gone(client));
     }
 
     /// A presence change that cannot be queued is not lost: the roster has it, and the link
     /// publishes the roster whole at its next heartbeat.
-    fn send_presence(&self, work: Outbound) {
+    fn send_presence(&mut self, work: Outbound) {
         if self.send(work).is_err() {
             self.shared.roster_stale.store(true, Relaxed);
         }
     }
 
-    pub fn typing(&self, room: &str, name: &str, active: bool) {
+    pub fn typing(&mut self, room: &str, name: &str, active: bool) {
         let (room, name) = (room.to_owned(), name.to_owned());
         let _ = self.send(Outbound::Typing { room, name, active });
     }
 
-    fn send(&self, work: Outbound) -> Result<(), ()> {
+    /// Queues work for the link, after this batch's chat messages (the order the dispatcher
+    /// saw them in); gives it back if the queue is full.
+    fn send(&mut self, work: Outbound) -> Result<(), Outbound> {
+        if !matches!(work, Outbound::Posts(_)) {
+            self.send_pending();
+        }
         let sent = match self.outbox.try_send(work) {
             Ok(()) => Ok(()),
-            Err(TrySendError::Full(_)) => {
-                Metrics::add(&self.shared.metrics.redis_dropped, 1);
-                Err(())
+            Err(TrySendError::Full(work)) => {
+                let dropped = match &work {
+                    Outbound::Posts(posts) => posts.len() as u64,
+                    _ => 1,
+                };
+                Metrics::add(&self.shared.metrics.redis_dropped, dropped);
+                Err(work)
             }
-            Err(TrySendError::Disconnected(_)) => Err(()),
+            Err(TrySendError::Disconnected(work)) => Err(work),
         };
         let queued = self.outbox.len() as u64;
         self.shared.metrics.redis_outbox.store(queued, Relaxed);

@@ -227,11 +227,13 @@ impl Hub {
         self.close_everyone();
     }
 
-    /// What follows a batch of events: typing states and crowd counts due by `now`, then the
-    /// commit, which shows the batch to its audience.
+    /// What follows a batch of events: typing states and crowd counts due by `now`, the
+    /// batch's chat messages to Redis (`--redis`), then the commit, which shows the batch to
+    /// its audience.
     fn end_batch(&mut self, now: Instant) {
         self.expire_typing(now);
         self.announce_presence(now);
+        self.hand_posts_to_cluster();
         self.commit();
     }
 
@@ -365,7 +367,7 @@ impl Hub {
         let client = self.clients.remove(&id)?;
         self.names.remove(&names::key(&client.name));
         self.leave_room(id, &client.room, &client.name);
-        if let Some(cluster) = &self.cluster {
+        if let Some(cluster) = &mut self.cluster {
             cluster.gone(id);
             self.remote.forget_resume(id);
         }
@@ -402,7 +404,7 @@ impl Hub {
         let room = client.room.clone();
         self.names.remove(&names::key(&old));
         self.names.insert(names::key(&name), id);
-        if let Some(cluster) = &self.cluster {
+        if let Some(cluster) = &mut self.cluster {
             cluster.here(id, &name, &room);
         }
         let count = self.headcount(&room);
@@ -479,7 +481,7 @@ impl Hub {
         let Some(me) = self.clients.get(&id) else {
             return;
         };
-        if let Some(cluster) = &self.cluster {
+        if let Some(cluster) = &mut self.cluster {
             if is_new {
                 cluster.here(id, &me.name, room);
             }
@@ -755,7 +757,7 @@ impl Hub {
             client.typing_until = None;
         }
         let (room, name) = (client.room.clone(), client.name.clone());
-        if let Some(cluster) = &self.cluster {
+        if let Some(cluster) = &mut self.cluster {
             cluster.typing(&room, &name, active);
         }
         let frame = protocol::encode(&ServerEvent::Typing {

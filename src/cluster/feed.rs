@@ -1,7 +1,8 @@
 //! The feed thread: the one reader of the Redis channel. After each (re)connection it
 //! subscribes first, then reads what it missed from the room streams and the other nodes'
 //! member lists, then follows the channel; it hands everything to the dispatcher in id order,
-//! each message once. It never writes to Redis.
+//! each message once, and the messages of one channel entry (one post script's batch) in one
+//! event, so that the dispatcher shows them in one batch. It never writes to Redis.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
@@ -10,14 +11,19 @@ use crossbeam_channel::{SendTimeoutError, Sender};
 use log::{debug, warn};
 use redis::streams::StreamRangeReply;
 use redis::{Connection, RedisResult};
+use serde_json::value::RawValue;
 
 use super::wire::{self, Entry, Member};
-use super::{Backoff, FEED_BYTES, Inbound, Shared, keys};
+use super::{Arrived, Backoff, FEED_BYTES, Inbound, Shared, keys};
 use crate::dispatcher::Event;
 
 /// How long one wait for the channel lasts before the feed looks whether it must stop or start
 /// over (the link reconnected).
 const POLL: Duration = Duration::from_millis(250);
+
+/// Messages read from the streams after a (re)connection are handed over this many at a time:
+/// batches as large as the link's, so the dispatcher shows them as it shows a burst.
+const CATCH_UP_CHUNK: usize = 64;
 
 /// How long the feed waits for the dispatcher to catch up before looking again.
 const FEED_WAIT: Duration = Duration::from_millis(5);
@@ -106,8 +112,12 @@ impl Feed<'_> {
         self.hand(Inbound::Members(members));
         let mut missed = self.missed_messages(con)?;
         missed.sort_unstable_by_key(|(id, _)| *id);
-        for (_, bytes) in missed {
-            self.take(&bytes);
+        for chunk in missed.chunks(CATCH_UP_CHUNK) {
+            let mut arrived = Vec::with_capacity(chunk.len());
+            for (_, bytes) in chunk {
+                self.take_entry(bytes, &mut arrived);
+            }
+            self.hand_messages(arrived);
         }
         Ok(())
     }
@@ -170,9 +180,29 @@ impl Feed<'_> {
         Ok(missed)
     }
 
-    /// Checks one entry and hands it to the dispatcher, unless seen already or this node's own
-    /// presence.
+    /// Hands what one channel entry brought to the dispatcher: a batch of chat messages (a
+    /// JSON array of entries, from one post script) in one event, or a single entry.
     fn take(&mut self, bytes: &[u8]) {
+        let mut arrived = Vec::new();
+        if bytes.first() == Some(&b'[') {
+            match serde_json::from_slice::<Vec<&RawValue>>(bytes) {
+                Ok(entries) => {
+                    arrived.reserve(entries.len());
+                    for entry in entries {
+                        self.take_entry(entry.get().as_bytes(), &mut arrived);
+                    }
+                }
+                Err(e) => self.skip(bytes, &e.to_string()),
+            }
+        } else {
+            self.take_entry(bytes, &mut arrived);
+        }
+        self.hand_messages(arrived);
+    }
+
+    /// Checks one entry: a chat message not seen yet joins `arrived`; anything else is handed
+    /// over at once (after `arrived`, to keep the order), unless it is this node's own presence.
+    fn take_entry(&mut self, bytes: &[u8], arrived: &mut Vec<Arrived>) {
         let entry = match wire::parse(bytes) {
             Ok(entry) => entry,
             Err(e) => return self.skip(bytes, &e.to_string()),
@@ -192,7 +222,7 @@ impl Feed<'_> {
                 self.shared.saw_id(id);
                 let sender = (m.node == me).then_some(m.client);
                 let message = wire::chat_message(id, m);
-                Inbound::Message { message, sender }
+                return arrived.push(Arrived { message, sender });
             }
             Entry::Here { member } if member.node != me => Inbound::Here(member),
             Entry::Roster { node, members } if node != me => Inbound::Roster { node, members },
@@ -206,15 +236,23 @@ impl Feed<'_> {
             } if node != me => Inbound::Typing { room, name, active },
             _ => return, // this node's own presence: its dispatcher knows it already
         };
+        self.hand_messages(std::mem::take(arrived));
         self.hand(inbound);
+    }
+
+    /// Hands chat messages to the dispatcher as one event, once it has room for their text.
+    fn hand_messages(&self, arrived: Vec<Arrived>) {
+        if arrived.is_empty() {
+            return;
+        }
+        let bytes = arrived.iter().map(|a| a.message.text.len() as u64).sum();
+        self.wait_for_room(bytes);
+        self.hand(Inbound::Messages(arrived));
     }
 
     /// Hands an event to the dispatcher, waiting while its queue is full (Redis then buffers
     /// for us, up to its own output limit, past which it drops us and we resync).
     fn hand(&self, inbound: Inbound) {
-        if let Inbound::Message { message, .. } = &inbound {
-            self.wait_for_room(message.text.len() as u64);
-        }
         let mut event = Event::FromCluster(inbound);
         loop {
             match self.events.send_timeout(event, POLL) {

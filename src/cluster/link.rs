@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use log::{debug, warn};
-use redis::{Connection, RedisResult, Script};
+use redis::{Connection, ErrorKind, RedisResult, Script};
 
 use super::presence::Presence;
 use super::wire::{self, Body, Entry};
@@ -16,22 +16,50 @@ use super::{Backoff, HEARTBEAT, Inbound, NODE_EXPIRY, Outbound, RECHECK, ReplyTo
 use crate::dispatcher::Event;
 use crate::protocol::ChatError;
 
-/// Takes the next id, stores a room message in its stream (trimmed to about `--history`),
-/// publishes it: one atomic step, so the channel's order is the id order.
+/// Posts a batch of chat messages in one atomic step. For each message in turn: take the next
+/// id; for a room message, add its room to the set of rooms and append it to the room's stream
+/// (trimmed to about `--history`). Then it publishes every message it took as *one* channel
+/// entry, a JSON array in id order, so every node hands its dispatcher the batch at once (one
+/// commit, one write per client) instead of one message at a time. The channel's order is still
+/// the id order. Answers, per message, its id, or why Redis refused it (a string): a refused
+/// message is neither stored nor published.
+/// KEYS: the counter, the set of rooms, the channel, then each message's stream.
+/// ARGV: the stream length, then per message its body, "1" for a room message, and its room.
 const POST: &str = r#"
-local id = redis.call('INCR', KEYS[1])
-local entry = '{"k":"m","id":' .. id .. ',"m":' .. ARGV[1] .. '}'
-if ARGV[2] == '1' then
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'm', entry)
-  redis.call('SADD', KEYS[3], ARGV[4])
+local answers, entries = {}, {}
+for i = 4, #KEYS do
+  local a = 2 + (i - 4) * 3
+  local id = redis.call('INCR', KEYS[1])
+  local entry = '{"k":"m","id":' .. id .. ',"m":' .. ARGV[a] .. '}'
+  local refused = nil
+  if ARGV[a + 1] == '1' then
+    local r = redis.pcall('SADD', KEYS[2], ARGV[a + 2])
+    if type(r) == 'table' and r.err then refused = r.err else
+      r = redis.pcall('XADD', KEYS[i], 'MAXLEN', '~', ARGV[1], '*', 'm', entry)
+      if type(r) == 'table' and r.err then refused = r.err end
+    end
+  end
+  if refused then
+    answers[#answers + 1] = refused
+  else
+    answers[#answers + 1] = id
+    entries[#entries + 1] = entry
+  end
 end
-redis.call('PUBLISH', KEYS[4], entry)
-return id
+if #entries > 0 then
+  redis.call('PUBLISH', KEYS[3], '[' .. table.concat(entries, ',') .. ']')
+end
+return answers
 "#;
 
-/// Most chat messages sent to Redis in one round trip: a burst costs one wait, not one each,
-/// and the first of it waits only for the others to be written.
-const BATCH: usize = 64;
+/// Most chat messages sent to Redis in one script: a burst costs one round trip, one publish
+/// and one dispatcher batch on every node, not one each; the first of it waits only for the
+/// others to be written.
+pub(super) const BATCH: usize = 64;
+/// Most chat text in one script (about: the last batch added may pass it): bounds the one
+/// channel entry that carries the batch (about twice this as JSON at worst) well under what
+/// Redis lets a subscriber's output buffer hold (by default 32 MiB, or 8 MiB for a minute).
+const BATCH_BYTES: usize = 1 << 20;
 
 /// Raises the id counter to at least ARGV[1]: a Redis that lost its data (restarted without
 /// persistence) must never hand out an id some node has already shown.
@@ -84,7 +112,7 @@ impl Link<'_> {
             .key(keys::COUNTER)
             .arg(floor)
             .invoke::<i64>(con)?;
-        self.post.load(con)?; // messages are sent by hash, many at once
+        self.post.load(con)?; // sent by hash from now on
         self.beat(con)?;
         self.republish(con)
     }
@@ -121,11 +149,14 @@ impl Link<'_> {
         }
     }
 
-    /// Work taken off the queue: its chat text no longer counts against [`super::OUTBOX_BYTES`].
+    /// Work taken off the queue: its chat messages no longer count against [`super::OUTBOX`]
+    /// and [`super::OUTBOX_BYTES`].
     fn took(&self, work: Outbound) -> Outbound {
-        if let Outbound::Post { body, .. } = &work {
-            let bytes = body.text.len() as u64;
-            self.shared.outbox_bytes.fetch_sub(bytes, Relaxed);
+        if let Outbound::Posts(posts) = &work {
+            let bytes: usize = posts.iter().map(|(body, _)| body.text.len()).sum();
+            self.shared.outbox_bytes.fetch_sub(bytes as u64, Relaxed);
+            let messages = posts.len() as u64;
+            self.shared.outbox_messages.fetch_sub(messages, Relaxed);
         }
         work
     }
@@ -135,21 +166,25 @@ impl Link<'_> {
         self.shared.metrics.redis_outbox.store(queued, Relaxed);
     }
 
-    /// Runs `work`; a chat message with the ones queued right behind it (at most [`BATCH`]).
+    /// Runs `work`; chat messages with the ones queued right behind them (until [`BATCH`] or
+    /// [`BATCH_BYTES`] of text is reached).
     fn run_with_batch(
         &mut self,
         con: &mut Connection,
         work: Outbound,
         outbox: &Receiver<Outbound>,
     ) -> RedisResult<()> {
-        let Outbound::Post { body, reply } = work else {
+        let Outbound::Posts(mut batch) = work else {
             return self.run(con, work);
         };
-        let mut batch = vec![(body, reply)];
+        let mut bytes = text_bytes(&batch);
         let mut next = None;
-        while batch.len() < BATCH && next.is_none() {
+        while batch.len() < BATCH && bytes < BATCH_BYTES && next.is_none() {
             match outbox.try_recv().map(|work| self.took(work)) {
-                Ok(Outbound::Post { body, reply }) => batch.push((body, reply)),
+                Ok(Outbound::Posts(more)) => {
+                    bytes += text_bytes(&more);
+                    batch.extend(more);
+                }
                 Ok(other) => next = Some(other),
                 Err(_) => break,
             }
@@ -163,7 +198,7 @@ impl Link<'_> {
 
     fn run(&mut self, con: &mut Connection, work: Outbound) -> RedisResult<()> {
         match work {
-            Outbound::Post { body, reply } => self.post(con, vec![(body, reply)]),
+            Outbound::Posts(batch) => self.post(con, batch),
             Outbound::Here(client) => {
                 if let Some(lost) = self.presence.here(self.shared, con, client)? {
                     self.tell(lost);
@@ -189,16 +224,23 @@ impl Link<'_> {
     }
 
     /// Runs the post script for a batch of chat messages, in one round trip. A connection
-    /// failure leaves their fate unknown (Redis may have run them): their senders are told so,
-    /// and see them after all if they were taken.
+    /// failure leaves their fate unknown (Redis may have run it): their senders are told so,
+    /// and see them after all if they were taken. (A script cache that someone flushed is
+    /// reloaded and the script sent again: Redis ran nothing of it.)
     fn post(&mut self, con: &mut Connection, batch: Vec<(Body, ReplyTo)>) -> RedisResult<()> {
-        let mut pipe = redis::pipe();
-        pipe.ignore_errors();
-        for (body, _) in &batch {
-            pipe.add_command(self.post_command(body));
-        }
-        let answers = match pipe.query::<Vec<redis::Value>>(con) {
+        let answers = match self
+            .post_invocation(&batch)
+            .invoke::<Vec<redis::Value>>(con)
+        {
             Ok(answers) => answers,
+            Err(e) if matches!(e.kind(), ErrorKind::Server(_)) => {
+                warn!("redis: {} chat messages were refused: {e}", batch.len());
+                let why = format!("Redis refused it: {e}");
+                for (_, reply) in batch {
+                    self.refuse(reply, ChatError::NotSaved(why.clone()));
+                }
+                return Ok(());
+            }
             Err(e) => {
                 for (_, reply) in batch {
                     let reason = "lost contact with Redis; it may still arrive".to_owned();
@@ -207,44 +249,43 @@ impl Link<'_> {
                 return Err(e);
             }
         };
-        let mut lost_script = false;
         for ((_, reply), answer) in batch.into_iter().zip(answers) {
-            lost_script |=
-                matches!(&answer, redis::Value::ServerError(e) if e.code() == "NOSCRIPT");
-            match redis::from_redis_value::<u64>(answer) {
+            match answer_id(answer) {
                 Ok(id) => {
                     self.shared.saw_id(id);
                     if let ReplyTo::Api(reply) = reply {
                         let _ = reply.try_send(Ok(id));
                     }
                 }
-                Err(e) => {
-                    warn!("redis: a chat message was refused: {e}");
-                    self.refuse(reply, ChatError::NotSaved(format!("Redis refused it: {e}")));
+                Err(why) => {
+                    warn!("redis: a chat message was refused: {why}");
+                    self.refuse(
+                        reply,
+                        ChatError::NotSaved(format!("Redis refused it: {why}")),
+                    );
                 }
             }
-        }
-        if lost_script {
-            self.post.load(con)?; // someone flushed Redis's script cache
         }
         Ok(())
     }
 
-    /// `EVALSHA` of the post script for one message (the script is loaded on connecting).
-    fn post_command(&self, body: &Body) -> redis::Cmd {
-        let json = serde_json::to_string(body).unwrap_or_default();
-        let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(self.post.get_hash())
-            .arg(4)
-            .arg(keys::COUNTER)
-            .arg(keys::stream(&body.room))
-            .arg(keys::ROOMS)
-            .arg(keys::CHANNEL)
-            .arg(json)
-            .arg(if body.private { "0" } else { "1" })
-            .arg(self.shared.history.max(1))
-            .arg(&body.room);
-        cmd
+    /// The post script's keys and arguments for a batch (its layout is [`POST`]'s comment).
+    fn post_invocation(&self, batch: &[(Body, ReplyTo)]) -> redis::ScriptInvocation<'_> {
+        let mut invocation = self.post.prepare_invoke();
+        invocation
+            .key(keys::COUNTER)
+            .key(keys::ROOMS)
+            .key(keys::CHANNEL)
+            .arg(self.shared.history.max(1));
+        for (body, _) in batch {
+            let json = serde_json::to_string(body).unwrap_or_default();
+            invocation
+                .key(keys::stream(&body.room))
+                .arg(json)
+                .arg(if body.private { "0" } else { "1" })
+                .arg(&body.room);
+        }
+        invocation
     }
 
     fn refuse(&self, reply: ReplyTo, error: ChatError) {
@@ -266,9 +307,11 @@ impl Link<'_> {
     /// (presence changes wait in the roster, republished on reconnection).
     fn refuse_until(&self, deadline: Instant, outbox: &Receiver<Outbound>) {
         while let Ok(work) = outbox.recv_deadline(deadline) {
-            if let Outbound::Post { reply, .. } = self.took(work) {
-                let error = ChatError::NotSaved(super::UNREACHABLE.to_owned());
-                self.refuse(reply, error);
+            if let Outbound::Posts(batch) = self.took(work) {
+                for (_, reply) in batch {
+                    let error = ChatError::NotSaved(super::UNREACHABLE.to_owned());
+                    self.refuse(reply, error);
+                }
             }
         }
         self.note_queue(outbox);
@@ -293,4 +336,17 @@ impl Link<'_> {
         self.shared.link_checks.fetch_add(1, Relaxed);
         Ok(())
     }
+}
+
+/// One message's answer from the post script: its id, or why Redis refused it.
+fn answer_id(answer: redis::Value) -> Result<u64, String> {
+    match answer {
+        redis::Value::Int(id) => u64::try_from(id).map_err(|_| format!("id {id}")),
+        redis::Value::BulkString(why) => Err(String::from_utf8_lossy(&why).into_owned()),
+        other => Err(format!("an unexpected answer: {other:?}")),
+    }
+}
+
+fn text_bytes(posts: &[(Body, ReplyTo)]) -> usize {
+    posts.iter().map(|(body, _)| body.text.len()).sum()
 }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use super::{Audience, Hub, Origin, Unsaved};
 use crate::cluster::wire::{Body, Member};
-use crate::cluster::{Inbound, ReplyTo, UNREACHABLE};
+use crate::cluster::{Arrived, Cluster, Inbound, ReplyTo, UNREACHABLE};
 use crate::history::Stored;
 use crate::metrics::Metrics;
 use crate::names;
@@ -156,11 +156,13 @@ pub(super) fn body(room: &str, from: &str, to: Option<String>, text: &str) -> Bo
 impl Hub {
     pub(super) fn heard_from_cluster(&mut self, inbound: Inbound) {
         match inbound {
-            Inbound::Message { message, sender } => {
+            Inbound::Messages(arrived) => {
                 if let Some(cluster) = &self.cluster {
-                    cluster.handled(message.text.len());
+                    cluster.handled(arrived.iter().map(|a| a.message.text.len()).sum());
                 }
-                self.arrived(message, sender);
+                for Arrived { message, sender } in arrived {
+                    self.arrived(message, sender);
+                }
             }
             Inbound::Refused { client, error } => self.send_to(client, error.to_frame()),
             Inbound::NameLost { client, name } => self.name_lost(client, name),
@@ -194,11 +196,11 @@ impl Hub {
         text: &str,
         origin: Origin,
     ) -> Result<(), ChatError> {
-        let Some(cluster) = &self.cluster else {
+        let Some(up) = self.cluster.as_ref().map(Cluster::is_up) else {
             return Ok(());
         };
         let reply = match origin {
-            Origin::Client(_) if !cluster.is_up() => {
+            Origin::Client(_) if !up => {
                 self.show_locally(room, from, None, text);
                 return Ok(());
             }
@@ -206,7 +208,7 @@ impl Hub {
             Origin::Api(reply) => ReplyTo::Api(reply),
             Origin::Cluster => ReplyTo::Nobody,
         };
-        cluster.post(body(room, from, None, text), reply)
+        self.post_to_cluster(body(room, from, None, text), reply)
     }
 
     /// While Redis is away: a message shown on this node only, at once, with no id (only Redis
@@ -257,10 +259,10 @@ impl Hub {
         };
         let (room, from) = (sender.room.clone(), sender.name.clone());
         self.take_room_bytes(&receiver.1, &from, text)?;
-        let Some(cluster) = &self.cluster else {
+        let Some(up) = self.cluster.as_ref().map(Cluster::is_up) else {
             return Ok(());
         };
-        if !cluster.is_up() {
+        if !up {
             let Some(&target) = self.names.get(&key) else {
                 return Err(ChatError::NotSaved(UNREACHABLE.to_owned()));
             };
@@ -268,7 +270,29 @@ impl Hub {
             return Ok(());
         }
         let body = body(&room, &from, Some(receiver.0), text);
-        cluster.post(body, ReplyTo::Client(id))
+        self.post_to_cluster(body, ReplyTo::Client(id))
+    }
+
+    fn post_to_cluster(&mut self, body: Body, reply: ReplyTo) -> Result<(), ChatError> {
+        match &mut self.cluster {
+            Some(cluster) => cluster.post(body, reply),
+            None => Ok(()),
+        }
+    }
+
+    /// The end of a batch: its chat messages go to Redis together; those the link had no room
+    /// for are refused (`busy`).
+    pub(super) fn hand_posts_to_cluster(&mut self) {
+        let Some(cluster) = &mut self.cluster else {
+            return;
+        };
+        for reply in cluster.hand_over() {
+            match reply {
+                ReplyTo::Client(id) => self.send_to(id, ChatError::Busy.to_frame()),
+                ReplyTo::Api(reply) => drop(reply.try_send(Err(ChatError::Busy))),
+                ReplyTo::Nobody => {}
+            }
+        }
     }
 
     /// A chat message in the one order: history and the room, or a private message's two ends
