@@ -6,12 +6,15 @@
 //! that fail, killed by `run` below. The tests take a lock so that only one load runs at a time
 //! and the figures are not skewed by the other tests' load.
 
+mod common;
+
 use std::io::Read;
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
+use common::DataDir;
 use serde_json::Value;
 use wschat::{Config, Handle, Server};
 
@@ -38,6 +41,8 @@ fn server() -> Handle {
         rate_bytes_per_ip: 1e12,
         room_rate_bytes: 1e12,
         backlog_bytes: 1 << 30,
+        // Every join told one by one, however fast they come: `idle` counts them.
+        presence_burst: u32::MAX,
         ..Config::default()
     })
     .expect("server starts")
@@ -684,28 +689,6 @@ fn storm_across_a_restart(server_args: &[&str], tool_args: &[&str]) -> Run {
         json,
         stdout: out,
         stderr: seen,
-    }
-}
-
-/// A fresh, empty directory for one test's history, removed when dropped.
-struct DataDir(std::path::PathBuf);
-
-impl DataDir {
-    fn new(name: &str) -> DataDir {
-        let dir = std::env::temp_dir().join(format!("wschat-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("a temporary directory");
-        DataDir(dir)
-    }
-
-    fn path(&self) -> &str {
-        self.0.to_str().expect("a UTF-8 temporary path")
-    }
-}
-
-impl Drop for DataDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::Client;
+use common::{Client, DataDir};
 
 /// Clients held while the server stops, in rooms of `PER_ROOM`.
 const CLIENTS: usize = 300;
@@ -17,28 +17,6 @@ const PER_ROOM: usize = 50;
 const POSTS: usize = 3;
 /// A hang detector, not a speed check: the shutdown waits at most a few seconds by design.
 const EXIT_LIMIT: Duration = Duration::from_secs(30);
-
-/// A fresh, empty directory for the history, removed when dropped.
-struct DataDir(std::path::PathBuf);
-
-impl DataDir {
-    fn new() -> DataDir {
-        let dir = std::env::temp_dir().join(format!("wschat-shutdown-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("a temporary directory");
-        DataDir(dir)
-    }
-
-    fn path(&self) -> &str {
-        self.0.to_str().expect("a UTF-8 temporary path")
-    }
-}
-
-impl Drop for DataDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// The binary on `port` (0: a free one) with `--data-dir`; its log is not read (a full pipe
 /// would stall it), so it goes nowhere.
@@ -102,7 +80,7 @@ fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
 
 #[test]
 fn sigterm_with_hundreds_of_clients_closes_each_with_1001_and_keeps_the_history() {
-    let dir = DataDir::new();
+    let dir = DataDir::new("shutdown");
     let (mut server, addr) = spawn_server(0, &dir);
     let clients = fill(addr);
     sigterm(&server);
