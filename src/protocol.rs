@@ -5,6 +5,7 @@
 //! This module owns parsing and serialising frames and the one place where an error becomes the
 //! text a user reads ([`ChatError`]'s messages). It never touches sockets or server state.
 
+use std::fmt::Write as _;
 use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
@@ -330,7 +331,7 @@ pub fn encode_entering(event: &ServerEvent<'_>) -> Frame {
         json.push_str(frame.as_str());
     }
     let (truncated, more) = (room.truncated, room.more);
-    json.push_str(&format!(r#"],"truncated":{truncated},"more":{more}}}"#));
+    let _ = write!(json, r#"],"truncated":{truncated},"more":{more}}}"#); // a String: never fails
     json.into()
 }
 

@@ -4,19 +4,10 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use common::Client;
-
-fn wschat(args: &[&str]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_wschat"));
-    cmd.args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    cmd
-}
+use common::{Client, failed_run, wschat};
 
 /// Starts the binary on free ports and returns it with the HTTP and WebSocket addresses it printed.
 fn spawn_server(extra: &[&str]) -> (Child, String, String) {
@@ -69,15 +60,6 @@ fn a_busy_port_is_a_one_line_error_and_exit_code_1() {
 fn help_works() {
     let out = wschat(&["--help"]).output().unwrap();
     assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("--max-clients"));
-}
-
-/// Runs the binary to its exit and returns its exit code and its stderr.
-fn failed_run(args: &[&str]) -> (Option<i32>, String) {
-    let out = wschat(args).output().unwrap();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 #[test]

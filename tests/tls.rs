@@ -18,7 +18,7 @@ use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
 use serde_json::Value;
 use tungstenite::{Message, WebSocket};
 
-use common::WAIT;
+use common::{WAIT, failed_run, wschat};
 
 type TlsStream = StreamOwned<ClientConnection, TcpStream>;
 
@@ -400,27 +400,9 @@ fn python_websockets_chats_over_wss() {
 
 // ----- the binary: refusals at start, SIGHUP -----
 
-fn wschat(args: &[&str]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_wschat"));
-    cmd.args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    cmd
-}
-
 fn tls_args<'a>(cert: &'a Path, key: &'a Path) -> Vec<&'a str> {
     let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
     vec!["--port", "0", "--tls-cert", cert, "--tls-key", key]
-}
-
-/// Runs the binary, which must refuse to start: its status and stderr.
-fn refused(args: &[&str]) -> (Option<i32>, String) {
-    let output = wschat(args).output().unwrap();
-    (
-        output.status.code(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
 }
 
 #[test]
@@ -428,7 +410,7 @@ fn a_mismatched_expired_or_missing_pair_is_refused_at_start_with_one_line() {
     let pki = Pki::new();
     let one = pki.pair("one", 1);
     let two = pki.pair("two", 2);
-    let (status, stderr) = refused(&tls_args(&one.cert, &two.key));
+    let (status, stderr) = failed_run(&tls_args(&one.cert, &two.key));
     assert_eq!(status, Some(2));
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(
@@ -440,7 +422,7 @@ fn a_mismatched_expired_or_missing_pair_is_refused_at_start_with_one_line() {
         p.not_before = rcgen::date_time_ymd(2020, 1, 1);
         p.not_after = rcgen::date_time_ymd(2021, 1, 1);
     });
-    let (status, stderr) = refused(&tls_args(&old.cert, &old.key));
+    let (status, stderr) = failed_run(&tls_args(&old.cert, &old.key));
     assert_eq!(status, Some(2));
     assert!(
         stderr.contains("expired") && stderr.lines().count() == 1,
@@ -448,14 +430,14 @@ fn a_mismatched_expired_or_missing_pair_is_refused_at_start_with_one_line() {
     );
 
     let missing = pki.dir.join("missing.crt");
-    let (status, stderr) = refused(&tls_args(&missing, &one.key));
+    let (status, stderr) = failed_run(&tls_args(&missing, &one.key));
     assert_eq!(status, Some(2));
     assert!(
         stderr.contains("no such file") && stderr.lines().count() == 1,
         "{stderr}"
     );
 
-    let (status, stderr) = refused(&["--port", "0", "--tls-cert", "x.crt"]);
+    let (status, stderr) = failed_run(&["--port", "0", "--tls-cert", "x.crt"]);
     assert_eq!(status, Some(2));
     assert!(stderr.contains("go together"), "{stderr}");
 }

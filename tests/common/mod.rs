@@ -250,3 +250,23 @@ impl Drop for DataDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// The `wschat` binary with `args`, its output piped (read it, or it may stall).
+pub fn wschat(args: &[&str]) -> std::process::Command {
+    use std::process::Stdio;
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_wschat"));
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+/// Runs the binary to its exit (one that refuses to start): its exit code and its stderr.
+pub fn failed_run(args: &[&str]) -> (Option<i32>, String) {
+    let out = wschat(args).output().expect("the binary runs");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
