@@ -705,6 +705,12 @@ fn storm_brings_every_client_back_with_every_message_across_a_restart() {
     assert!(n(&j["attempts"]) >= 200, "every client reconnected: {j}");
     let (down, back) = (j["down_s"].as_f64().unwrap(), j["back_s"].as_f64().unwrap());
     assert!(0.0 < down && down <= back, "{j}");
+    // The odd-numbered half came back only after their room's second round was stored.
+    let (stored, storm) = (
+        j["stored_s"].as_f64().unwrap(),
+        j["storm_s"].as_f64().unwrap(),
+    );
+    assert!(0.0 <= stored && stored <= storm, "{j}");
 }
 
 #[test]

@@ -121,10 +121,11 @@ MODES:
               --per-room M; the first of each room posts --messages P; then the server restarts
               (--restart-cmd, or someone else within --hold seconds), every client reconnects
               with jittered, capped backoff and `since`; the first of each room posts P more
-              as soon as it is back, and every other client waits for those to be stored
-              before it reconnects, so it needs the replay. Ok when every client is back with all 2P messages of its room, no
-              gap, no duplicate, in order. Reports the time from the first drop until all N are
-              back and resumed. Needs a server with --data-dir (ids must survive the restart).
+              as soon as it is back, and every other client waits until its room's are stored
+              before it reconnects, so it needs the replay. Ok when every client is back with
+              all 2P messages of its room, no gap, no duplicate, in order. Reports the time
+              from the first drop until all N are back and resumed. Needs a server with
+              --data-dir (ids must survive the restart).
 
 THE SERVER'S LIMITS:
     A wschat server with its defaults protects itself from what a load test does: it allows each

@@ -14,7 +14,7 @@
 //! its connection drop and reconnects with jittered, capped exponential backoff and
 //! `since=<newest id it got>`, as the page does. The first client of each room (which retries
 //! every few milliseconds, to be back among the first) posts P more as soon as it is back. Every
-//! other client (odd-numbered) holds its reconnect until the server has every room's second
+//! other client (odd-numbered) holds its reconnect until the server has its room's second
 //! round, so that it gets it in the replay of `since`; the rest race the posting and get it live
 //! or replayed. The run is ok when every client came back and got all 2P of its room exactly once
 //! and in order: no gap across the restart, no duplicate between the replay and live delivery.
@@ -28,7 +28,7 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::io;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::thread;
 use std::time::Duration;
 
@@ -79,11 +79,15 @@ struct Shared {
     resumed: AtomicUsize,
     /// Clients that have all 2P messages.
     complete: AtomicUsize,
-    /// Rooms whose second round the server has (its poster got its own messages back).
+    /// Rooms whose second round the server has (its poster got its own messages back): a
+    /// flag a room, and their count.
+    stored: Vec<AtomicBool>,
     rooms_stored: AtomicUsize,
     first_drop_ns: AtomicU64,
     first_back_ns: AtomicU64,
     last_back_ns: AtomicU64,
+    /// When the last room's second round was stored (the held clients may come back).
+    stored_ns: AtomicU64,
     complete_ns: AtomicU64,
 }
 
@@ -92,16 +96,12 @@ impl Shared {
         self.o.messages as u64
     }
 
-    /// Clients per room (--per-room 0: all in one).
     fn room_size(&self) -> usize {
-        match self.o.per_room {
-            0 => self.o.connections,
-            m => m,
-        }
+        room_size(&self.o)
     }
 
     fn rooms(&self) -> usize {
-        self.o.connections.div_ceil(self.room_size())
+        room_count(&self.o)
     }
 
     fn room_of(&self, j: usize) -> usize {
@@ -118,15 +118,27 @@ impl Shared {
         }
     }
 
-    /// Every room's second round is stored: the held clients may come back.
-    fn second_round_stored(&self) -> bool {
-        self.rooms_stored.load(SeqCst) >= self.rooms()
+    /// The room's second round is stored: its held clients may come back.
+    fn second_round_stored(&self, room: usize) -> bool {
+        self.stored[room].load(SeqCst)
     }
 
     fn text(&self, room: usize, seq: u64) -> String {
         let text = format!("{}{room}:{seq}", self.needle);
         json!({"type": "message", "text": text}).to_string()
     }
+}
+
+/// Clients per room (--per-room 0: all in one).
+fn room_size(o: &Opts) -> usize {
+    match o.per_room {
+        0 => o.connections.max(1),
+        m => m,
+    }
+}
+
+fn room_count(o: &Opts) -> usize {
+    o.connections.div_ceil(room_size(o))
 }
 
 /// What one client saw.
@@ -173,10 +185,12 @@ pub fn run(o: &Opts, target: &Target) -> Outcome {
         dropped: AtomicUsize::new(0),
         resumed: AtomicUsize::new(0),
         complete: AtomicUsize::new(0),
+        stored: (0..room_count(o)).map(|_| AtomicBool::new(false)).collect(),
         rooms_stored: AtomicUsize::new(0),
         first_drop_ns: AtomicU64::new(u64::MAX),
         first_back_ns: AtomicU64::new(u64::MAX),
         last_back_ns: AtomicU64::new(0),
+        stored_ns: AtomicU64::new(0),
         complete_ns: AtomicU64::new(0),
     });
     let t0 = now_ns();
@@ -333,7 +347,7 @@ struct Worker<'a> {
     posters: Vec<usize>,
     /// Disconnected clients by the time of their next attempt (indices into `clients`).
     due: BinaryHeap<Reverse<(u64, usize)>>,
-    /// Odd-numbered clients waiting for every room's second round before they reconnect.
+    /// Odd-numbered clients waiting for their room's second round before they reconnect.
     held: Vec<usize>,
     /// Clients opening (connect, upgrade, welcome) now.
     opening: usize,
@@ -412,12 +426,17 @@ impl Worker<'_> {
         }
     }
 
+    /// Held clients whose room's second round is stored are due now.
     fn release_held(&mut self) {
-        if !self.held.is_empty() && self.sh.second_round_stored() {
-            let now = now_ns();
-            self.due
-                .extend(self.held.drain(..).map(|i| Reverse((now, i))));
-        }
+        let now = now_ns();
+        let (clients, due) = (&self.clients, &mut self.due);
+        self.held.retain(|&i| {
+            let release = !clients[i].held_back();
+            if release {
+                due.push(Reverse((now, i)));
+            }
+            !release
+        });
     }
 
     /// Starts the attempts that are due, as many as [`Worker::at_once`] allows.
@@ -712,10 +731,10 @@ impl Client<'_> {
         }
     }
 
-    /// An odd-numbered client waits until the server has every room's second round, so that
-    /// it needs the replay.
+    /// An odd-numbered client waits until the server has its room's second round, so that it
+    /// needs the replay.
     fn held_back(&self) -> bool {
-        !self.poster && !self.j.is_multiple_of(2) && !self.sh.second_round_stored()
+        !self.poster && !self.j.is_multiple_of(2) && !self.sh.second_round_stored(self.room)
     }
 
     /// When to try next: a jittered wait below a bound that doubles with each failed attempt
@@ -841,7 +860,10 @@ impl Client<'_> {
         if self.got == 2 * p {
             if self.poster {
                 // Its own second round came back: the server has stored it.
-                self.sh.rooms_stored.fetch_add(1, SeqCst);
+                self.sh.stored[self.room].store(true, SeqCst);
+                if self.sh.rooms_stored.fetch_add(1, SeqCst) + 1 == self.sh.rooms() {
+                    self.sh.stored_ns.store(now_ns(), SeqCst);
+                }
             }
             self.sh.complete.fetch_add(1, SeqCst);
             self.sh.complete_ns.fetch_max(now_ns(), SeqCst);
@@ -932,6 +954,8 @@ struct Times {
     down: Option<f64>,
     back: Option<f64>,
     storm: Option<f64>,
+    /// From the first client back to every room's second round stored (the held half waits).
+    stored: Option<f64>,
     verified: Option<f64>,
 }
 
@@ -941,12 +965,14 @@ impl Times {
         let drop = at(&sh.first_drop_ns);
         let first = at(&sh.first_back_ns);
         let last = at(&sh.last_back_ns);
+        let stored = at(&sh.stored_ns);
         let complete = at(&sh.complete_ns);
         let span = |a: Option<u64>, b: Option<u64>| Some(b?.saturating_sub(a?) as f64 / 1e9);
         Times {
             down: span(drop, first),
             back: span(drop, last),
             storm: span(first, last),
+            stored: span(first, stored),
             verified: span(drop, complete),
         }
     }
@@ -972,6 +998,7 @@ fn report(sh: &Shared, st: Stats, fatal: Option<String>, not_joined: usize) -> O
         ("down_s", json!(round(times.down))),
         ("back_s", json!(round(times.back))),
         ("storm_s", json!(round(times.storm))),
+        ("stored_s", json!(round(times.stored))),
         ("verified_s", json!(round(times.verified))),
         ("reconnect_us", st.reconnects.json_us()),
         ("attempts", json!(st.attempts)),
@@ -1023,8 +1050,9 @@ fn report_lines(sh: &Shared, st: &Stats, times: &Times, resumed: usize) -> Vec<S
             secs(times.storm)
         ),
         format!(
-            "every message {} after the first drop",
-            secs(times.verified)
+            "every message {} after the first drop; every room's second round stored {} after the first back",
+            secs(times.verified),
+            secs(times.stored)
         ),
         format!(
             "reconnects    {} attempts, {} clients needed more than one; drop to back {reconnect}",
