@@ -318,7 +318,7 @@ fn expect_within(client: &mut Client, kind: &str, limit: Duration) -> Value {
         let left = deadline.saturating_duration_since(Instant::now());
         assert!(!left.is_zero(), "no {kind} frame within {limit:?}");
         client.ws.get_mut().set_read_timeout(Some(left)).unwrap();
-        match client.ws.read() {
+        match client.read() {
             Ok(tungstenite::Message::Text(t)) => {
                 let v: Value = serde_json::from_str(&t).unwrap();
                 if v["type"] == kind {
@@ -441,7 +441,7 @@ fn chatter(mut client: Client, stop: Arc<std::sync::atomic::AtomicBool>) -> Clie
 fn drain_messages(client: &mut Client, quiet: Duration) -> (Vec<Value>, Vec<Value>) {
     let (mut with_id, mut local) = (Vec::new(), Vec::new());
     client.ws.get_mut().set_read_timeout(Some(quiet)).unwrap();
-    while let Ok(frame) = client.ws.read() {
+    while let Ok(frame) = client.read() {
         let tungstenite::Message::Text(t) = frame else {
             continue;
         };

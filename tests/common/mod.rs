@@ -87,10 +87,21 @@ impl Client {
         self.send(&value.to_string());
     }
 
+    /// The next frame; a read a signal interrupted is tried again (tungstenite keeps what it
+    /// had buffered), so that a signal to the test process is not taken for a lost frame.
+    pub fn read(&mut self) -> tungstenite::Result<Message> {
+        loop {
+            match self.ws.read() {
+                Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                other => return other,
+            }
+        }
+    }
+
     /// The next text frame as JSON (pings and pongs are skipped).
     pub fn recv(&mut self) -> Value {
         loop {
-            match self.ws.read().expect("a frame before the timeout") {
+            match self.read().expect("a frame before the timeout") {
                 Message::Text(t) => {
                     return serde_json::from_str(&t).expect("server frames are JSON");
                 }
@@ -121,7 +132,7 @@ impl Client {
     pub fn expect_close(&mut self) -> Option<u16> {
         let deadline = Instant::now() + WAIT;
         while Instant::now() < deadline {
-            match self.ws.read() {
+            match self.read() {
                 Ok(Message::Close(frame)) => return frame.map(|f| f.code.into()),
                 Ok(_) => continue,
                 Err(_) => return None,
@@ -134,7 +145,7 @@ impl Client {
     pub fn expect_none(&mut self, kind: &str, quiet: Duration) {
         self.ws.get_mut().set_read_timeout(Some(quiet)).unwrap();
         loop {
-            match self.ws.read() {
+            match self.read() {
                 Ok(Message::Text(t)) => {
                     let v: Value = serde_json::from_str(&t).unwrap();
                     assert_ne!(v["type"], kind, "unexpected {v}");
