@@ -428,6 +428,9 @@ impl Worker<'_> {
 
     /// Held clients whose room's second round is stored are due now.
     fn release_held(&mut self) {
+        if self.held.is_empty() {
+            return;
+        }
         let now = now_ns();
         let (clients, due) = (&self.clients, &mut self.due);
         self.held.retain(|&i| {
