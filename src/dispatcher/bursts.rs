@@ -26,23 +26,19 @@ impl Bursts {
     /// Counts a change in `room` at `now`: whether it is still among the first `burst` of the
     /// room's current window (one [`PRESENCE_TICK`] long).
     pub fn allow(&mut self, room: &str, now: Instant, burst: u32) -> bool {
-        if !self.rooms.contains_key(room) {
-            let fresh = Window {
-                started: now,
-                told: 0,
-            };
-            self.rooms.insert(room.to_owned(), fresh);
-        }
+        let fresh = Window {
+            started: now,
+            told: 1,
+        };
         let Some(window) = self.rooms.get_mut(room) else {
-            return true;
+            self.rooms.insert(room.to_owned(), fresh);
+            return 1 <= burst;
         };
         if now.saturating_duration_since(window.started) >= PRESENCE_TICK {
-            *window = Window {
-                started: now,
-                told: 0,
-            };
+            *window = fresh;
+        } else {
+            window.told = window.told.saturating_add(1);
         }
-        window.told += 1;
         window.told <= burst
     }
 
